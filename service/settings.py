@@ -1,0 +1,99 @@
+"""The one typed settings class. Built once at start-up and passed down; never read at import.
+
+Environment variables use the prefix `EL_` and `__` for nested groups, e.g. `EL_RERANK__EPS=0.05`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EncoderSettings(BaseModel):
+    """Which backbones encode text and images, and where their ONNX exports live."""
+
+    text_backbone: Literal["minilm", "clip"] = "minilm"
+    image_backbone: Literal["efficientnet-lite0", "clip", "none"] = "efficientnet-lite0"
+    clip_path: Path | None = Field(None, description="Local Hugging Face CLIP checkpoint (for the 'clip' backbones).")
+    onnx_dir: Path = Path("artifacts/onnx")
+    max_tokens: int = Field(40, ge=8, le=512, description="Token budget per text, as in OT-MEL.")
+    image_size: int = Field(224, ge=32, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 lets it choose.")
+
+
+class IndexSettings(BaseModel):
+    """What the index is built from and how."""
+
+    dir: Path = Path("artifacts/index/default")
+    kg: str = Field("mel", description="'mel' (union of the MEL KBs under data_dir) or a path to a JSONL KG.")
+    faiss_factory: str | None = Field(None, description="FAISS factory string; None picks by size.")
+    local_dim: int = Field(96, ge=8, le=1024, description="Projected dimension of stored local features.")
+    image_global_dim: int = Field(128, ge=8, le=1280)
+    image_weight: float = Field(0.5, ge=0.0, description="Weight of the image block in the global vector.")
+    build_batch_size: int = Field(64, ge=1, le=4096)
+    limit: int | None = Field(None, ge=1, description="Build from the first N entities only (tests, demos).")
+
+
+class RerankSettings(BaseModel):
+    """Optimal-transport reranking of the retrieved candidates."""
+
+    enabled: bool = True
+    candidates: int = Field(32, ge=1, le=512, description="How many retrieved candidates are reranked.")
+    eps: float = Field(0.05, gt=0.0, le=10.0)
+    max_iter: int = Field(50, ge=1, le=10_000)
+    tol: float = Field(1e-4, gt=0.0)
+    retrieval_weight: float = 1.0
+    ot_weight: float = 1.0
+    name_weight: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LimitSettings(BaseModel):
+    """Input caps; anything beyond them is a 4xx."""
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_text_chars: int = Field(2000, ge=1)
+    max_batch_items: int = Field(32, ge=1)
+    max_top_k: int = Field(100, ge=1)
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    image_formats: list[str] = ["JPEG", "PNG", "WEBP"]
+
+
+class AdmissionSettings(BaseModel):
+    """In-flight and queue caps and deadlines."""
+
+    max_in_flight: int = Field(4, ge=1)
+    max_queue: int = Field(64, ge=0)
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    retry_after_s: int = Field(1, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EL_", env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    data_dir: Path = Field(Path("data/mel"), description="Folder of the MEL benchmark release files.")
+    top_k: int = Field(10, ge=1, description="Entities returned when a request names no top_k.")
+    nil_threshold: float = Field(0.0, description="Top score below this marks the mention NIL.")
+    stage_delay_ms: int = Field(0, ge=0, description="Test hook: sleep this long in the encode stage.")
+
+    encoder: EncoderSettings = EncoderSettings()
+    index: IndexSettings = IndexSettings()
+    rerank: RerankSettings = RerankSettings()
+    limits: LimitSettings = LimitSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.encoder.text_backbone == "clip" and self.encoder.clip_path is None:
+            raise ValueError("EL_ENCODER__CLIP_PATH must name a local CLIP checkpoint for the 'clip' backbone")
+        if self.top_k > self.limits.max_top_k:
+            raise ValueError("EL_TOP_K exceeds EL_LIMITS__MAX_TOP_K")
+        return self
