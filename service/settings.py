@@ -34,6 +34,7 @@ class IndexSettings(BaseModel):
     local_dim: int = Field(96, ge=8, le=1024, description="Projected dimension of stored local features.")
     image_global_dim: int = Field(128, ge=8, le=1280)
     image_weight: float = Field(0.5, ge=0.0, description="Weight of the image block in the global vector.")
+    name_view_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the name-only view in the text block.")
     build_batch_size: int = Field(64, ge=1, le=4096)
     limit: int | None = Field(None, ge=1, description="Build from the first N entities only (tests, demos).")
 
@@ -47,9 +48,10 @@ class RerankSettings(BaseModel):
     max_iter: int = Field(50, ge=1, le=10_000)
     tol: float = Field(1e-4, gt=0.0)
     retrieval_weight: float = 1.0
-    ot_weight: float = 1.0
-    name_weight: float = 1.0
+    ot_weight: float = 0.5
+    name_weight: float = 0.5
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(1, ge=0, description="torch threads for Sinkhorn on CPU; 0 leaves torch's default.")
 
 
 class LimitSettings(BaseModel):
@@ -91,7 +93,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = AdmissionSettings()
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.encoder.text_backbone == "clip" and self.encoder.clip_path is None:
             raise ValueError("EL_ENCODER__CLIP_PATH must name a local CLIP checkpoint for the 'clip' backbone")
         if self.top_k > self.limits.max_top_k:

@@ -1,0 +1,111 @@
+"""Load and verify an index folder; the only reader of what kg_index/build.py writes.
+
+Everything is checked before the index can serve: the manifest, every file's size and checksum,
+the encoder signature, dimensions and counts, and that the id map matches the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from kg_index.manifest import IndexIntegrityError, Manifest, verify_files
+from models.features import Projections
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EntityMeta:
+    id: str
+    name: str
+    description: str
+    has_image: bool
+
+
+@dataclass
+class KGIndex:
+    folder: Path
+    manifest: Manifest
+    faiss_index: faiss.Index
+    ids: list[str]
+    entities: list[EntityMeta]
+    row_of: dict[str, int]
+    projections: Projections
+    text_local: np.ndarray  # [N, T, d] fp16, memory-mapped
+    text_seg: np.ndarray  # [N, T] uint8, memory-mapped
+    image_rows: np.ndarray  # [N] int32
+    image_local: np.ndarray  # [M, P, d] fp16
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows and inner-product scores for queries [B, D]; rows are -1 past the KB size."""
+        k = max(1, min(k, len(self.ids)))
+        scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, rows
+
+
+def _npy(folder: Path, name: str, shape: tuple, dtype: np.dtype, mmap: bool) -> np.ndarray:
+    path = folder / name
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise IndexIntegrityError(f"{path}: unreadable ({exc.__class__.__name__})") from exc
+    if arr.dtype != dtype or any(want is not None and got != want for got, want in zip(arr.shape, shape)) or arr.ndim != len(shape):
+        raise IndexIntegrityError(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+    return arr
+
+
+def load_index(folder: Path, *, encoder_signature: str | None = None, verify_checksums: bool = True) -> KGIndex:
+    """Load folder, refusing anything inconsistent with a message naming the file."""
+    m = Manifest.read(folder)
+    if verify_checksums:
+        verify_files(m, folder)
+    if encoder_signature is not None and m.encoder_signature != encoder_signature:
+        raise IndexIntegrityError(
+            f"{folder / 'manifest.json'}: built with encoders {m.encoder_signature}, the service runs {encoder_signature}; "
+            "rebuild the index (make index)"
+        )
+    n, t, d = m.n_entities, m.max_tokens, m.local_dim
+    try:
+        index = faiss.read_index(str(folder / "faiss.index"))
+    except RuntimeError as exc:
+        raise IndexIntegrityError(f"{folder / 'faiss.index'}: unreadable FAISS index") from exc
+    if index.d != m.global_dim or index.ntotal != n:
+        raise IndexIntegrityError(f"{folder / 'faiss.index'}: dim {index.d} x {index.ntotal}, manifest says {m.global_dim} x {n}")
+    try:
+        ids = json.loads((folder / "ids.json").read_text())
+        rows = [json.loads(line) for line in (folder / "entities.jsonl").read_text().splitlines() if line]
+        entities = [EntityMeta(r["id"], r["name"], r.get("description", ""), bool(r.get("has_image"))) for r in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IndexIntegrityError(f"{folder / 'entities.jsonl'}: unreadable metadata ({exc.__class__.__name__})") from exc
+    if len(ids) != n or len(set(ids)) != n:
+        raise IndexIntegrityError(f"{folder / 'ids.json'}: {len(ids)} ids ({len(set(ids))} distinct), manifest says {n}")
+    if [e.id for e in entities] != ids:
+        raise IndexIntegrityError(f"{folder / 'entities.jsonl'}: rows do not match the id map in ids.json")
+    try:
+        proj = Projections.load(folder / "projections.npz")
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise IndexIntegrityError(f"{folder / 'projections.npz'}: unreadable ({exc.__class__.__name__})") from exc
+    if proj.global_dim != m.global_dim or proj.local_dim != d:
+        raise IndexIntegrityError(f"{folder / 'projections.npz'}: dims {proj.global_dim}/{proj.local_dim} do not match the manifest")
+    text_local = _npy(folder, "text_local.npy", (n, t, d), np.float16, mmap=True)
+    text_seg = _npy(folder, "text_seg.npy", (n, t), np.uint8, mmap=True)
+    image_rows = _npy(folder, "image_rows.npy", (n,), np.int32, mmap=False)
+    image_local = _npy(folder, "image_local.npy", (m.n_images, m.image_patches, d), np.float16, mmap=True)
+    if image_rows.max(initial=-1) >= m.n_images:
+        raise IndexIntegrityError(f"{folder / 'image_rows.npy'}: points past image_local.npy")
+    logger.info("loaded index %s from %s (%d entities)", m.version, folder, n)
+    return KGIndex(folder, m, index, ids, entities, {e: i for i, e in enumerate(ids)}, proj,
+                   text_local, text_seg, image_rows, image_local)

@@ -1,0 +1,54 @@
+"""The ONNX contract: file names, input/output names and dimensions shared by export and runtime.
+
+The index manifest records `EncoderSpec.signature()`; an index built with other encoders is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+CONTRACT_VERSION = "1"
+
+TEXT_FILE = "text_encoder.onnx"
+IMAGE_FILE = "image_encoder.onnx"
+SPEC_FILE = "encoder_spec.json"
+
+# Text encoder: token ids and mask in, a pooled vector and per-token states out.
+TEXT_INPUTS = ("input_ids", "attention_mask")  # int64 [B, T]
+TEXT_OUTPUTS = ("text_global", "text_tokens")  # float32 [B, Dt], [B, T, Dt]
+# Image encoder: pixels in [-1, 1] (or the backbone's own normalisation), a pooled vector and patches out.
+IMAGE_INPUTS = ("pixels",)  # float32 [B, 3, S, S]
+IMAGE_OUTPUTS = ("image_global", "image_patches")  # float32 [B, Di], [B, P, Di]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an exported encoder pair is; written beside the ONNX files and into each index manifest."""
+
+    name: str  # e.g. "minilm-l6+efficientnet-lite0"
+    text_dim: int
+    image_dim: int  # 0 when the image backbone is disabled
+    image_patches: int
+    max_tokens: int
+    image_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    tokenizer: str  # file name of tokenizer.json beside the ONNX files
+    weights_sha256: str  # digest of the source weights, so a retrained head changes the signature
+    contract_version: str = CONTRACT_VERSION
+
+    def signature(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EncoderSpec:
+        raw = json.loads(text)
+        raw["pixel_mean"] = tuple(raw["pixel_mean"])
+        raw["pixel_std"] = tuple(raw["pixel_std"])
+        return cls(**raw)

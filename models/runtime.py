@@ -1,0 +1,119 @@
+"""ONNX Runtime wrapper: the one place that runs the encoders, for the index builder and the service.
+
+CUDA execution provider when present and allowed, CPU otherwise. Inputs are plain strings and
+RGB PIL images; outputs are numpy arrays (global vectors, local features and their masks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from models import contract
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextFeatures:
+    global_: np.ndarray  # [B, Dt] float32, L2-normalised
+    tokens: np.ndarray  # [B, T, Dt] float32
+    mask: np.ndarray  # [B, T] bool: real tokens (special tokens and padding excluded)
+    type_ids: np.ndarray  # [B, T] 0 for the first text of a pair, 1 for the second
+
+
+@dataclass
+class ImageFeatures:
+    global_: np.ndarray  # [B, Di] float32 (zeros where there is no image)
+    patches: np.ndarray  # [B, P, Di] float32
+    present: np.ndarray  # [B] bool
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        logger.warning("CUDA requested but onnxruntime has no CUDA provider; running on CPU")
+    return ["CPUExecutionProvider"]
+
+
+class EncoderRuntime:
+    """Encode texts and images with the exported ONNX encoders."""
+
+    def __init__(self, onnx_dir: Path, *, device: Literal["auto", "cpu", "cuda"] = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.spec = contract.EncoderSpec.from_json((onnx_dir / contract.SPEC_FILE).read_text())
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        # Spinning worker threads would steal the cores the reranker (torch) and numpy need next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = _providers(device)
+        self.text_session = ort.InferenceSession(str(onnx_dir / contract.TEXT_FILE), opts, providers=providers)
+        self.image_session = None
+        if self.spec.image_dim:
+            self.image_session = ort.InferenceSession(str(onnx_dir / contract.IMAGE_FILE), opts, providers=providers)
+        self.providers = self.text_session.get_providers()
+        self.tokenizer = Tokenizer.from_file(str(onnx_dir / self.spec.tokenizer))
+        self.tokenizer.enable_truncation(self.spec.max_tokens, strategy="only_second")
+        self.tokenizer.enable_padding()
+        self._mean = np.asarray(self.spec.pixel_mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._std = np.asarray(self.spec.pixel_std, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.invocations = 0  # real model calls, for tests and metrics
+        logger.info("encoder runtime %s on %s", self.spec.name, self.providers)
+
+    def tokenize(self, first: Sequence[str], second: Sequence[str] | None = None) -> tuple[np.ndarray, ...]:
+        """Token ids, attention mask, content-token mask (no [CLS]/[SEP]/padding) and type ids."""
+        if second is None:
+            encs = self.tokenizer.encode_batch(list(first))
+        else:
+            encs = self.tokenizer.encode_batch(list(zip(first, second)))
+        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+        attn = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+        special = np.asarray([e.special_tokens_mask for e in encs], dtype=bool)
+        type_ids = np.asarray([e.type_ids for e in encs], dtype=np.int64)
+        return ids, attn, (attn.astype(bool) & ~special), type_ids
+
+    def encode_texts(self, first: Sequence[str], second: Sequence[str] | None = None) -> TextFeatures:
+        """Encode `first [SEP] second` pairs (or single texts); empty input gives empty arrays."""
+        dim = self.spec.text_dim
+        if not first:
+            empty = np.zeros((0, 1), np.int64)
+            return TextFeatures(np.zeros((0, dim), np.float32), np.zeros((0, 1, dim), np.float32), empty.astype(bool), empty)
+        ids, attn, content, type_ids = self.tokenize(first, second)
+        self.invocations += 1
+        glob, tokens = self.text_session.run(list(contract.TEXT_OUTPUTS), {"input_ids": ids, "attention_mask": attn})
+        return TextFeatures(glob.astype(np.float32), tokens.astype(np.float32), content, type_ids)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        size = self.spec.image_size
+        arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images])
+        arr = arr.transpose(0, 3, 1, 2) / 255.0  # [B, 3, S, S]
+        return ((arr - self._mean) / self._std).astype(np.float32)
+
+    def encode_images(self, images: Sequence[Image.Image | None]) -> ImageFeatures:
+        """Encode images; a missing image yields zeros and present=False (OT-MEL feeds an all-zero image)."""
+        n, dim, patches = len(images), self.spec.image_dim, max(self.spec.image_patches, 1)
+        glob = np.zeros((n, dim), np.float32)
+        local = np.zeros((n, patches, dim), np.float32)
+        present = np.asarray([im is not None for im in images], dtype=bool)
+        if self.image_session is None or not present.any():
+            return ImageFeatures(glob, local, present & (self.image_session is not None))
+        idx = np.flatnonzero(present)
+        pixels = self.preprocess([images[i] for i in idx])  # type: ignore[misc]
+        self.invocations += 1
+        g, p = self.image_session.run(list(contract.IMAGE_OUTPUTS), {"pixels": pixels})
+        glob[idx], local[idx] = g, p
+        return ImageFeatures(glob, local, present)

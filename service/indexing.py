@@ -1,0 +1,35 @@
+"""Build the configured index: export encoders if needed, read the KG, encode, write the folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kg_index.build import build_index
+from kg_index.manifest import Manifest
+from kg_index.readers import read_kg
+from models.export import ensure_exported
+from models.runtime import EncoderRuntime
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def export_encoders(settings: Settings) -> EncoderRuntime:
+    enc = settings.encoder
+    ensure_exported(enc.onnx_dir, text=enc.text_backbone, image=enc.image_backbone, clip_path=enc.clip_path,
+                    max_tokens=enc.max_tokens, image_size=enc.image_size)
+    return EncoderRuntime(enc.onnx_dir, device=enc.device, threads=enc.intra_op_threads)
+
+
+def build_configured_index(settings: Settings, *, out_dir: Path | None = None, progress: bool = True) -> Manifest:
+    ix = settings.index
+    runtime = export_encoders(settings)
+    entities = read_kg(ix.kg, settings.data_dir)
+    if ix.limit:
+        entities = entities[: ix.limit]
+    return build_index(
+        entities, runtime, out_dir or ix.dir, kg=ix.kg, local_dim=ix.local_dim, image_global_dim=ix.image_global_dim,
+        name_weight=ix.name_view_weight, image_weight=ix.image_weight, faiss_factory=ix.faiss_factory,
+        batch_size=ix.build_batch_size, progress=progress,
+    )

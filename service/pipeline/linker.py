@@ -1,0 +1,144 @@
+"""The Linker: the one pipeline behind the HTTP routes, the jobs, the evaluation CLI and the benchmarks.
+
+    decode (done by the caller: service.pipeline.decode) -> encode -> retrieve -> rerank -> respond
+
+The index and the featurizer (whose projections come from the index) are held together in one
+immutable snapshot; each call reads the snapshot once, so a hot swap never mixes two indexes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from kg_index.load import KGIndex, load_index
+from models.features import Featurizer
+from models.runtime import EncoderRuntime
+from service.pipeline.encode import encode_queries
+from service.pipeline.rerank import RerankConfig, name_similarity, ot_rerank, pick_device
+from service.pipeline.respond import build_results
+from service.pipeline.retrieve import retrieve
+from service.pipeline.types import LinkQuery, LinkResult, OTStats
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    index: KGIndex
+    featurizer: Featurizer
+
+
+@dataclass
+class BatchOutcome:
+    results: list[LinkResult]
+    ot_stats: list[OTStats]
+    timings_ms: dict[str, float]
+
+
+def rerank_config(settings: Settings) -> RerankConfig:
+    r = settings.rerank
+    return RerankConfig(eps=r.eps, max_iter=r.max_iter, tol=r.tol, retrieval_weight=r.retrieval_weight,
+                        ot_weight=r.ot_weight, name_weight=r.name_weight, device=r.device)
+
+
+class Linker:
+    def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
+        self.rerank = rerank_config(settings)
+        self.device = pick_device(settings.rerank.device)
+        self._snapshot = Snapshot(index, Featurizer(runtime, index.projections))
+        self._swap_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Linker:
+        """Export the encoders if needed, load and verify the index, return a ready Linker."""
+        from service.indexing import export_encoders
+
+        runtime = export_encoders(settings)
+        if settings.rerank.torch_threads:
+            # Small Sinkhorn batches run fastest on one thread; more threads fight ONNX Runtime for cores.
+            import torch
+
+            torch.set_num_threads(settings.rerank.torch_threads)
+        index = load_index(settings.index.dir, encoder_signature=runtime.spec.signature())
+        return cls(settings, runtime, index)
+
+    @property
+    def index(self) -> KGIndex:
+        return self._snapshot.index
+
+    def swap_index(self, folder: Path) -> KGIndex:
+        """Load and verify folder, then switch to it atomically; the old index stays in use on failure."""
+        with self._swap_lock:
+            new = load_index(folder, encoder_signature=self.runtime.spec.signature())
+            self._snapshot = Snapshot(new, Featurizer(self.runtime, new.projections))
+        logger.info("index swapped to %s", new.version)
+        return new
+
+    def warm_up(self) -> None:
+        """Run every stage once (text and image) so the first real request pays no lazy-init costs."""
+        from PIL import Image
+
+        self.link_batch([LinkQuery("warm up", "warm-up sentence", Image.new("RGB", (32, 32)), top_k=1)])
+        self.link_batch([LinkQuery("warm up", "", None, top_k=1)])
+
+    def link(self, query: LinkQuery) -> LinkResult:
+        return self.link_batch([query]).results[0]
+
+    def link_batch(self, queries: list[LinkQuery], *, rerank: bool | None = None) -> BatchOutcome:
+        """Link a batch in one pass per stage; results in input order, each with the batch's stage timings."""
+        snap = self._snapshot  # read once: the whole batch is answered from one index
+        cfg, s = self.rerank, self.settings
+        do_rerank = s.rerank.enabled if rerank is None else rerank
+        if not queries:
+            return BatchOutcome([], [], {})
+        timings: dict[str, float] = {}
+        t0 = t = time.perf_counter()
+
+        feats = encode_queries(snap.featurizer, queries, delay_ms=s.stage_delay_ms)
+        timings["encode"], t = _lap(t)
+
+        k = max(max(q.top_k for q in queries), s.rerank.candidates if do_rerank else 0)
+        retrieval, rows = retrieve(snap.index, feats.global_, k)
+        timings["retrieve"], t = _lap(t)
+
+        ot = names = None
+        stats: list[OTStats] = []
+        final = retrieval.copy()
+        if do_rerank:
+            ot, stats = ot_rerank(snap.index, feats, rows, cfg, self.device)
+            cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
+            names = np.zeros_like(retrieval)
+            sim = name_similarity([q.mention for q in queries], cand_names)
+            names[:, : sim.shape[1]] = sim
+            final = cfg.retrieval_weight * retrieval + cfg.ot_weight * ot + cfg.name_weight * names
+            timings["rerank"], t = _lap(t)
+
+        results = build_results(snap.index, queries, rows, retrieval, ot, names, final,
+                                nil_threshold=s.nil_threshold, model_version=self.model_version)
+        timings["respond"], t = _lap(t)
+        timings["total"] = (t - t0) * 1000
+        for r in results:
+            r.timings_ms = dict(timings)
+        return BatchOutcome(results, stats, timings)
+
+    def with_weights(self, **weights: float) -> Linker:
+        """A shallow copy with other score weights (used by evaluation to report each system)."""
+        other = object.__new__(Linker)
+        other.__dict__.update(self.__dict__)
+        other.rerank = replace(self.rerank, **weights)
+        return other
+
+
+def _lap(t: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return (now - t) * 1000, now

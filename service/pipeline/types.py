@@ -1,0 +1,49 @@
+"""The values that flow between pipeline stages (no framework types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+@dataclass
+class LinkQuery:
+    """A decoded, validated mention: what every entry point hands the Linker."""
+
+    mention: str
+    context: str = ""
+    image: Image.Image | None = None
+    top_k: int = 10
+    id: str | None = None
+
+
+@dataclass
+class Candidate:
+    id: str
+    name: str
+    score: float
+    retrieval_score: float
+    rerank_score: float | None = None  # OT score; None when reranking is off
+    name_score: float | None = None
+
+
+@dataclass
+class LinkResult:
+    mention: str
+    entities: list[Candidate]
+    nil: bool
+    index_version: str
+    model_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    id: str | None = None
+
+
+@dataclass
+class OTStats:
+    """Solver outcome of one rerank call, for metrics."""
+
+    problems: int
+    iterations: int
+    converged: int
+    max_marginal_error: float
