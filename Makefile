@@ -1,0 +1,55 @@
+# One-command entry points. Settings are EL_ environment variables (README: Settings).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+EXTRAS ?= serve,dev
+BIN := $(VENV)/bin
+DATASET ?= wikimel
+SPLIT ?= test
+
+# Benchmark data: EL_DATA_DIR wins; else the shared mirror beside the checkout; else data/mel (make data).
+ifeq ($(strip $(EL_DATA_DIR)),)
+  ifneq ($(wildcard ../shared/data/mel/WikiMEL),)
+    export EL_DATA_DIR := $(abspath ../shared/data/mel)
+  else
+    export EL_DATA_DIR := $(abspath data/mel)
+  endif
+endif
+
+.PHONY: install index serve test test-fast eval bench data lint clean
+
+install: $(VENV)/.installed
+
+# Reinstalls only when pyproject.toml changes, so later `make serve` runs start in seconds.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+index: install
+	$(BIN)/el build-index --if-missing
+
+serve: index
+	exec $(BIN)/el serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+eval: index
+	$(BIN)/el eval --dataset $(DATASET) --split $(SPLIT)
+
+bench: index
+	$(BIN)/el bench
+
+data:
+	bash scripts/get_data.sh data/mel
+
+lint: install
+	$(BIN)/ruff check service models kg_index tests
+
+clean:
+	rm -rf artifacts reports/*.png .pytest_cache

@@ -1,0 +1,99 @@
+"""The FastAPI app factory: `create_app(settings)`; nothing happens at import."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.admission import Admission
+from service.errors import ELError
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.pipeline.linker import Linker
+from service.routes import entities, health, link
+from service.settings import Settings
+from service.state import AppState
+
+logger = logging.getLogger(__name__)
+
+LinkerFactory = Callable[[Settings], Linker]
+
+
+def _load(state: AppState, factory: LinkerFactory) -> None:
+    """Runs in a thread: load encoders and index, warm up, then flip readiness."""
+    try:
+        linker = factory(state.settings)
+        linker.warm_up()
+    except Exception as exc:  # a broken index or model must not take liveness down; readiness reports it
+        logger.exception("start-up failed")
+        state.load_error = f"start-up failed: {exc}"
+        return
+    state.linker = linker
+    state.ready = True
+    state.metrics.ready.set(1)
+    logger.info("ready: index %s, model %s", linker.index.version, linker.model_version)
+
+
+def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.from_settings) -> FastAPI:
+    metrics = Metrics()
+    adm = settings.admission
+    admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
+                          retry_after_s=adm.retry_after_s, metrics=metrics)
+    state = AppState(settings=settings, metrics=metrics, admission=admission)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(asyncio.to_thread(_load, state, linker_factory))
+        app.state.el_loader = loader
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            metrics.ready.set(0)
+
+    app = FastAPI(
+        title="OT-MEL entity linking",
+        version="0.1.0",
+        description="Links a mention (text, optionally an image) to the entities of a knowledge graph: ONNX "
+                    "encoders, FAISS retrieval, optimal-transport reranking.",
+        lifespan=lifespan,
+    )
+    app.state.el = state
+
+    @app.exception_handler(ELError)
+    async def domain_error(_: Request, exc: ELError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        msg = f"{where}: {first.get('msg', 'invalid request')}"
+        return JSONResponse({"error": {"code": "invalid_input", "message": msg}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"code": "internal", "message": "internal server error"}}, status_code=500)
+
+    app.include_router(health.router)
+    app.include_router(link.router)
+    app.include_router(entities.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

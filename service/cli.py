@@ -1,0 +1,98 @@
+"""The `el` command: serve, build-index, eval, bench. Settings come from EL_ variables (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.logging_setup import configure_logging
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _serve(settings: Settings, _: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=int(settings.admission.request_timeout_s) + 5)
+    return 0
+
+
+def _build_index(settings: Settings, args: argparse.Namespace) -> int:
+    from kg_index.manifest import IndexIntegrityError, Manifest
+    from service.indexing import build_configured_index
+
+    if args.if_missing:
+        try:
+            m = Manifest.read(settings.index.dir)
+            logger.info("index %s already at %s; skipping the build", m.version, settings.index.dir)
+            return 0
+        except IndexIntegrityError:
+            pass
+    m = build_configured_index(settings)
+    print(json.dumps({"version": m.version, "dir": str(settings.index.dir), "entities": m.n_entities,
+                      "images": m.n_images, "faiss": m.faiss_factory}))
+    return 0
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    from service.evaluation import evaluate, format_table, write_report
+    from service.pipeline.linker import Linker
+
+    linker = Linker.from_settings(settings)
+    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit)
+    path, plot = write_report(report, Path(args.out))
+    print(format_table(report))
+    print(f"wrote {path} and {plot}")
+    return 0
+
+
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from service.bench import run_bench, write_bench
+    from service.pipeline.linker import Linker
+
+    linker = Linker.from_settings(settings)
+    linker.warm_up()
+    report = run_bench(linker, settings.data_dir, n=args.n)
+    out = Path(args.out)
+    write_bench(report, out)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="el", description="Multimodal entity linking (OT-MEL) service tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve the HTTP API on EL_HOST:EL_PORT").set_defaults(fn=_serve)
+    b = sub.add_parser("build-index", help="export the encoders and build the index at EL_INDEX__DIR")
+    b.add_argument("--if-missing", action="store_true", help="do nothing when an index is already there")
+    b.set_defaults(fn=_build_index)
+    e = sub.add_parser("eval", help="evaluate on a benchmark split (writes reports/eval-<dataset>-<split>.json)")
+    e.add_argument("--dataset", default="wikimel", choices=["wikimel", "richpedia", "wikidiverse"])
+    e.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    e.add_argument("--limit", type=int, default=None, help="first N mentions only")
+    e.add_argument("--out", default="reports")
+    e.set_defaults(fn=_eval)
+    p = sub.add_parser("bench", help="single-request latency and batched throughput (writes reports/bench.json)")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--out", default="reports/bench.json")
+    p.set_defaults(fn=_bench)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return args.fn(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Evaluation: rank every mention of a benchmark split against the whole KB, per system.
+
+Systems: (a) exact-name match, (b) retrieval only, (c) retrieval + OT rerank, (d) retrieval + OT rerank +
+surface-form score (the served default). Metrics H@1, H@3, H@5 and MRR; ranks beyond the reranked
+candidate list (settings.rerank.candidates) count as misses for every system alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kg_index.readers import read_mentions
+from kg_index.records import Mention
+from service.pipeline.linker import Linker
+from service.pipeline.types import LinkQuery
+
+logger = logging.getLogger(__name__)
+
+KS = (1, 3, 5)
+
+
+@dataclass
+class SystemScores:
+    n_mentions: int
+    kb_size: int
+    ranks: list[int]  # 1-based rank of the gold entity, 0 when not in the list
+
+    def summary(self) -> dict[str, float | int]:
+        r = np.asarray(self.ranks)
+        out: dict[str, float | int] = {"n_mentions": self.n_mentions, "kb_size": self.kb_size}
+        for k in KS:
+            out[f"h@{k}"] = round(float(np.mean((r > 0) & (r <= k))), 4) if len(r) else 0.0
+        out["mrr"] = round(float(np.mean(np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0))), 4) if len(r) else 0.0
+        return out
+
+
+def exact_name_ranks(mentions: list[Mention], ids: list[str], names: list[str]) -> list[int]:
+    """Entities whose lower-cased name equals the mention, in KB order; the gold's position among them."""
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for entity_id, name in zip(ids, names):
+        by_name[name.strip().lower()].append(entity_id)
+    ranks = []
+    for m in mentions:
+        matches = by_name.get(m.mention.strip().lower(), [])
+        ranks.append(matches.index(m.answer) + 1 if m.answer in matches else 0)
+    return ranks
+
+
+def _linker_ranks(linker: Linker, mentions: list[Mention], *, rerank: bool, k: int, batch: int,
+                  desc: str, load_image) -> tuple[list[int], float]:
+    ranks: list[int] = []
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(mentions), batch), desc=desc, unit="batch"):
+        chunk = mentions[i : i + batch]
+        queries = [LinkQuery(m.mention, m.context, load_image(m.image), top_k=k) for m in chunk]
+        out = linker.link_batch(queries, rerank=rerank)
+        for m, r in zip(chunk, out.results):
+            ids = [c.id for c in r.entities]
+            ranks.append(ids.index(m.answer) + 1 if m.answer in ids else 0)
+    return ranks, (time.perf_counter() - t0) * 1000 / max(len(mentions), 1)
+
+
+def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch: int = 64,
+             limit: int | None = None) -> dict:
+    from kg_index.build import load_entity_image
+
+    mentions = read_mentions(data_dir, dataset, split)
+    if limit:
+        mentions = mentions[:limit]
+    index = linker.index
+    kb_size = len(index)
+    missing = sum(m.answer not in index.row_of for m in mentions)
+    if missing:
+        logger.warning("%d gold entities are not in the index (they count as misses)", missing)
+    k = linker.settings.rerank.candidates
+    systems: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    exact = exact_name_ranks(mentions, index.ids, [e.name for e in index.entities])
+    systems["exact_name"] = SystemScores(len(mentions), kb_size, exact).summary()
+    systems["exact_name"]["ms_per_mention"] = round((time.perf_counter() - t0) * 1000 / max(len(mentions), 1), 3)
+    variants = {
+        "retrieval": (linker, False),
+        "retrieval+ot": (linker.with_weights(name_weight=0.0), True),
+        "retrieval+ot+name": (linker, True),
+    }
+    for name, (lk, rerank) in variants.items():
+        ranks, ms = _linker_ranks(lk, mentions, rerank=rerank, k=k, batch=batch, desc=name, load_image=load_entity_image)
+        systems[name] = SystemScores(len(mentions), kb_size, ranks).summary()
+        systems[name]["ms_per_mention"] = round(ms, 3)
+    return {
+        "dataset": dataset, "split": split, "n_mentions": len(mentions), "kb_size": kb_size,
+        "index_version": index.version, "model_version": linker.model_version,
+        "rerank": {"candidates": k, "eps": linker.rerank.eps, "retrieval_weight": linker.rerank.retrieval_weight,
+                   "ot_weight": linker.rerank.ot_weight, "name_weight": linker.rerank.name_weight},
+        "systems": systems,
+    }
+
+
+def format_table(report: dict) -> str:
+    head = f"{report['dataset']} {report['split']}: {report['n_mentions']} mentions, KB {report['kb_size']}"
+    lines = [head, f"{'system':<20} {'H@1':>7} {'H@3':>7} {'H@5':>7} {'MRR':>7} {'ms/mention':>11}"]
+    for name, s in report["systems"].items():
+        lines.append(f"{name:<20} {s['h@1']:>7.4f} {s['h@3']:>7.4f} {s['h@5']:>7.4f} {s['mrr']:>7.4f} {s['ms_per_mention']:>11.3f}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{report['dataset']}-{report['split']}"
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(report, indent=2))
+    plot = out_dir / f"{stem}.png"
+    _plot(report, plot)
+    return path, plot
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["h@1", "h@3", "h@5", "mrr"]
+    systems = list(report["systems"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(systems)
+    for i, name in enumerate(systems):
+        vals = [report["systems"][name][m] for m in metrics]
+        ax.bar(np.arange(len(metrics)) + i * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(systems) - 1) / 2, [m.upper() for m in metrics])
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report['dataset']} {report['split']} ({report['n_mentions']} mentions, KB {report['kb_size']})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

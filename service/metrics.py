@@ -1,0 +1,40 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.pipeline.types import OTStats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("el_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("el_request_latency_seconds", "HTTP latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("el_stage_latency_seconds", "Pipeline stage latency per batch", ["stage"],
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.sinkhorn_iterations = Histogram("el_sinkhorn_iterations", "Sinkhorn iterations per rerank call",
+                                             buckets=(1, 2, 5, 10, 20, 30, 50, 100, 200, 500), registry=r)
+        self.sinkhorn_problems = Counter("el_sinkhorn_problems", "OT problems solved", ["converged"], registry=r)
+        self.sinkhorn_marginal_error = Gauge("el_sinkhorn_marginal_error", "Max marginal error of the last call", registry=r)
+        self.queue_depth = Gauge("el_queue_depth", "Requests waiting for a model slot", registry=r)
+        self.in_flight = Gauge("el_in_flight", "Requests running in the pipeline", registry=r)
+        self.rejections = Counter("el_rejections", "Requests refused before the model", ["reason"], registry=r)
+        self.mentions = Counter("el_mentions_linked", "Mentions linked", ["source"], registry=r)
+        self.ready = Gauge("el_ready", "1 when the model and index are loaded and warm", registry=r)
+
+    def observe_batch(self, timings_ms: dict[str, float], ot_stats: list[OTStats]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage.labels(stage).observe(ms / 1000)
+        for st in ot_stats:
+            self.sinkhorn_iterations.observe(st.iterations)
+            self.sinkhorn_problems.labels("true").inc(st.converged)
+            self.sinkhorn_problems.labels("false").inc(st.problems - st.converged)
+            self.sinkhorn_marginal_error.set(st.max_marginal_error)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

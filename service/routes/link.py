@@ -1,0 +1,136 @@
+"""POST /v1/link (JSON or multipart) and POST /v1/link/batch."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from service.errors import InvalidInput, TooManyItems, UnsupportedMediaType
+from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
+from service.pipeline.linker import BatchOutcome
+from service.pipeline.types import LinkQuery, LinkResult
+from service.schemas import (
+    BatchLinkRequest,
+    BatchLinkResponse,
+    BatchResult,
+    EntityScore,
+    ErrorResponse,
+    LinkRequest,
+    LinkResponse,
+)
+from service.settings import Settings
+from service.state import AppState
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["link"])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (413, 415, 422, 429, 503, 504)}
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["mention"],
+    "properties": {
+        "mention": {"type": "string"},
+        "context": {"type": "string"},
+        "top_k": {"type": "integer", "minimum": 1},
+        "image": {"type": "string", "format": "binary"},
+    },
+}
+
+
+def to_query(req: LinkRequest, settings: Settings, *, image_bytes: bytes | None = None, item_id: str | None = None) -> LinkQuery:
+    """Decode stage for one request: validated text, capped top_k, safely decoded image."""
+    lim = settings.limits
+    mention = clean_text(req.mention, field="mention", max_chars=lim.max_text_chars, required=True)
+    context = clean_text(req.context, field="context", max_chars=lim.max_text_chars)
+    top_k = req.top_k or settings.top_k
+    if top_k > lim.max_top_k:
+        raise InvalidInput(f"top_k must be at most {lim.max_top_k}")
+    if image_bytes is None and req.image:
+        image_bytes = base64_image_bytes(req.image, max_bytes=lim.max_image_bytes)
+    image = decode_image(image_bytes, lim, target_size=settings.encoder.image_size) if image_bytes else None
+    return LinkQuery(mention=mention, context=context, image=image, top_k=top_k, id=item_id)
+
+
+def to_response(r: LinkResult) -> LinkResponse:
+    return LinkResponse(
+        mention=r.mention, nil=r.nil, index_version=r.index_version, model_version=r.model_version,
+        timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
+        entities=[EntityScore(**c.__dict__) for c in r.entities],
+    )
+
+
+async def run_linker(state: AppState, queries: list[LinkQuery], source: str) -> BatchOutcome:
+    linker = state.require_linker()
+    outcome = await state.admission.run(lambda: linker.link_batch(queries))
+    state.metrics.observe_batch(outcome.timings_ms, outcome.ot_stats)
+    state.metrics.mentions.labels(source).inc(len(queries))
+    return outcome
+
+
+async def _parse_link_request(request: Request, settings: Settings) -> tuple[LinkRequest, bytes | None]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            return LinkRequest.model_validate_json(await request.body()), None
+        except ValidationError as exc:
+            raise InvalidInput(_first_error(exc)) from None
+    if ctype == "multipart/form-data":
+        lim = settings.limits
+        form = await request.form(max_files=1, max_fields=8, max_part_size=lim.max_image_bytes)
+        image = form.get("image")
+        image_bytes = None
+        if image is not None and not isinstance(image, str):
+            image_bytes = await image.read(lim.max_image_bytes + 1)
+            if len(image_bytes) > lim.max_image_bytes:
+                from service.errors import ImageTooLarge
+
+                raise ImageTooLarge(f"image exceeds {lim.max_image_bytes} bytes")
+        fields = {k: v for k, v in form.items() if k in ("mention", "context", "top_k") and isinstance(v, str)}
+        try:
+            req = LinkRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})
+        except ValidationError as exc:
+            raise InvalidInput(_first_error(exc)) from None
+        return req, image_bytes
+    raise UnsupportedMediaType("send application/json or multipart/form-data")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+@router.post(
+    "/link",
+    response_model=LinkResponse,
+    responses=_ERRORS,
+    summary="Link one mention (JSON, or multipart with an image file part)",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": LinkRequest.model_json_schema()},
+        "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+    }}},
+)
+async def link(request: Request) -> LinkResponse:
+    state: AppState = request.app.state.el
+    state.require_linker()
+    req, image_bytes = await _parse_link_request(request, state.settings)
+    query = to_query(req, state.settings, image_bytes=image_bytes)
+    outcome = await run_linker(state, [query], "link")
+    return to_response(outcome.results[0])
+
+
+@router.post("/link/batch", response_model=BatchLinkResponse, responses=_ERRORS, summary="Link up to N mentions")
+async def link_batch(body: BatchLinkRequest, request: Request) -> BatchLinkResponse:
+    state: AppState = request.app.state.el
+    cap = state.settings.limits.max_batch_items
+    if len(body.items) > cap:
+        raise TooManyItems(f"at most {cap} items per batch (got {len(body.items)}); use /v1/jobs for more")
+    state.require_linker()
+    queries = [to_query(item, state.settings, item_id=item.id) for item in body.items]
+    outcome = await run_linker(state, queries, "batch")
+    results = [BatchResult(**to_response(r).model_dump(), id=r.id) for r in outcome.results]
+    first = outcome.results[0]
+    return BatchLinkResponse(results=results, index_version=first.index_version, model_version=first.model_version,
+                             timings_ms={k: round(v, 3) for k, v in outcome.timings_ms.items()})

@@ -1,0 +1,77 @@
+"""Request and response schemas, named by role."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mention: str = Field(..., description="The surface form to link.", examples=["Douglas Adams"])
+    context: str | None = Field(None, description="The sentence around the mention.",
+                                examples=["Douglas Adams wrote The Hitchhiker's Guide to the Galaxy."])
+    image: str | None = Field(None, description="Base64 image (JPEG, PNG or WebP), optionally a data: URL.")
+    top_k: int | None = Field(None, ge=1, description="How many entities to return (capped by the server).")
+
+
+class BatchItem(LinkRequest):
+    id: str | None = Field(None, max_length=256, description="Caller's id, echoed in the result.")
+
+
+class BatchLinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BatchItem] = Field(..., min_length=1)
+
+
+class EntityScore(BaseModel):
+    id: str
+    name: str
+    score: float
+    retrieval_score: float
+    rerank_score: float | None = None
+    name_score: float | None = None
+
+
+class LinkResponse(BaseModel):
+    mention: str
+    entities: list[EntityScore]
+    nil: bool
+    index_version: str
+    model_version: str
+    timings_ms: dict[str, float]
+
+
+class BatchResult(LinkResponse):
+    id: str | None = None
+
+
+class BatchLinkResponse(BaseModel):
+    results: list[BatchResult]
+    index_version: str
+    model_version: str
+    timings_ms: dict[str, float]
+
+
+class EntityResponse(BaseModel):
+    id: str
+    name: str
+    description: str
+    has_image: bool
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: str
+    index_version: str | None = None
+    model_version: str | None = None
+    detail: str | None = None

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real encoders exported to ONNX once per session, and a small index built
+from a slice of the real benchmark KG (the gold entities of a few WikiMEL test mentions plus others)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("EL_DATA_DIR") or ROOT.parent / "shared" / "data" / "mel").resolve()
+
+
+def require_data() -> Path:
+    d = data_dir()
+    if not (d / "WikiMEL").is_dir():
+        pytest.skip(f"benchmark data not found at {d} (set EL_DATA_DIR; README: Benchmark data)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def mel_dir() -> Path:
+    return require_data()
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.export import ensure_exported
+
+    out = tmp_path_factory.mktemp("onnx")
+    ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40, image_size=224)
+    return out
+
+
+@pytest.fixture(scope="session")
+def runtime(onnx_dir: Path):
+    from models.runtime import EncoderRuntime
+
+    return EncoderRuntime(onnx_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def test_mentions(mel_dir: Path):
+    """The first 60 WikiMEL test mentions (real annotations)."""
+    from kg_index.readers import read_mentions
+
+    return read_mentions(mel_dir, "wikimel", "test")[:60]
+
+
+@pytest.fixture(scope="session")
+def small_kg(mel_dir: Path, test_mentions):
+    """About 400 real entities: the gold entities of test_mentions, every entity with an image, and the first
+    entities of the KB as distractors (deterministic)."""
+    from kg_index.readers import read_mel_kb
+
+    kb = read_mel_kb(mel_dir)
+    gold = {m.answer for m in test_mentions}
+    chosen = [e for e in kb if e.id in gold or e.image is not None]
+    seen = {e.id for e in chosen}
+    chosen += [e for e in kb[:400] if e.id not in seen]
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def small_index(small_kg, runtime, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kg_index.build import build_index
+
+    out = tmp_path_factory.mktemp("index") / "small"
+    build_index(small_kg, runtime, out, kg="mel-slice", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def settings(onnx_dir: Path, small_index: Path, mel_dir: Path):
+    from service.settings import Settings
+
+    return Settings(data_dir=mel_dir, encoder={"onnx_dir": onnx_dir}, index={"dir": small_index})
+
+
+@pytest.fixture(scope="session")
+def linker(settings):
+    from service.pipeline.linker import Linker
+
+    lk = Linker.from_settings(settings)
+    lk.warm_up()
+    return lk
