@@ -57,22 +57,22 @@ class RerankSettings(BaseModel):
 class LimitSettings(BaseModel):
     """Input caps; anything beyond them is a 4xx."""
 
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_text_chars: int = Field(2000, ge=1)
-    max_batch_items: int = Field(32, ge=1)
-    max_top_k: int = Field(100, ge=1)
-    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1024)
-    image_formats: list[str] = ["JPEG", "PNG", "WEBP"]
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body cap (413), enforced while reading.")
+    max_text_chars: int = Field(2000, ge=1, description="Cap on mention and context length (422 text_too_long).")
+    max_batch_items: int = Field(32, ge=1, description="Items per /v1/link/batch call (422 too_many_items).")
+    max_top_k: int = Field(100, ge=1, description="Largest top_k a request may ask for.")
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Image byte cap, checked before base64 decoding (413).")
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="Declared width x height cap, checked before decoding (413).")
+    image_formats: list[Literal["JPEG", "PNG", "WEBP"]] = Field(["JPEG", "PNG", "WEBP"], min_length=1)
 
 
 class AdmissionSettings(BaseModel):
     """In-flight and queue caps and deadlines."""
 
-    max_in_flight: int = Field(4, ge=1)
-    max_queue: int = Field(64, ge=0)
-    request_timeout_s: float = Field(30.0, gt=0.0)
-    retry_after_s: int = Field(1, ge=1)
+    max_in_flight: int = Field(2, ge=1, description="Requests in the pipeline at once (about one per core).")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond it 429 + Retry-After.")
+    request_timeout_s: float = Field(30.0, gt=0.0, description="Per-request deadline (queue + pipeline); then 504.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds on 429/503.")
 
 
 class Settings(BaseSettings):

@@ -78,12 +78,18 @@ def ot_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConf
     b, k = rows.shape
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
-    ent_tok = torch.from_numpy(np.asarray(index.text_local[safe.reshape(-1)], dtype=np.float32)).reshape(b, k, *index.text_local.shape[1:])
-    ent_seg = torch.from_numpy(np.asarray(index.text_seg[safe.reshape(-1)])).reshape(b, k, -1)
-    ent_mask = (ent_seg == SEG_FIRST) & torch.from_numpy(valid)[..., None]
-    q_tok = torch.from_numpy(feats.text_local)
-    q_mask = torch.from_numpy(feats.text_seg > 0)
-    text, tstats = _ot_scores(q_tok.to(device), q_mask.to(device), ent_tok.to(device), ent_mask.to(device), cfg)
+    flat = safe.reshape(-1)
+    ent_seg = np.asarray(index.text_seg[flat]).reshape(b, k, -1)
+    ent_mask = (ent_seg == SEG_FIRST) & valid[..., None]
+    # Name tokens sit at the start of each entity's sequence: cut the all-padding tail before solving
+    # (often 40 -> 10 columns), which changes no plan since padding carries no mass.
+    m = int(np.flatnonzero(ent_mask.any(axis=(0, 1))).max(initial=0)) + 1
+    n = int(np.flatnonzero((feats.text_seg > 0).any(axis=0)).max(initial=0)) + 1
+    ent_tok = torch.from_numpy(np.asarray(index.text_local[flat, :m], dtype=np.float32)).reshape(b, k, m, -1)
+    ent_mask_t = torch.from_numpy(ent_mask[:, :, :m])
+    q_tok = torch.from_numpy(feats.text_local[:, :n])
+    q_mask = torch.from_numpy(feats.text_seg[:, :n] > 0)
+    text, tstats = _ot_scores(q_tok.to(device), q_mask.to(device), ent_tok.to(device), ent_mask_t.to(device), cfg)
     scores = text.cpu().numpy()
     stats = [tstats]
 
