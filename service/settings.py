@@ -15,42 +15,43 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class EncoderSettings(BaseModel):
     """Which backbones encode text and images, and where their ONNX exports live."""
 
-    text_backbone: Literal["minilm", "clip"] = "minilm"
-    image_backbone: Literal["efficientnet-lite0", "clip", "none"] = "efficientnet-lite0"
+    text_backbone: Literal["minilm", "clip"] = Field("minilm", description="Text encoder: embedded all-MiniLM-L6-v2, or a local CLIP.")
+    image_backbone: Literal["efficientnet-lite0", "clip", "none"] = Field(
+        "efficientnet-lite0", description="Image encoder: embedded EfficientNet-Lite0, a local CLIP, or none.")
     clip_path: Path | None = Field(None, description="Local Hugging Face CLIP checkpoint (for the 'clip' backbones).")
-    onnx_dir: Path = Path("artifacts/onnx")
+    onnx_dir: Path = Field(Path("artifacts/onnx"), description="Where the ONNX exports live (written on first use).")
     max_tokens: int = Field(40, ge=8, le=512, description="Token budget per text, as in OT-MEL.")
-    image_size: int = Field(224, ge=32, le=1024)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int = Field(224, ge=32, le=1024, description="Square input size of the image encoder.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device: CUDA provider when present.")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 lets it choose.")
 
 
 class IndexSettings(BaseModel):
     """What the index is built from and how."""
 
-    dir: Path = Path("artifacts/index/default")
+    dir: Path = Field(Path("artifacts/index/default"), description="Index folder to serve (and to build into).")
     kg: str = Field("mel", description="'mel' (union of the MEL KBs under data_dir) or a path to a JSONL KG.")
     faiss_factory: str | None = Field(None, description="FAISS factory string; None picks by size.")
     local_dim: int = Field(96, ge=8, le=1024, description="Projected dimension of stored local features.")
-    image_global_dim: int = Field(128, ge=8, le=1280)
+    image_global_dim: int = Field(128, ge=8, le=1280, description="Dimension of the image block of the global vector.")
     image_weight: float = Field(0.5, ge=0.0, description="Weight of the image block in the global vector.")
     name_view_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the name-only view in the text block.")
-    build_batch_size: int = Field(64, ge=1, le=4096)
+    build_batch_size: int = Field(64, ge=1, le=4096, description="Entities encoded per batch during a build.")
     limit: int | None = Field(None, ge=1, description="Build from the first N entities only (tests, demos).")
 
 
 class RerankSettings(BaseModel):
     """Optimal-transport reranking of the retrieved candidates."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Rerank retrieved candidates with OT (off: retrieval order).")
     candidates: int = Field(32, ge=1, le=512, description="How many retrieved candidates are reranked.")
-    eps: float = Field(0.05, gt=0.0, le=10.0)
-    max_iter: int = Field(50, ge=1, le=10_000)
-    tol: float = Field(1e-4, gt=0.0)
-    retrieval_weight: float = 1.0
-    ot_weight: float = 0.5
-    name_weight: float = 0.5
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eps: float = Field(0.05, gt=0.0, le=10.0, description="Entropic regulariser of Sinkhorn (log domain: stable down to 0.005).")
+    max_iter: int = Field(50, ge=1, le=10_000, description="Sinkhorn iteration cap.")
+    tol: float = Field(1e-4, gt=0.0, description="Marginal error at which Sinkhorn stops.")
+    retrieval_weight: float = Field(1.0, description="Weight of the retrieval score in the final score.")
+    ot_weight: float = Field(0.5, description="Weight of the OT score in the final score.")
+    name_weight: float = Field(0.5, description="Weight of the surface-form similarity in the final score.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Sinkhorn device: CUDA when torch sees a GPU.")
     torch_threads: int = Field(1, ge=0, description="torch threads for Sinkhorn on CPU; 0 leaves torch's default.")
 
 
@@ -63,7 +64,8 @@ class LimitSettings(BaseModel):
     max_top_k: int = Field(100, ge=1, description="Largest top_k a request may ask for.")
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Image byte cap, checked before base64 decoding (413).")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="Declared width x height cap, checked before decoding (413).")
-    image_formats: list[Literal["JPEG", "PNG", "WEBP"]] = Field(["JPEG", "PNG", "WEBP"], min_length=1)
+    image_formats: list[Literal["JPEG", "PNG", "WEBP"]] = Field(
+        ["JPEG", "PNG", "WEBP"], min_length=1, description="Allowed image formats (others: 415).")
 
 
 class AdmissionSettings(BaseModel):
@@ -78,9 +80,9 @@ class AdmissionSettings(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EL_", env_nested_delimiter="__", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    host: str = Field("127.0.0.1", description="Address to serve on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to serve on.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     data_dir: Path = Field(Path("data/mel"), description="Folder of the MEL benchmark release files.")
     top_k: int = Field(10, ge=1, description="Entities returned when a request names no top_k.")
     nil_threshold: float = Field(0.0, description="Top score below this marks the mention NIL.")

@@ -63,7 +63,9 @@ def _ot_scores(q: torch.Tensor, q_mask: torch.Tensor, e: torch.Tensor, e_mask: t
     qx = q.unsqueeze(1).expand(b, k, n, d).reshape(b * k, n, d)
     ex = e.reshape(b * k, m, d)
     sim = qx @ ex.transpose(1, 2)  # [B*K, N, M] cosines (features are unit-norm)
-    a = uniform_marginals(q_mask.unsqueeze(1).expand(b, k, n).reshape(b * k, n), dtype=sim.dtype)
+    # A problem without candidate mass (no candidate in that slot) gets no mass on either side: a zero plan.
+    has = e_mask.any(-1, keepdim=True)  # [B, K, 1]
+    a = uniform_marginals((q_mask.unsqueeze(1) & has).reshape(b * k, n), dtype=sim.dtype)
     bm = uniform_marginals(e_mask.reshape(b * k, m), dtype=sim.dtype)
     res = solve(OTProblem(cost=1.0 - sim, a=a, b=bm, eps=cfg.eps), max_iter=cfg.max_iter, tol=cfg.tol, chunk_size=CHUNK)
     score = (res.plan * sim).sum((1, 2)).reshape(b, k)
