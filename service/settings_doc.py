@@ -40,7 +40,7 @@ def render() -> str:
 
 def rewrite(readme: Path) -> bool:
     text = readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
     new = pattern.sub(lambda _: render(), text) if pattern.search(text) else text.replace("SETTINGS_PLACEHOLDER", render())
     changed = new != text
     readme.write_text(new)

@@ -17,7 +17,7 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 def test_readme_commands_are_makefile_targets() -> None:
     readme = (ROOT / "README.md").read_text()
-    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
-    used = set(re.findall(r"^make ([a-z-]+)", readme, re.M))
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    used = set(re.findall(r"^make ([a-z-]+)", readme, re.MULTILINE))
     assert {"serve", "test"} <= used
     assert used <= targets, f"README names make targets that do not exist: {used - targets}"
