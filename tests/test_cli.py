@@ -1,0 +1,93 @@
+"""The `el` command end to end: build an index over a user's JSONL KG, evaluate on a slice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kg_index.load import load_index
+from service.evaluation import SystemScores, evaluate, exact_name_ranks, format_table, write_report
+from service.pipeline.linker import Linker
+from service.pipeline.types import LinkQuery
+from service.settings import Settings
+from tests.conftest import ROOT
+
+
+def _write_kg(folder: Path) -> Path:
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "red.png")
+    rows = [
+        {"id": "acme", "name": "Acme Corporation", "description": "Industry: cartoon anvils. Founded: 1949."},
+        {"id": "anvil", "name": "Anvil", "description": "A heavy iron block used in smithing.", "image": "red.png"},
+        {"id": "road", "name": "Road Runner", "description": "Species: bird. Creator: Chuck Jones."},
+        {"id": "coyote", "name": "Wile E. Coyote", "description": "Species: coyote. Occupation: genius."},
+    ]
+    path = folder / "kg.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_build_index_over_a_users_jsonl_kg_and_link(tmp_path: Path, onnx_dir: Path) -> None:
+    kg = _write_kg(tmp_path)
+    out = tmp_path / "index"
+    env = {**os.environ, "EL_INDEX__KG": str(kg), "EL_INDEX__DIR": str(out), "EL_ENCODER__ONNX_DIR": str(onnx_dir)}
+    proc = subprocess.run([sys.executable, "-m", "service", "build-index"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["entities"] == 4 and summary["images"] == 1 and summary["faiss"] == "Flat"
+    index = load_index(out)
+    assert index.ids == ["acme", "anvil", "road", "coyote"]
+    assert index.manifest.kg == str(kg)
+
+    linker = Linker.from_settings(Settings(encoder={"onnx_dir": onnx_dir}, index={"dir": out}))
+    top = linker.link(LinkQuery("Wile E. Coyote", "The coyote ordered another anvil.", None, top_k=2))
+    assert top.entities[0].id == "coyote"
+    again = subprocess.run([sys.executable, "-m", "service", "build-index", "--if-missing"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and load_index(out).version == index.version  # nothing rebuilt
+
+
+def test_bad_jsonl_line_fails_the_build_naming_the_line(tmp_path: Path, onnx_dir: Path) -> None:
+    kg = tmp_path / "kg.jsonl"
+    kg.write_text('{"id": "a", "name": "A"}\n{"id": "b"\n')
+    env = {**os.environ, "EL_INDEX__KG": str(kg), "EL_INDEX__DIR": str(tmp_path / "ix"),
+           "EL_ENCODER__ONNX_DIR": str(onnx_dir)}
+    proc = subprocess.run([sys.executable, "-m", "service", "build-index"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "kg.jsonl" in proc.stderr and "line 2" in proc.stderr
+    assert not (tmp_path / "ix").exists()
+
+
+def test_exact_name_ranks_and_metrics() -> None:
+    from kg_index.records import Mention
+
+    ms = [Mention("1", "Paris", "", None, "Q90", "Paris"), Mention("2", "paris", "", None, "Q2", "Paris Hilton"),
+          Mention("3", "Nowhere", "", None, "Q5", "x")]
+    ranks = exact_name_ranks(ms, ["Q90", "Q2", "Q5"], ["Paris", "Paris", "Somewhere"])
+    assert ranks == [1, 2, 0]
+    s = SystemScores(3, 3, ranks).summary()
+    assert s["h@1"] == pytest.approx(1 / 3, abs=1e-4) and s["h@3"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["mrr"] == pytest.approx((1 + 0.5) / 3, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) -> None:
+    report = evaluate(linker, mel_dir, "wikimel", "test", limit=40)
+    assert set(report["systems"]) == {"exact_name", "retrieval", "retrieval+ot", "retrieval+ot+name"}
+    for s in report["systems"].values():
+        assert s["n_mentions"] == 40 and s["kb_size"] == len(linker.index)
+        assert 0.0 <= s["h@1"] <= s["h@3"] <= s["h@5"] <= 1.0 and 0.0 <= s["mrr"] <= 1.0
+    # The small index holds every gold entity of these mentions, so retrieval must find most of them.
+    assert report["systems"]["retrieval"]["h@5"] >= 0.8
+    path, plot = write_report(report, tmp_path)
+    assert json.loads(path.read_text())["systems"] == report["systems"]
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "retrieval+ot" in format_table(report)
