@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kg_index.manifest import Manifest, record_files
+from kg_index.manifest import INDEX_FILES, Manifest, record_files
 from kg_index.records import Entity
 from models.contract import EncoderSpec
 from models.features import Featurizer, Projections
@@ -112,12 +112,37 @@ def build_index(entities: Sequence[Entity], runtime: EncoderRuntime, out_dir: Pa
     if len(set(ids)) != len(ids):
         raise ValueError(f"KG {kg!r} has duplicate entity ids")
     t0 = time.perf_counter()
-    spec: EncoderSpec = runtime.spec
-    n, t = len(entities), spec.max_tokens
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
+    try:
+        manifest = _write_files(entities, runtime, tmp, kg=kg, local_dim=local_dim, image_global_dim=image_global_dim,
+                                name_weight=name_weight, image_weight=image_weight, faiss_factory=faiss_factory,
+                                batch_size=batch_size, progress=progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial build behind
+        raise
+
+    # Swap into place: the old folder (if any) is moved aside first, then removed.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("built index %s: %d entities (%d with images), %s, %.1fs", manifest.version, manifest.n_entities,
+                manifest.n_images, manifest.faiss_factory, time.perf_counter() - t0)
+    return manifest
+
+
+def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path, *, kg: str, local_dim: int,
+                 image_global_dim: int, name_weight: float, image_weight: float, faiss_factory: str | None,
+                 batch_size: int, progress: bool) -> Manifest:
+    """Encode the entities and write every index file and the manifest into tmp."""
+    spec: EncoderSpec = runtime.spec
+    n, t = len(entities), spec.max_tokens
+    ids = [e.id for e in entities]
     proj = fit_projections(runtime, entities, local_dim=local_dim, image_global_dim=image_global_dim,
                            name_weight=name_weight, image_weight=image_weight, batch_size=batch_size)
     proj.save(tmp / "projections.npz")
@@ -168,20 +193,8 @@ def build_index(entities: Sequence[Entity], runtime: EncoderRuntime, out_dir: Pa
         encoder_signature=spec.signature(), n_entities=n, n_images=with_image, global_dim=proj.global_dim,
         local_dim=local_dim, max_tokens=t, image_patches=patches, faiss_factory=factory,
     )
-    files = ["faiss.index", "ids.json", "entities.jsonl", "projections.npz", "text_local.npy", "text_seg.npy",
-             "image_rows.npy", "image_local.npy"]
-    record_files(manifest, tmp, files)
+    record_files(manifest, tmp, list(INDEX_FILES))
     digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()[:8]
     manifest.version = f"{built:%Y%m%dT%H%M%SZ}-{digest}"
     manifest.write(tmp)
-
-    # Swap into place: the old folder (if any) is moved aside first, then removed.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("built index %s: %d entities (%d with images), %s, %.1fs", manifest.version, n, with_image,
-                factory, time.perf_counter() - t0)
     return manifest

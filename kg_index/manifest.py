@@ -61,10 +61,17 @@ def record_files(manifest: Manifest, folder: Path, names: list[str]) -> None:
     manifest.files = {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
 
 
+INDEX_FILES = ("faiss.index", "ids.json", "entities.jsonl", "projections.npz", "text_local.npy", "text_seg.npy",
+               "image_rows.npy", "image_local.npy")
+
+
 def verify_files(manifest: Manifest, folder: Path) -> None:
-    """Every listed file exists with the recorded size and checksum."""
+    """Every index file is listed, exists, and has the recorded size and checksum."""
     if manifest.format_version != FORMAT_VERSION:
         raise IndexIntegrityError(f"{folder / MANIFEST}: format {manifest.format_version}, expected {FORMAT_VERSION}")
+    unlisted = [name for name in INDEX_FILES if name not in manifest.files]
+    if unlisted:
+        raise IndexIntegrityError(f"{folder / MANIFEST}: no checksum for {', '.join(unlisted)}")
     for name, meta in manifest.files.items():
         path = folder / name
         if not path.is_file():

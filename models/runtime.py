@@ -67,7 +67,9 @@ class EncoderRuntime:
             self.image_session = ort.InferenceSession(str(onnx_dir / contract.IMAGE_FILE), opts, providers=providers)
         self.providers = self.text_session.get_providers()
         self.tokenizer = Tokenizer.from_file(str(onnx_dir / self.spec.tokenizer))
-        self.tokenizer.enable_truncation(self.spec.max_tokens, strategy="only_second")
+        # longest_first cuts the longer text first (the context, for a short mention), and also works for a
+        # single text or an over-long first text, where only_second would raise.
+        self.tokenizer.enable_truncation(self.spec.max_tokens, strategy="longest_first")
         self.tokenizer.enable_padding()
         self._mean = np.asarray(self.spec.pixel_mean, dtype=np.float32).reshape(1, 3, 1, 1)
         self._std = np.asarray(self.spec.pixel_std, dtype=np.float32).reshape(1, 3, 1, 1)

@@ -1,8 +1,16 @@
 """Admission control: a bounded number of requests in the pipeline, a bounded queue, deadlines.
 
-Beyond the queue cap a request is refused at once (429 + Retry-After). A request whose deadline
-passes while it waits never reaches the model (504). Work runs in a worker thread (ONNX Runtime and
-torch release the GIL), so the event loop stays free for /healthz and new arrivals.
+- Beyond the queue cap a request is refused at once (429 + Retry-After, reason `queue_full`).
+- A request whose deadline passes while it waits never reaches the model (504, `deadline_queued`).
+- A request whose client disconnects while it waits is dropped (`client_disconnected`).
+- A request whose deadline passes while it runs is answered 504 at the deadline (`deadline_running`); the
+  worker thread cannot be interrupted, so its slot stays taken until the thread really ends: the caps count
+  the work the CPU is doing, not the requests still waiting for an answer.
+
+Slots are counted here rather than with `asyncio.Semaphore`: the decision (run, queue or refuse) is taken
+synchronously on arrival, so arrivals in the same event-loop turn cannot all slip past the caps, and a freed
+slot is handed straight to the oldest waiter (FIFO, no queue jumping). Work runs in a worker thread (ONNX
+Runtime and torch release the GIL), so the event loop stays free for /healthz and new arrivals.
 """
 
 from __future__ import annotations
@@ -10,16 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
 
-from service.errors import DeadlineExceeded, Overloaded
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# How often a queued request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.05
+
+Disconnected = Callable[[], Awaitable[bool]]
 
 
 class Admission:
@@ -28,45 +42,103 @@ class Admission:
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.metrics = metrics
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._free = max_in_flight
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._limiter = anyio.CapacityLimiter(max_in_flight)
-        self.waiting = 0
+        self._abandoned: set[asyncio.Task] = set()
         self.running = 0
 
-    def _reject(self, reason: str) -> Overloaded:
-        self.metrics.rejections.labels(reason).inc()
-        return Overloaded("server is at capacity, retry later", headers={"Retry-After": str(self.retry_after_s)})
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
-    async def run(self, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
-        """Run fn in a worker thread once a slot is free, within the deadline."""
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        if self._slots.locked() and self.waiting >= self.max_queue:
-            raise self._reject("queue_full")
-        self.waiting += 1
+    def deadline(self, timeout_s: float | None = None) -> float:
+        """A `time.monotonic()` deadline this many seconds from now (default: the configured timeout)."""
+        return time.monotonic() + (timeout_s or self.timeout_s)
+
+    async def run(self, fn: Callable[[], T], *, timeout_s: float | None = None, deadline: float | None = None,
+                  disconnected: Disconnected | None = None) -> T:
+        """Run fn in a worker thread once a slot is free, within the deadline.
+
+        `deadline` (monotonic) wins over `timeout_s`; `disconnected` is polled while queued (for HTTP,
+        `request.is_disconnected`) and drops the request once it answers True.
+        """
+        if deadline is None:
+            deadline = self.deadline(timeout_s)
+        await self._acquire(deadline, disconnected)
+        if time.monotonic() >= deadline:
+            self._release()
+            raise self._expired_in_queue()
+        work = asyncio.create_task(self._work(fn))
+        try:
+            # shield: on timeout the client gets its 504 now, while the thread (and its slot) runs to the end.
+            return await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            self.metrics.rejections.labels("deadline_running").inc()
+            raise DeadlineExceeded("request deadline exceeded") from None
+        finally:
+            if not work.done():
+                self._abandoned.add(work)
+                work.add_done_callback(self._forget)
+
+    async def _work(self, fn: Callable[[], T]) -> T:
+        self.running += 1
+        self.metrics.in_flight.set(self.running)
+        try:
+            return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        finally:
+            self.running -= 1
+            self.metrics.in_flight.set(self.running)
+            self._release()
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("abandoned work ended with %s", type(task.exception()).__name__)
+
+    async def _acquire(self, deadline: float, disconnected: Disconnected | None) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            self.metrics.rejections.labels("queue_full").inc()
+            raise Overloaded("server is at capacity, retry later", headers={"Retry-After": str(self.retry_after_s)})
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
         self.metrics.queue_depth.set(self.waiting)
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=max(deadline - time.monotonic(), 0))
-        except TimeoutError:
-            self.metrics.rejections.labels("deadline_queued").inc()
-            raise DeadlineExceeded("deadline passed while queued") from None
+            while not slot.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._expired_in_queue()
+                wait = min(remaining, DISCONNECT_POLL_S) if disconnected is not None else remaining
+                await asyncio.wait((slot,), timeout=wait)
+                if not slot.done() and disconnected is not None and await disconnected():
+                    self.metrics.rejections.labels("client_disconnected").inc()
+                    raise ClientDisconnected("client disconnected while queued")
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self._release()  # a slot was handed over just as we gave up: pass it on
+            else:
+                slot.cancel()
+            raise
         finally:
-            self.waiting -= 1
-            self.metrics.queue_depth.set(self.waiting)
-        try:
-            if time.monotonic() >= deadline:
-                self.metrics.rejections.labels("deadline_queued").inc()
-                raise DeadlineExceeded("deadline passed while queued")
-            self.running += 1
-            self.metrics.in_flight.set(self.running)
             try:
-                # The thread cannot be interrupted; on timeout the client gets 504 and the slot frees when it ends.
-                return await asyncio.wait_for(anyio.to_thread.run_sync(fn, limiter=self._limiter),
-                                              timeout=max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                self.metrics.rejections.labels("deadline_running").inc()
-                raise DeadlineExceeded("request deadline exceeded") from None
-            finally:
-                self.running -= 1
-                self.metrics.in_flight.set(self.running)
-        finally:
-            self._slots.release()
+                self._waiters.remove(slot)
+            except ValueError:
+                pass  # already handed a slot and popped by _release
+            self.metrics.queue_depth.set(self.waiting)
+
+    def _release(self) -> None:
+        """Hand the slot to the oldest live waiter, else free it."""
+        while self._waiters:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                self.metrics.queue_depth.set(self.waiting)
+                return
+        self._free += 1
+
+    def _expired_in_queue(self) -> DeadlineExceeded:
+        self.metrics.rejections.labels("deadline_queued").inc()
+        return DeadlineExceeded("deadline passed while queued")

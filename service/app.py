@@ -47,6 +47,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
                           retry_after_s=adm.retry_after_s, metrics=metrics)
     state = AppState(settings=settings, metrics=metrics, admission=admission)
+    metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

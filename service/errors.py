@@ -82,3 +82,15 @@ class Unauthorized(ELError):
 class Conflict(ELError):
     status, code = 409, "conflict"
 
+
+class ClientDisconnected(ELError):
+    """The client went away while its request waited for a slot; the work is dropped and nobody reads this."""
+
+    status, code = 499, "client_disconnected"
+
+
+class InvalidIndex(ELError):
+    """An index folder given to reload failed verification; the message names the file."""
+
+    status, code = 422, "invalid_index"
+

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from service.pipeline.types import OTStats
 
@@ -26,6 +30,13 @@ class Metrics:
         self.rejections = Counter("el_rejections", "Requests refused before the model", ["reason"], registry=r)
         self.mentions = Counter("el_mentions_linked", "Mentions linked", ["source"], registry=r)
         self.ready = Gauge("el_ready", "1 when the model and index are loaded and warm", registry=r)
+        self.draining = Gauge("el_draining", "1 once shutdown has begun (readiness answers 503)", registry=r)
+        self.index_reloads = Counter("el_index_reloads", "Index reloads (admin route or SIGHUP)", ["outcome"], registry=r)
+        self.auth_failures = Counter("el_auth_failures", "Requests refused for a missing or wrong API key", registry=r)
+
+    def track_model_invocations(self, read: Callable[[], int]) -> None:
+        """Expose `el_model_invocations_total`: real encoder calls, read from the runtime at scrape time."""
+        self.registry.register(_InvocationCollector(read))
 
     def observe_batch(self, timings_ms: dict[str, float], ot_stats: list[OTStats]) -> None:
         for stage, ms in timings_ms.items():
@@ -38,3 +49,12 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _InvocationCollector(Collector):
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("el_model_invocations", "Real encoder (ONNX) calls; rejected or dropped requests "
+                                  "never add to it", value=self.read())

@@ -5,11 +5,13 @@ Environment variables use the prefix `EL_` and `__` for nested groups, e.g. `EL_
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class EncoderSettings(BaseModel):
@@ -77,6 +79,101 @@ class AdmissionSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds on 429/503.")
 
 
+class JobSettings(BaseModel):
+    """Durable async batch jobs (/v1/jobs): store, worker, caps and expiry."""
+
+    dir: Path = Field(Path("artifacts/jobs"), description="Folder of the job store (SQLite file jobs.sqlite3).")
+    chunk_size: int = Field(64, ge=1, le=4096, description="Items linked per worker batch; one commit per chunk.")
+    max_attempts: int = Field(3, ge=1, description="Runs of a job (crashes, lost leases) before it is marked failed.")
+    lease_s: float = Field(30.0, gt=0.0, description="Worker lease on a running job; renewed every lease_s/3.")
+    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0.0, description="Finished jobs and results are kept this long (then 410/404).")
+    sweep_interval_s: float = Field(300.0, gt=0.0, description="How often expired jobs are deleted.")
+    poll_interval_s: float = Field(1.0, gt=0.0, description="Idle worker's wait between looks at the queue.")
+    max_queued: int = Field(100, ge=1, description="Queued jobs; beyond it POST /v1/jobs answers 429 + Retry-After.")
+    max_items: int = Field(1_000_000, ge=1, description="Items per job (422 too_many_items).")
+    max_body_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Body cap for POST /v1/jobs (413).")
+    retry_after_s: int = Field(30, ge=1, description="Retry-After seconds when the job queue is full.")
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        "FULL", description="SQLite synchronous mode (WAL): FULL makes an accepted job survive power loss.")
+
+
+class AuthSettings(BaseModel):
+    """Optional API keys. None by default; once any key is configured every /v1/* route needs one."""
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys, comma-separated or a JSON list; send one as `Authorization: Bearer <key>` "
+                    "or `X-API-Key: <key>` (401 unauthorized otherwise). Never logged.")
+    api_keys_file: Path | None = Field(
+        None, description="File with one API key per line (blank lines and # comments ignored), added to api_keys.")
+    protect_metrics: bool = Field(False, description="Require a key for /metrics too (when keys are configured).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [k.strip() for k in text.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _read_file(self) -> AuthSettings:
+        # Read once at start-up so a missing or empty key file fails loudly instead of leaving the API open.
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"EL_AUTH__API_KEYS_FILE {self.api_keys_file}: unreadable ({exc.strerror})") from None
+            keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            if not keys:
+                raise ValueError(f"EL_AUTH__API_KEYS_FILE {self.api_keys_file}: holds no key")
+            known = {k.get_secret_value() for k in self.api_keys}
+            self.api_keys = self.api_keys + [SecretStr(k) for k in dict.fromkeys(keys) if k not in known]
+        if any(not k.get_secret_value() for k in self.api_keys):
+            raise ValueError("EL_AUTH__API_KEYS: empty key")
+        return self
+
+
+class CorsSettings(BaseModel):
+    """Cross-origin browser access: off unless origins are listed."""
+
+    allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (e.g. https://app.example.org), comma-separated "
+                    "or a JSON list; empty turns CORS off.")
+
+    @field_validator("allow_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _check(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"CORS origin {origin!r} must look like https://host[:port] (no path) or be '*'")
+        return origins
+
+
+class ShutdownSettings(BaseModel):
+    """SIGTERM: readiness turns 503 first, in-flight requests finish, the process exits within grace_s."""
+
+    grace_s: float = Field(30.0, gt=0.0, description="SIGTERM: the process exits within this many seconds "
+                                                      "(drain delay + in-flight requests + clean-up).")
+    drain_delay_s: float = Field(2.0, ge=0.0, description="SIGTERM: /readyz answers 503 for this long before the "
+                                                           "server stops accepting connections.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ShutdownSettings:
+        if self.drain_delay_s >= self.grace_s:
+            raise ValueError("EL_SHUTDOWN__DRAIN_DELAY_S must be below EL_SHUTDOWN__GRACE_S")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EL_", env_nested_delimiter="__", extra="ignore")
 
@@ -93,11 +190,16 @@ class Settings(BaseSettings):
     rerank: RerankSettings = RerankSettings()
     limits: LimitSettings = LimitSettings()
     admission: AdmissionSettings = AdmissionSettings()
+    auth: AuthSettings = AuthSettings()
+    cors: CorsSettings = CorsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    jobs: JobSettings = JobSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.encoder.text_backbone == "clip" and self.encoder.clip_path is None:
-            raise ValueError("EL_ENCODER__CLIP_PATH must name a local CLIP checkpoint for the 'clip' backbone")
+        enc = self.encoder
+        if "clip" in (enc.text_backbone, enc.image_backbone) and enc.clip_path is None:
+            raise ValueError("EL_ENCODER__CLIP_PATH must name a local CLIP checkpoint for the 'clip' backbones")
         if self.top_k > self.limits.max_top_k:
             raise ValueError("EL_TOP_K exceeds EL_LIMITS__MAX_TOP_K")
         return self

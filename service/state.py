@@ -19,10 +19,13 @@ class AppState:
     linker: Linker | None = None
     ready: bool = False
     draining: bool = False
+    reloading: bool = False
     load_error: str | None = None
     extras: dict = field(default_factory=dict)
 
     def require_linker(self) -> Linker:
         if self.linker is None or not self.ready:
-            raise NotReady(self.load_error or "model and index are still loading", headers={"Retry-After": "5"})
+            # The load error names server paths: it goes to the log and /readyz, not into every client's 503.
+            msg = "model or index failed to load" if self.load_error else "model and index are still loading"
+            raise NotReady(msg, headers={"Retry-After": "5"})
         return self.linker

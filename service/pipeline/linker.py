@@ -19,7 +19,7 @@ import numpy as np
 from kg_index.load import KGIndex, load_index
 from models.features import Featurizer
 from models.runtime import EncoderRuntime
-from service.pipeline.encode import encode_queries
+from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.rerank import RerankConfig, name_similarity, ot_rerank, pick_device
 from service.pipeline.respond import build_results
 from service.pipeline.retrieve import retrieve
@@ -94,8 +94,13 @@ class Linker:
     def link(self, query: LinkQuery) -> LinkResult:
         return self.link_batch([query]).results[0]
 
-    def link_batch(self, queries: list[LinkQuery], *, rerank: bool | None = None) -> BatchOutcome:
-        """Link a batch in one pass per stage; results in input order, each with the batch's stage timings."""
+    def link_batch(self, queries: list[LinkQuery], *, rerank: bool | None = None,
+                   deadline: float | None = None) -> BatchOutcome:
+        """Link a batch in one pass per stage; results in input order, each with the batch's stage timings.
+
+        With a `deadline` (time.monotonic), stages not yet started are skipped once it has passed
+        (`DeadlineExceeded`).
+        """
         snap = self._snapshot  # read once: the whole batch is answered from one index
         cfg, s = self.rerank, self.settings
         do_rerank = s.rerank.enabled if rerank is None else rerank
@@ -104,7 +109,7 @@ class Linker:
         timings: dict[str, float] = {}
         t0 = t = time.perf_counter()
 
-        feats = encode_queries(snap.featurizer, queries, delay_ms=s.stage_delay_ms)
+        feats = encode_queries(snap.featurizer, queries, delay_ms=s.stage_delay_ms, deadline=deadline)
         timings["encode"], t = _lap(t)
 
         k = max(max(q.top_k for q in queries), s.rerank.candidates if do_rerank else 0)
@@ -115,6 +120,7 @@ class Linker:
         stats: list[OTStats] = []
         final = retrieval.copy()
         if do_rerank:
+            check_deadline(deadline)
             ot, stats = ot_rerank(snap.index, feats, rows, cfg, self.device)
             cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
             names = np.zeros_like(retrieval)

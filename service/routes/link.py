@@ -61,9 +61,15 @@ def to_response(r: LinkResult) -> LinkResponse:
     )
 
 
-async def run_linker(state: AppState, queries: list[LinkQuery], source: str) -> BatchOutcome:
+async def run_linker(state: AppState, queries: list[LinkQuery], source: str,
+                     request: Request | None = None) -> BatchOutcome:
+    """Admission (queue, deadline, disconnect while queued), then the pipeline in a worker thread."""
     linker = state.require_linker()
-    outcome = await state.admission.run(lambda: linker.link_batch(queries))
+    adm = state.admission
+    deadline = adm.deadline()
+    disconnected = request.is_disconnected if request is not None else None
+    outcome = await adm.run(lambda: linker.link_batch(queries, deadline=deadline), deadline=deadline,
+                            disconnected=disconnected)
     state.metrics.observe_batch(outcome.timings_ms, outcome.ot_stats)
     state.metrics.mentions.labels(source).inc(len(queries))
     return outcome
@@ -117,7 +123,7 @@ async def link(request: Request) -> LinkResponse:
     state.require_linker()
     req, image_bytes = await _parse_link_request(request, state.settings)
     query = to_query(req, state.settings, image_bytes=image_bytes)
-    outcome = await run_linker(state, [query], "link")
+    outcome = await run_linker(state, [query], "link", request)
     return to_response(outcome.results[0])
 
 
@@ -129,7 +135,7 @@ async def link_batch(body: BatchLinkRequest, request: Request) -> BatchLinkRespo
         raise TooManyItems(f"at most {cap} items per batch (got {len(body.items)}); use /v1/jobs for more")
     state.require_linker()
     queries = [to_query(item, state.settings, item_id=item.id) for item in body.items]
-    outcome = await run_linker(state, queries, "batch")
+    outcome = await run_linker(state, queries, "batch", request)
     results = [BatchResult(**to_response(r).model_dump(), id=r.id) for r in outcome.results]
     first = outcome.results[0]
     return BatchLinkResponse(results=results, index_version=first.index_version, model_version=first.model_version,

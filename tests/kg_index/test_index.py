@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kg_index.build import FLAT_LIMIT, build_index, choose_factory
-from kg_index.load import load_index
+from kg_index.load import configure_search, load_index
 from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest, sha256_file
 from kg_index.records import Entity
 from models.features import Featurizer
@@ -233,12 +233,6 @@ def test_wrong_encoder_signature(index_copy: Path, runtime) -> None:
 
 
 @encoders
-@pytest.mark.xfail(
-    reason="BUG: kg_index/manifest.py verify_files checks only the files the manifest lists; a manifest whose "
-    "'files' omits a required file (here text_local.npy) lets that file load unverified, so a flipped byte in it "
-    "is served",
-    strict=True,
-)
 def test_manifest_must_cover_every_index_file(index_copy: Path) -> None:
     raw = json.loads((index_copy / MANIFEST).read_text())
     del raw["files"]["text_local.npy"]
@@ -303,11 +297,6 @@ def test_failed_build_leaves_the_old_index(index_copy: Path, built, small_kg, ru
 
 
 @encoders
-@pytest.mark.xfail(
-    reason="BUG: kg_index/build.py does not remove its '.<name>.building-<pid>' folder when a build fails, so "
-    "every failed build leaves a partial index (up to the full local-feature store) beside the real one",
-    strict=True,
-)
 def test_failed_build_cleans_up(index_copy: Path, small_kg, runtime, monkeypatch) -> None:
     _failing_build(small_kg, runtime, index_copy, monkeypatch)
     assert sorted(p.name for p in index_copy.parent.iterdir()) == [index_copy.name]
@@ -341,6 +330,7 @@ def h2(small_index: Path, test_mentions, runtime):
                     [load_entity_image(m.image) for m in test_mentions]).global_
     hnsw = faiss.index_factory(base.shape[1], "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
     hnsw.add(base)
+    configure_search(hnsw)  # what load_index applies to every index it loads
     return index, hnsw, mentions, base[:: max(1, len(base) // 200)]
 
 
@@ -362,22 +352,10 @@ def test_hnsw_recall_at_10_vs_exact(h2, test_mentions) -> None:
     gold = [index.row_of.get(m.answer, -1) for m in test_mentions]
     _, exact = index.search(mentions, 10)
     assert np.mean([g in row for g, row in zip(gold, exact)]) > 0.9
-    # A larger efSearch closes the gap (measured 0.999 at k=32 with efSearch 64).
-    hnsw.hnsw.efSearch = 64
-    try:
-        assert _recall(index, hnsw, mentions, 32) >= 0.98
-    finally:
-        hnsw.hnsw.efSearch = 16
 
 
 @encoders
-@pytest.mark.xfail(
-    reason="BUG: kg_index never sets hnsw.efSearch, so an HNSW index (the default above 100k entities) searches "
-    "with FAISS's default efSearch=16: for the real mention queries, recall@32 (the "
-    "reranker's candidate count) is 0.9635 already at 459 entities; efSearch 64 gives 0.999",
-    strict=True,
-)
 def test_hnsw_recall_of_mentions_at_the_candidate_count(h2) -> None:
     index, hnsw, mentions, _ = h2
-    assert hnsw.hnsw.efSearch == 16  # what build_index + load_index give
+    assert hnsw.hnsw.efSearch == 128  # what load_index sets
     assert _recall(index, hnsw, mentions, 32) >= 0.98

@@ -149,11 +149,6 @@ def test_clip_backbone_without_path_is_a_settings_error() -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="BUG: service/settings.py validates clip_path only for text_backbone='clip'; image_backbone='clip' "
-    "without clip_path passes validation and later fails in models/backbones.py on `assert clip_path is not None`",
-    strict=True,
-)
 def test_clip_image_backbone_without_path_is_a_settings_error() -> None:
     from pydantic import ValidationError
 

@@ -188,23 +188,11 @@ def test_encode_texts_single_and_truncation(runtime) -> None:
     assert empty.global_.shape == (0, runtime.spec.text_dim)
 
 
-@pytest.mark.xfail(
-    reason="BUG: models/runtime.py truncates with strategy='only_second', which the tokenizers library refuses "
-    "for single texts ('Second sequence not provided'), so encode_texts raises on any single text over "
-    "max_tokens-2 tokens (the Featurizer's name view of a long surface/name)",
-    strict=True,
-)
 def test_encode_texts_long_single_text_is_truncated(runtime) -> None:
     f = runtime.encode_texts([PROSE])
     assert f.tokens.shape[1] == runtime.spec.max_tokens
 
 
-@pytest.mark.xfail(
-    reason="BUG: models/runtime.py 'only_second' truncation raises ('Sequence to truncate too short to respect "
-    "the provided max_length') when the first text of a pair alone exceeds the token budget, so one long "
-    "mention surface or entity name fails the whole batch",
-    strict=True,
-)
 def test_encode_texts_long_first_text_of_pair_is_truncated(runtime) -> None:
     f = runtime.encode_texts([PROSE, "Paris"], ["a sentence", "capital of France"])
     assert f.tokens.shape[1] == runtime.spec.max_tokens
