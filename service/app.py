@@ -11,12 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from service.admission import Admission
+from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.errors import ELError
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline.linker import Linker
+from service.routes import admin as admin_routes
 from service.routes import entities, health, link
 from service.settings import Settings
 from service.state import AppState
@@ -95,6 +98,17 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     app.include_router(health.router)
     app.include_router(link.router)
     app.include_router(entities.router)
+    app.include_router(admin_routes.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    # Outside the body cap: a request without a key is refused before its body is read.
+    keys = ApiKeys(k.get_secret_value() for k in settings.auth.api_keys)
+    app.add_middleware(AuthMiddleware, keys=keys, metrics=metrics, protect_metrics=settings.auth.protect_metrics)
+    if keys:
+        document_security(app, protect_metrics=settings.auth.protect_metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors.allow_origins:  # outermost: preflights need no key, and 4xx answers carry CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key", "Idempotency-Key"],
+                           expose_headers=["Retry-After", "Location"])
     return app

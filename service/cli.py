@@ -15,13 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=int(settings.admission.request_timeout_s) + 5)
-    return 0
+    # uvicorn with a readiness drain on SIGTERM and an index reload on SIGHUP (service/server.py).
+    return serve(settings, create_app)
 
 
 def _build_index(settings: Settings, args: argparse.Namespace) -> int:

@@ -75,3 +75,17 @@ class HealthResponse(BaseModel):
     index_version: str | None = None
     model_version: str | None = None
     detail: str | None = None
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index_dir: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^[^\x00]+$",
+                                  description="Index folder on the server; default: the configured EL_INDEX__DIR.")
+
+
+class ReloadResponse(BaseModel):
+    index_version: str
+    previous_version: str
+    index_dir: str
+    entities: int
