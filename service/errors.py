@@ -83,6 +83,30 @@ class Conflict(ELError):
     status, code = 409, "conflict"
 
 
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class JobNotFinished(Conflict):
+    code = "job_not_finished"
+
+
+class JobExpired(ELError):
+    status, code = 410, "job_expired"
+
+
+class JobQueueFull(Overloaded):
+    code = "job_queue_full"
+
+
+class DuplicateItemId(InvalidInput):
+    code = "duplicate_item_id"
+
+
 class ClientDisconnected(ELError):
     """The client went away while its request waited for a slot; the work is dropped and nobody reads this."""
 
@@ -93,4 +117,3 @@ class InvalidIndex(ELError):
     """An index folder given to reload failed verification; the message names the file."""
 
     status, code = 422, "invalid_index"
-
