@@ -16,11 +16,13 @@ from starlette.middleware.cors import CORSMiddleware
 from service.admission import Admission
 from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.errors import ELError
+from service.jobs.manager import JobManager
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline.linker import Linker
 from service.routes import admin as admin_routes
 from service.routes import entities, health, link
+from service.routes import jobs as job_routes
 from service.settings import Settings
 from service.state import AppState
 
@@ -50,18 +52,23 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
                           retry_after_s=adm.retry_after_s, metrics=metrics)
     state = AppState(settings=settings, metrics=metrics, admission=admission)
+    # The job worker runs only while the Linker is ready, and yields to queued /v1/link requests.
+    state.jobs = JobManager(settings, metrics, linker=lambda: state.linker if state.ready else None,
+                            interactive_waiting=lambda: admission.waiting)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(asyncio.to_thread(_load, state, linker_factory))
         app.state.el_loader = loader
+        await asyncio.to_thread(state.jobs.start)  # open the store, re-queue a dead worker's jobs
         try:
             yield
         finally:
             state.draining = True
             state.ready = False
             metrics.ready.set(0)
+            await asyncio.to_thread(state.jobs.stop)  # finish the chunk, hand the job back to the queue
 
     app = FastAPI(
         title="OT-MEL entity linking",
@@ -98,8 +105,10 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     app.include_router(health.router)
     app.include_router(link.router)
     app.include_router(entities.router)
+    app.include_router(job_routes.router)
     app.include_router(admin_routes.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
+                       path_limits={"/v1/jobs": settings.jobs.max_body_bytes})
     # Outside the body cap: a request without a key is refused before its body is read.
     keys = ApiKeys(k.get_secret_value() for k in settings.auth.api_keys)
     app.add_middleware(AuthMiddleware, keys=keys, metrics=metrics, protect_metrics=settings.auth.protect_metrics)

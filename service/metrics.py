@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.pipeline.types import OTStats
@@ -33,10 +33,17 @@ class Metrics:
         self.draining = Gauge("el_draining", "1 once shutdown has begun (readiness answers 503)", registry=r)
         self.index_reloads = Counter("el_index_reloads", "Index reloads (admin route or SIGHUP)", ["outcome"], registry=r)
         self.auth_failures = Counter("el_auth_failures", "Requests refused for a missing or wrong API key", registry=r)
+        self.job_items = Counter("el_job_items", "Job items finished, by outcome (ok or error)", ["outcome"], registry=r)
+        for outcome in ("ok", "error"):
+            self.job_items.labels(outcome)
 
     def track_model_invocations(self, read: Callable[[], int]) -> None:
         """Expose `el_model_invocations_total`: real encoder calls, read from the runtime at scrape time."""
         self.registry.register(_InvocationCollector(read))
+
+    def track_job_states(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Expose `el_jobs{state}`: jobs per state, read from the job store at scrape time (exact across restarts)."""
+        self.registry.register(_JobStateCollector(counts))
 
     def observe_batch(self, timings_ms: dict[str, float], ot_stats: list[OTStats]) -> None:
         for stage, ms in timings_ms.items():
@@ -58,3 +65,17 @@ class _InvocationCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("el_model_invocations", "Real encoder (ONNX) calls; rejected or dropped requests "
                                   "never add to it", value=self.read())
+
+
+class _JobStateCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterator[Metric]:  # lets register() skip a store read
+        yield GaugeMetricFamily("el_jobs", "Jobs per state in the job store", labels=["state"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("el_jobs", "Jobs per state in the job store", labels=["state"])
+        for state, n in self.counts().items():
+            family.add_metric([state], n)
+        yield family

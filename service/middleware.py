@@ -20,19 +20,30 @@ async def send_error(send: Send, status: int, code: str, message: str, headers: 
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the cap, whether or not Content-Length is sent; at most cap bytes are buffered."""
+    """413 for bodies over the cap, whether or not Content-Length is sent; at most cap bytes are buffered.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    `path_limits` gives exact paths their own cap (POST /v1/jobs uploads, hundreds of MB). Those bodies are
+    not buffered but counted as the route reads them (413 as soon as the count passes the cap), so a large
+    upload is never held in memory twice.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        err = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")
+        streamed = self.path_limits.get(scope.get("path", ""))
+        max_bytes = self.max_bytes if streamed is None else streamed
+        err = PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             await send_error(send, err.status, err.code, err.message, {"Connection": "close"})
+            return
+        if streamed is not None:
+            await self.app(scope, _counted(receive, max_bytes, err), send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -59,6 +70,21 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _counted(receive: Receive, max_bytes: int, err: PayloadTooLarge) -> Receive:
+    """A receive that raises `err` once more than max_bytes of body went through (the route's error handler answers 413)."""
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > max_bytes:
+            raise err
+        return message
+
+    return counted
 
 
 class MetricsMiddleware:

@@ -77,6 +77,45 @@ class HealthResponse(BaseModel):
     detail: str | None = None
 
 
+class JobItem(LinkRequest):
+    """One line of a job: a /v1/link request with the caller's id (unique within the job)."""
+
+    id: str = Field(..., min_length=1, max_length=256, description="Caller's id, echoed in the result line.")
+
+
+class JobCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[JobItem] = Field(..., min_length=1)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: str
+
+
+class JobProgress(BaseModel):
+    done: int = Field(..., description="Items with an outcome (result or error).")
+    total: int
+    failed: int = Field(..., description="Items whose outcome is an error (counted in done too).")
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: str = Field(..., description="queued, running, succeeded, failed or cancelled.")
+    progress: JobProgress
+    attempts: int = Field(..., description="Times a worker started the job (a clean hand-back at shutdown is refunded).")
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    expires_at: str | None = Field(None, description="When the job and its results are deleted (set once finished).")
+    error: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.admission import Admission
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 from service.settings import Settings
+
+if TYPE_CHECKING:  # the jobs package imports the routes, which import this module
+    from service.jobs.manager import JobManager
 
 
 @dataclass
@@ -22,6 +26,7 @@ class AppState:
     reloading: bool = False
     load_error: str | None = None
     extras: dict = field(default_factory=dict)
+    jobs: JobManager | None = None
 
     def require_linker(self) -> Linker:
         if self.linker is None or not self.ready:

@@ -1,0 +1,66 @@
+"""The jobs subsystem of one app: opens the store, recovers it, runs the worker; routes reach it via AppState.jobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from service.errors import NotReady
+from service.jobs.runner import JobRunner, owner_is_dead
+from service.jobs.store import STATES, JobStore
+from service.metrics import Metrics
+from service.pipeline.linker import Linker
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STORE_FILE = "jobs.sqlite3"
+
+
+class JobManager:
+    def __init__(self, settings: Settings, metrics: Metrics, *, linker: Callable[[], Linker | None],
+                 interactive_waiting: Callable[[], int] | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.jobs
+        self.metrics = metrics
+        self._linker = linker
+        self._interactive_waiting = interactive_waiting
+        self._store: JobStore | None = None
+        self._runner: JobRunner | None = None
+        metrics.track_job_states(self._counts)
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise NotReady("the job store is not open", headers={"Retry-After": "5"})
+        return self._store
+
+    def start(self) -> None:
+        """Open the store, re-queue jobs a dead worker left running, start the worker (it waits for the Linker)."""
+        path = self.cfg.dir / STORE_FILE
+        self._store = JobStore.open(path, result_ttl_s=self.cfg.result_ttl_s, synchronous=self.cfg.synchronous)
+        self._store.recover(owner_is_dead)
+        self._runner = JobRunner(self._store, self.settings, self.metrics, linker=self._linker,
+                                 interactive_waiting=self._interactive_waiting)
+        self._runner.start()
+        logger.info("job store %s open", path)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._runner is not None:
+            self._runner.stop(timeout_s)
+            self._runner = None
+        if self._store is not None:
+            store, self._store = self._store, None
+            store.close()
+
+    def notify(self) -> None:
+        if self._runner is not None:
+            self._runner.notify()
+
+    def _counts(self) -> dict[str, int]:
+        store = self._store
+        try:
+            return store.counts() if store is not None else dict.fromkeys(STATES, 0)
+        except Exception:  # closing at shutdown while a scrape runs; a scrape must not fail
+            logger.debug("job counts unavailable", exc_info=True)
+            return dict.fromkeys(STATES, 0)
