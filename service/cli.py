@@ -1,4 +1,4 @@
-"""The `el` command: serve, build-index, eval, bench. Settings come from EL_ variables (see README)."""
+"""The `el` command: serve, build-index, eval, bench, link-file. Settings come from EL_ variables (see README)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,50 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _link_file(settings: Settings, args: argparse.Namespace) -> int:
+    """Submit a JSONL file as a job, show progress, write the results; rerunning resumes the same job."""
+    import os
+
+    from tqdm import tqdm
+
+    from service.jobs.client import JobClient, JobClientError, file_key
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would break the progress bar
+    src, out = Path(args.input), Path(args.out)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = args.url or os.environ.get("EL_URL") or f"http://{host}:{settings.port}"
+    key = args.key or file_key(src)
+    client = JobClient(url, api_key=os.environ.get("EL_API_KEY"), give_up_after_s=args.give_up_after)
+    job_id = None
+    try:
+        job_id, created = client.submit_file(src, key)
+        print(f"job {job_id} {'submitted' if created else 'found (resuming)'}; Idempotency-Key {key}",
+              file=sys.stderr, flush=True)
+        with tqdm(unit="item", desc=f"job {job_id[:8]}", disable=args.quiet, file=sys.stderr) as bar:
+            def show(job: dict) -> None:
+                progress = job["progress"]
+                bar.total = progress["total"]
+                bar.n = progress["done"]
+                bar.set_postfix(state=job["state"], failed=progress["failed"], refresh=False)
+                bar.refresh()
+
+            job = client.wait(job_id, poll_s=args.poll, on_progress=show)
+        lines = client.download(job_id, out)
+    except JobClientError as exc:
+        print(f"el link-file: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; job {job_id or '(not yet submitted)'} keeps running on the server; run the same "
+              "command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        client.close()
+    p = job["progress"]
+    print(f"job {job_id} {job['state']}: {p['done']}/{p['total']} items, {p['failed']} failed; "
+          f"wrote {lines} lines to {out}", file=sys.stderr)
+    return 0 if job["state"] == "succeeded" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="el", description="Multimodal entity linking (OT-MEL) service tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
+    lf = sub.add_parser("link-file", help="link a JSONL file of mentions as a server-side job (rerun to resume)")
+    lf.add_argument("input", help="JSONL, one link request with an \"id\" per line")
+    lf.add_argument("--out", required=True, help="where to write the results (JSONL, input order)")
+    lf.add_argument("--url", default=None, help="server URL (default: $EL_URL, else http://EL_HOST:EL_PORT)")
+    lf.add_argument("--key", default=None, help="Idempotency-Key (default: derived from the file's SHA-256)")
+    lf.add_argument("--poll", type=float, default=1.0, help="seconds between progress polls")
+    lf.add_argument("--give-up-after", type=float, default=600.0,
+                    help="seconds to keep retrying while the server is unreachable or busy")
+    lf.add_argument("--quiet", action="store_true", help="no progress bar")
+    lf.set_defaults(fn=_link_file)
     args = parser.parse_args(argv)
     try:
         settings = Settings()
