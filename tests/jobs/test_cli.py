@@ -1,0 +1,71 @@
+"""`el link-file` against the real server: results in input order; an interrupted run resumes the same job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+from tests.jobs.helpers import db_rows, many
+from tests.service.conftest import Server
+
+
+def write_jsonl(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return path
+
+
+def cli(src: Path, out: Path, server: Server) -> list[str]:
+    return [sys.executable, "-m", "service", "link-file", str(src), "--out", str(out), "--url", server.base_url,
+            "--poll", "0.1"]
+
+
+def cli_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("EL_")} | {"PYTHONUNBUFFERED": "1"}
+
+
+def test_link_file_writes_one_line_per_item_in_input_order(jobs_server: Server, tmp_path: Path,
+                                                            job_items: list[dict]) -> None:
+    items = job_items[:20]
+    out = tmp_path / "out" / "results.jsonl"
+    r = subprocess.run(cli(write_jsonl(tmp_path / "in.jsonl", items), out, jobs_server), check=False, cwd=ROOT, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"job \w+ succeeded: 20/20 items, 0 failed", r.stderr), r.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [i["id"] for i in items]
+    assert all(line["result"]["entities"] for line in lines)
+
+
+def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store_dir: Path, tmp_path: Path,
+                                                 job_items: list[dict]) -> None:
+    items = many(job_items, 160, "cli")
+    src = write_jsonl(tmp_path / "big.jsonl", items)
+    out = tmp_path / "big-results.jsonl"
+    proc = subprocess.Popen(cli(src, out, jobs_server), cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        m = re.match(r"job (\w+) submitted", first)
+        assert m, first
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while it polls
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "run the same command again to resume" in err, err
+    assert not out.exists()
+    job_id = m.group(1)
+
+    r = subprocess.run(cli(src, out, jobs_server), check=False, cwd=ROOT, env=cli_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"job {job_id} found (resuming)" in r.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [i["id"] for i in items]
+    key = "link-file-sha256-" + hashlib.sha256(src.read_bytes()).hexdigest()
+    assert db_rows(jobs_store_dir, "SELECT id, attempts FROM jobs WHERE idempotency_key = ?", key) == [(job_id, 1)]
