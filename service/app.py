@@ -93,6 +93,8 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # an unparseable body (FastAPI's JSON, Starlette's multipart): invalid input
+            return JSONResponse({"error": {"code": "invalid_input", "message": str(exc.detail)}}, status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
