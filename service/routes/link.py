@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 
 from service.errors import InvalidInput, TooManyItems, UnsupportedMediaType
@@ -127,7 +127,15 @@ async def link(request: Request) -> LinkResponse:
     return to_response(outcome.results[0])
 
 
-@router.post("/link/batch", response_model=BatchLinkResponse, responses=_ERRORS, summary="Link up to N mentions")
+def require_json(request: Request) -> None:
+    """Runs before FastAPI validates the body, so a non-JSON body is a 415, not a schema error."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType("send application/json")
+
+
+@router.post("/link/batch", response_model=BatchLinkResponse, responses=_ERRORS, summary="Link up to N mentions",
+             dependencies=[Depends(require_json)])
 async def link_batch(body: BatchLinkRequest, request: Request) -> BatchLinkResponse:
     state: AppState = request.app.state.el
     cap = state.settings.limits.max_batch_items

@@ -301,9 +301,6 @@ def test_batch_malformed_json(client: httpx.Client) -> None:
     assert_error(client.post("/v1/link/batch", content=b'{"items": [', headers=JSON), 422, "invalid_input")
 
 
-@pytest.mark.xfail(reason="BUG: /v1/link/batch answers 422 invalid_input (FastAPI body validation) for a text/plain "
-                          "body, while /v1/link and the documented responses say 415 unsupported_media_type",
-                   strict=True)
 def test_batch_wrong_content_type(client: httpx.Client) -> None:
     r = client.post("/v1/link/batch", content=b'{"items": [{"mention": "x"}]}', headers={"content-type": "text/plain"})
     assert_error(r, 415, "unsupported_media_type")
