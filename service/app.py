@@ -52,8 +52,9 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
                           retry_after_s=adm.retry_after_s, metrics=metrics)
     state = AppState(settings=settings, metrics=metrics, admission=admission)
-    # The job worker runs only while the Linker is ready, and yields to queued /v1/link requests.
-    state.jobs = JobManager(settings, metrics, linker=lambda: state.linker if state.ready else None,
+    # The job worker runs only while ready and not draining (on SIGTERM it hands its job back at the next
+    # chunk), and yields to queued /v1/link requests.
+    state.jobs = JobManager(settings, metrics, linker=lambda: state.linker if state.ready and not state.draining else None,
                             interactive_waiting=lambda: admission.waiting)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 

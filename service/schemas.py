@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -91,7 +93,7 @@ class JobCreateRequest(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
-    state: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobProgress(BaseModel):
@@ -102,7 +104,7 @@ class JobProgress(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    state: str = Field(..., description="queued, running, succeeded, failed or cancelled.")
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: JobProgress
     attempts: int = Field(..., description="Times a worker started the job (a clean hand-back at shutdown is refunded).")
     created_at: str

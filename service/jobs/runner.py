@@ -83,6 +83,7 @@ class JobRunner:
         self._lost: str | None = None  # job id whose lease the heartbeat found gone
         self._threads: list[threading.Thread] = []
         self._next_sweep = 0.0
+        self._next_requeue = 0.0
 
     def start(self) -> None:
         for target, name in ((self._loop, "el-job-worker"), (self._heartbeat_loop, "el-job-heartbeat")):
@@ -119,7 +120,7 @@ class JobRunner:
                     self._stop.wait(min(self.cfg.poll_interval_s, 0.2))
                     continue
                 self._wake.clear()
-                self.store.requeue_expired()
+                self._maybe_requeue()
                 job = self.store.claim(self.owner, lease_s=self.cfg.lease_s, max_attempts=self.cfg.max_attempts)
                 if job is None:
                     self._wake.wait(self.cfg.poll_interval_s)
@@ -139,6 +140,13 @@ class JobRunner:
                     self._lost = job_id
             except Exception:
                 logger.exception("job heartbeat failed")
+
+    def _maybe_requeue(self) -> None:
+        """Another process's worker that died mid-job: its lease runs out and the job goes back to the queue."""
+        now = time.monotonic()
+        if now >= self._next_requeue:
+            self._next_requeue = now + self.cfg.lease_s / 3
+            self.store.requeue_expired()
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
