@@ -30,10 +30,8 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# How often a queued request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.05
-
-Disconnected = Callable[[], Awaitable[bool]]
+# Returns (completes) once the client has disconnected; cancelled when the request leaves the queue.
+Disconnected = Callable[[], Awaitable[None]]
 
 
 class Admission:
@@ -60,8 +58,8 @@ class Admission:
                   disconnected: Disconnected | None = None) -> T:
         """Run fn in a worker thread once a slot is free, within the deadline.
 
-        `deadline` (monotonic) wins over `timeout_s`; `disconnected` is polled while queued (for HTTP,
-        `request.is_disconnected`) and drops the request once it answers True.
+        `deadline` (monotonic) wins over `timeout_s`. While the request is queued, `disconnected()` is awaited
+        alongside the slot; if it completes first (the client went away), the request is dropped.
         """
         if deadline is None:
             deadline = self.deadline(timeout_s)
@@ -106,16 +104,22 @@ class Admission:
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
         self.metrics.queue_depth.set(self.waiting)
+        # The watcher sleeps until the client goes away: no polling, so a deep queue costs no CPU.
+        gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             while not slot.done():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._expired_in_queue()
-                wait = min(remaining, DISCONNECT_POLL_S) if disconnected is not None else remaining
-                await asyncio.wait((slot,), timeout=wait)
-                if not slot.done() and disconnected is not None and await disconnected():
-                    self.metrics.rejections.labels("client_disconnected").inc()
-                    raise ClientDisconnected("client disconnected while queued")
+                await asyncio.wait([f for f in (slot, gone) if f is not None], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if slot.done() or gone is None or not gone.done():
+                    continue
+                if gone.cancelled() or gone.exception() is not None:
+                    gone = None  # cannot tell any more: wait for the slot or the deadline only
+                    continue
+                self.metrics.rejections.labels("client_disconnected").inc()
+                raise ClientDisconnected("client disconnected while queued")
         except BaseException:
             if slot.done() and not slot.cancelled():
                 self._release()  # a slot was handed over just as we gave up: pass it on
@@ -123,6 +127,8 @@ class Admission:
                 slot.cancel()
             raise
         finally:
+            if gone is not None:
+                gone.cancel()
             try:
                 self._waiters.remove(slot)
             except ValueError:

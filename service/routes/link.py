@@ -67,12 +67,19 @@ async def run_linker(state: AppState, queries: list[LinkQuery], source: str,
     linker = state.require_linker()
     adm = state.admission
     deadline = adm.deadline()
-    disconnected = request.is_disconnected if request is not None else None
+    gone = (lambda: client_gone(request)) if request is not None else None
     outcome = await adm.run(lambda: linker.link_batch(queries, deadline=deadline), deadline=deadline,
-                            disconnected=disconnected)
+                            disconnected=gone)
     state.metrics.observe_batch(outcome.timings_ms, outcome.ot_stats)
     state.metrics.mentions.labels(source).inc(len(queries))
     return outcome
+
+
+async def client_gone(request: Request) -> None:
+    """Return once the client has disconnected. The body has been read by then, so the only message left
+    on the channel is http.disconnect; until it comes this just waits (uvicorn wakes it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _parse_link_request(request: Request, settings: Settings) -> tuple[LinkRequest, bytes | None]:

@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.onnx]
 
 L, Q, EXTRA = 2, 4, 20  # A1: in-flight cap, queue cap, requests beyond both
 BUSY_DELAY_S = 1.0
-# A2/B1 (L=1): A must finish inside the deadline (0.5 s to spare for its model call), B must still be in
-# its delayed stage at its deadline, C must still be queued at its deadline (0.2 s or more either way).
-DEADLINE_S, DEADLINE_DELAY_S = 1.3, 0.8
+# A2/B1 (L=1): A must finish inside the deadline (0.6 s to spare for its model call on a loaded box), B must
+# still be in its delayed stage at its deadline, C still queued at its deadline (0.35 s or more either way).
+DEADLINE_S, DEADLINE_DELAY_S = 1.6, 1.0
 BODY = {"mention": "Douglas Adams", "top_k": 1}
 
 
@@ -155,19 +155,20 @@ def test_a3_client_gone_while_queued_costs_no_model_call(busy: Server) -> None:
 
     assert delta("el_rejections_total", reason="client_disconnected") == 1
     assert delta("el_model_invocations_total") == L * cost
+    assert "Traceback" not in busy.log()  # answering a departed client is not an error
     assert delta("el_stage_latency_seconds_count", stage="encode") == L
     assert metric(after, "el_queue_depth") == 0 and metric(after, "el_in_flight") == 0
 
 
 def test_a2_b1_deadline_in_queue_and_while_running(short_deadline: Server) -> None:
-    """L=1, deadline 1.3 s, stage delay 0.8 s: A runs 0-0.8 s (200); B gets the slot at ~0.85 s and passes its
+    """L=1, deadline 1.6 s, stage delay 1.0 s: A runs 0-1.0 s (200); B gets the slot at ~1.05 s and passes its
     deadline inside the delayed stage (504 at the deadline, and the model is not called for it); C is still
     queued at its deadline (504, never reaches the model)."""
     server = short_deadline
     cost = invocations_per_request(server)
     before = server.metrics()
-    out = fire(server, [0.0, 0.05, 0.1])
-    # B's worker thread runs on after its 504 (until ~1.65 s): it still holds the only slot.
+    out = fire(server, [0.0, 0.03, 0.06])
+    # B's worker thread runs on after its 504 (until ~2.05 s): it still holds the only slot.
     during = server.metrics()
     time.sleep(DEADLINE_DELAY_S)
     after = server.metrics()
