@@ -74,6 +74,9 @@ class Admission:
         except TimeoutError:
             self.metrics.rejections.labels("deadline_running").inc()
             raise DeadlineExceeded("request deadline exceeded") from None
+        except DeadlineExceeded:  # the pipeline noticed first, between two stages
+            self.metrics.rejections.labels("deadline_running").inc()
+            raise
         finally:
             if not work.done():
                 self._abandoned.add(work)
