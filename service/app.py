@@ -88,8 +88,12 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        msg = f"{where}: {first.get('msg', 'invalid request')}"
+        loc = list(first.get("loc", ()))
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            msg = f"body: invalid JSON at character {loc[-1]}"
+        else:
+            where = ".".join(str(p) for p in loc if p != "body") or "body"
+            msg = f"{where}: {first.get('msg', 'invalid request')}"
         return JSONResponse({"error": {"code": "invalid_input", "message": msg}}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
