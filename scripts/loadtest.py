@@ -9,7 +9,8 @@
    answers; counts answers by status and error kind;
 3. recovery: from the moment the overload stops (its queued requests still being answered), one request
    at a time until `--recovery-ok` in a row are 200 (at most `--recovery-max-s`); reports the time from the
-   end of the overload to the answer of the first of them.
+   end of the overload to the answer of the first of them;
+4. capacity again, as in 1: if it differs much from the first, something else was using the machine.
 
 Goals (A4): served during the overload >= 90 % of capacity, only 429/503 errors, 200 again within 5 s.
 `--check` makes the exit status say whether they were met.
@@ -47,6 +48,7 @@ MENTIONS = [
 class Report:
     url: str
     capacity_rps: float = 0.0
+    capacity_after_rps: float = 0.0  # measured again at the end: a check on background load
     offered_rps: float = 0.0
     hold_s: float = 0.0
     sent: int = 0
@@ -82,6 +84,10 @@ def check_target(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 80
 
 
+class _Closed(Exception):
+    """The server closed the connection before answering."""
+
+
 class Client:
     """A minimal HTTP/1.1 keep-alive client (asyncio streams, requests pre-encoded): it needs a fraction of
     the CPU a full client would take from the server sharing this machine."""
@@ -99,29 +105,42 @@ class Client:
         return head.encode() + b"\r\n" + data
 
     async def send(self, raw: bytes) -> tuple[str, float]:
-        """(outcome, seconds): the status code, or the error's class name (timeouts included)."""
+        """(outcome, seconds): the status code, or the error's class name (timeouts included); never raises."""
         async with self._slots:
             t0 = time.perf_counter()
-            conn = None
-            try:
-                conn = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
-                status, keep = await asyncio.wait_for(self._exchange(conn, raw), self.timeout_s)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
-                if conn is not None:
+            while True:
+                reused = bool(self._idle)
+                conn = self._idle.pop() if reused else None
+                try:
+                    if conn is None:
+                        conn = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout_s)
+                    status, keep = await asyncio.wait_for(self._exchange(conn, raw), self.timeout_s)
+                except _Closed:
+                    conn[1].close()  # type: ignore[index]
+                    if reused:  # the server closed an idle keep-alive connection: try a fresh one
+                        continue
+                    return "ServerDisconnected", time.perf_counter() - t0
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                    if conn is not None:
+                        conn[1].close()
+                    return type(exc).__name__, time.perf_counter() - t0
+                if keep:
+                    self._idle.append(conn)
+                else:
                     conn[1].close()
-                return type(exc).__name__, time.perf_counter() - t0
-            if keep:
-                self._idle.append(conn)
-            else:
-                conn[1].close()
-            return str(status), time.perf_counter() - t0
+                return str(status), time.perf_counter() - t0
 
     @staticmethod
     async def _exchange(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], raw: bytes) -> tuple[int, bool]:
         reader, writer = conn
         writer.write(raw)
         await writer.drain()
-        status = int((await reader.readline()).split(b" ", 2)[1])
+        line = await reader.readline()
+        if not line:
+            raise _Closed
+        parts = line.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError("malformed status line")
         length, keep = 0, True
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
@@ -131,7 +150,7 @@ class Client:
             elif name == b"connection" and value.strip().lower() == b"close":
                 keep = False
         await reader.readexactly(length)
-        return status, keep
+        return int(parts[1]), keep
 
     def close(self) -> None:
         for _, writer in self._idle:
@@ -232,6 +251,7 @@ async def run(args: argparse.Namespace) -> Report:
             raise SystemExit("no request was served while measuring capacity")
         await overload(client, args.factor * report.capacity_rps, args.hold_s, budget, report,
                        lambda: recovery(client, args.recovery_ok, args.recovery_max_s, budget))
+        report.capacity_after_rps = round(await measure_capacity(client, args.concurrency, args.probe_s, budget), 2)
     finally:
         client.close()
     report.served_fraction = round(report.served_rps / report.capacity_rps, 3)
