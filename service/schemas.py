@@ -130,3 +130,22 @@ class ReloadResponse(BaseModel):
     previous_version: str
     index_dir: str
     entities: int
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """The model's JSON schema with its local `$defs` inlined, for `openapi_extra` request bodies
+    (a `#/$defs/...` reference does not resolve inside the OpenAPI document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: object) -> object:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)  # type: ignore[return-value]

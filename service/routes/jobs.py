@@ -23,7 +23,7 @@ from service.errors import InvalidInput, JobExpired, JobNotFinished, JobNotFound
 from service.jobs.intake import JSONL_TYPES, Submission, parse_json, parse_jsonl
 from service.jobs.manager import JobManager
 from service.jobs.store import JobRecord, JobStore
-from service.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobProgress, JobStatus
+from service.schemas import ErrorResponse, JobAccepted, JobCreateRequest, JobList, JobProgress, JobStatus, inline_schema
 from service.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ async def _read_submission(request: Request, jm: JobManager) -> Submission:
                **_ERRORS},
     summary="Submit a batch linking job (JSON items, JSONL, or a multipart JSONL file)",
     openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": JobCreateRequest.model_json_schema()},
+        "application/json": {"schema": inline_schema(JobCreateRequest)},
         "application/x-ndjson": {"schema": _JSONL_SCHEMA},
         "application/jsonl": {"schema": _JSONL_SCHEMA},
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"],

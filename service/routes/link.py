@@ -19,6 +19,7 @@ from service.schemas import (
     ErrorResponse,
     LinkRequest,
     LinkResponse,
+    inline_schema,
 )
 from service.settings import Settings
 from service.state import AppState
@@ -121,7 +122,7 @@ def _first_error(exc: ValidationError) -> str:
     responses=_ERRORS,
     summary="Link one mention (JSON, or multipart with an image file part)",
     openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": LinkRequest.model_json_schema()},
+        "application/json": {"schema": inline_schema(LinkRequest)},
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
     }}},
 )
