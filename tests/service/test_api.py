@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server_process import metric, scrape
 from tests.service.conftest import Server, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.onnx]
@@ -53,23 +53,6 @@ def assert_error(r: httpx.Response, status: int, code: str, message: str | None 
     if message is not None:
         assert msg == message, body
     return msg
-
-
-def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
-    r = client.get("/metrics")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain")
-    out: dict[tuple[str, frozenset], float] = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def metric(samples: dict, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
 
 
 def png_header(width: int, height: int) -> bytes:
