@@ -8,6 +8,7 @@ immutable snapshot; each call reads the snapshot once, so a hot swap never mixes
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -139,8 +140,7 @@ class Linker:
 
     def with_weights(self, **weights: float) -> Linker:
         """A shallow copy with other score weights (used by evaluation to report each system)."""
-        other = object.__new__(Linker)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.rerank = replace(self.rerank, **weights)
         return other
 
