@@ -1,0 +1,309 @@
+"""OT-MEL matching units shared by the teacher (models/teacher.py) and the student (models/student.py).
+
+Both models are the same network over frozen backbone features; they differ only in the
+*correlation assignment* that decides which token (or patch) corresponds to which:
+  teacher: entropic optimal transport (Sinkhorn, uniform marginals, cost = 1 - cosine, detached)
+  student: dot-product attention, softmax over rows and over columns
+An assignment maps a similarity tensor [..., N, M] to two maps of the same shape:
+  rows[..., i, :] sums to 1 over valid j   (what row item i receives from the columns)
+  cols[..., :, j] sums to 1 over valid i   (what column item j receives from the rows)
+
+Per item (mention or entity) an `ItemHead` turns backbone features into
+  text locals  [B, T, d]  unit rows (zeros on padding)     image locals [B, P, d]  unit rows
+  text global  [B, d]     image global [B, d]              fusion vectors f_it, f_ti  [B, d]
+and the retrieval vector  [g_text, g_image, f_it, f_ti] / sqrt(6)  whose dot product is the separable
+part of the overall score below.
+
+Scores for a mention m and an entity e (each term a cosine in [-1, 1]):
+  text unit   = (g2g_T + g2l_T) / 2     g2g = <g_m, g_e>;  g2l = cross-assignment term (`cross_g2l`)
+  visual unit = (g2g_V + g2l_V) / 2
+  fusion unit = (<f_it_m, f_it_e> + <f_ti_m, f_ti_e>) / 2
+  overall     = mean of the three units = retrieval dot product + (g2l_T + g2l_V) / 6
+A missing image is the backbone's output for an all-zero image (a buffer of the head), as in OT-MEL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Assignment = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+_NEG = -1e4  # finite log(0) for masked entries: keeps logsumexp over all-masked rows NaN-free
+
+
+@dataclass
+class HeadConfig:
+    text_dim: int = 384  # MiniLM token states
+    image_dim: int = 1280  # EfficientNet-Lite0 channels
+    image_patches: int = 49  # its 7x7 map
+    hidden: int = 96  # projected size of every local feature and global vector (as in OT-MEL)
+    mlp: int = 384  # width of the text-global MLP
+    dropout: float = 0.0  # on the text-global MLP's input (training only)
+
+
+@dataclass
+class ItemEncoding:
+    text_local: torch.Tensor  # [B, T, d] unit rows, zeros where text_mask is False
+    text_mask: torch.Tensor  # [B, T] bool
+    image_local: torch.Tensor  # [B, P, d] unit rows (the blank image's when absent)
+    g_text: torch.Tensor  # [B, d] unit
+    g_image: torch.Tensor  # [B, d] unit
+    f_it: torch.Tensor  # [B, d] unit: fusion, image -> text side
+    f_ti: torch.Tensor  # [B, d] unit: fusion, text -> image side
+    fusion_rows: torch.Tensor  # [B, T, P] the fusion assignment (for distillation)
+    fusion_cols: torch.Tensor  # [B, T, P]
+
+    def retrieval_vector(self) -> torch.Tensor:
+        """[B, 4d]: dot products of these give the separable part of the overall score."""
+        return torch.cat([self.g_text, self.g_image, self.f_it, self.f_ti], dim=-1) / math.sqrt(6.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [..., N, D], mask [..., N] -> [..., D]."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(-2) / m.sum(-2).clamp_min(1.0)
+
+
+def plain_norm(x: torch.Tensor) -> torch.Tensor:
+    """Layer norm without parameters, so the reranker needs nothing but stored features (written out: the
+    ONNX exporter cannot take a traced normalized_shape)."""
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+# ---------------------------------------------------------------- assignments
+
+
+def sinkhorn_assignment(eps: float, iters: int) -> Assignment:
+    """Teacher: entropic OT plan on the detached cost 1 - sim, uniform marginals over valid entries."""
+
+    def assign(sim: torch.Tensor, mask_r: torch.Tensor, mask_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            valid = mask_r.unsqueeze(-1) & mask_c.unsqueeze(-2)  # [..., N, M]
+            logk = torch.where(valid, (sim.detach().float() - 1.0) / eps, torch.full_like(sim, _NEG, dtype=torch.float32))
+            log_a = torch.where(mask_r, -torch.log(mask_r.sum(-1, keepdim=True).clamp_min(1).float()), torch.tensor(_NEG))
+            log_b = torch.where(mask_c, -torch.log(mask_c.sum(-1, keepdim=True).clamp_min(1).float()), torch.tensor(_NEG))
+            f = torch.zeros_like(log_a)
+            g = torch.zeros_like(log_b)
+            for _ in range(iters):
+                f = log_a - torch.logsumexp(logk + g.unsqueeze(-2), dim=-1)
+                g = log_b - torch.logsumexp(logk + f.unsqueeze(-1), dim=-2)
+            plan = torch.exp(logk + f.unsqueeze(-1) + g.unsqueeze(-2)) * valid
+            rows = plan / plan.sum(-1, keepdim=True).clamp_min(1e-30)
+            cols = plan / plan.sum(-2, keepdim=True).clamp_min(1e-30)
+        return rows.to(sim.dtype), cols.to(sim.dtype)
+
+    return assign
+
+
+def attention_assignment(temperature: float) -> Assignment:
+    """Student: dot-product attention, softmax over each row and over each column (masked)."""
+
+    def assign(sim: torch.Tensor, mask_r: torch.Tensor, mask_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = sim / temperature
+        valid = mask_r.unsqueeze(-1) & mask_c.unsqueeze(-2)
+        logits = logits.masked_fill(~valid, _NEG)
+        rows = torch.softmax(logits, dim=-1) * valid
+        cols = torch.softmax(logits, dim=-2) * valid
+        return rows, cols
+
+    return assign
+
+
+# ---------------------------------------------------------------- units
+
+
+def transport_context(target: torch.Tensor, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """target [..., N, d] + (rows [..., N, M] @ source [..., M, d]), normalised: the transported values added
+    to the target features (OT-MEL)."""
+    return plain_norm(target + rows @ source)
+
+
+def cross_g2l(m_local: torch.Tensor, m_mask: torch.Tensor, m_glob: torch.Tensor,
+              e_local: torch.Tensor, e_mask: torch.Tensor, e_glob: torch.Tensor,
+              assign: Assignment, *, pairwise: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global-to-local term between mentions and entities, both directions, averaged.
+
+    pairwise=True:  m_* [B, N, d] / [B, N] / [B, d], e_* [C, M, d] / [C, M] / [C, d] -> g2l [B, C]
+    pairwise=False: aligned pairs, both sides [B, ...] -> g2l [B]
+    Mention tokens receive entity values through the assignment, are pooled into a mention context vector
+    and compared with the entity's global vector; the same the other way round. Also returns rows, cols.
+    """
+    if pairwise:
+        b, c = m_local.shape[0], e_local.shape[0]
+        m_local, m_mask, m_glob = m_local[:, None], m_mask[:, None].expand(b, c, -1), m_glob[:, None]
+        e_local, e_mask, e_glob = e_local[None], e_mask[None].expand(b, c, -1), e_glob[None]
+    sim = m_local @ e_local.transpose(-1, -2)  # [..., N, M] cosines
+    rows, cols = assign(sim, m_mask, e_mask)
+    m_ctx = F.normalize(masked_mean(transport_context(m_local, e_local, rows), m_mask), dim=-1)
+    e_ctx = F.normalize(masked_mean(transport_context(e_local, m_local, cols.transpose(-1, -2)), e_mask), dim=-1)
+    g2l = ((e_glob * m_ctx).sum(-1) + (m_glob * e_ctx).sum(-1)) / 2
+    return g2l, rows, cols
+
+
+class SoftPool(nn.Module):
+    """Learned soft pooling: weights = softmax over valid items of a linear score."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, N, d], [B, N] -> [B, d]
+        w = self.score(x).squeeze(-1).masked_fill(~mask, _NEG)
+        return (torch.softmax(w, dim=-1).unsqueeze(-1) * x).sum(-2)
+
+
+class ItemHead(nn.Module):
+    """Backbone features of one side (mentions or entities) -> `ItemEncoding`."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        d = cfg.hidden
+        self.cfg = cfg
+        self.text_in = nn.LayerNorm(cfg.text_dim)
+        self.text_local = nn.Linear(cfg.text_dim, d)
+        self.text_global = nn.Sequential(nn.Linear(2 * cfg.text_dim, cfg.mlp), nn.GELU(), nn.Linear(cfg.mlp, d))
+        self.drop = nn.Dropout(cfg.dropout)  # no parameters: checkpoints load either way
+        self.image_in = nn.LayerNorm(cfg.image_dim)
+        self.image_local = nn.Linear(cfg.image_dim, d)
+        self.image_global = nn.Linear(cfg.image_dim, d)
+        self.pool_text = SoftPool(d)
+        self.pool_image = SoftPool(d)
+        # The backbone's features of an all-zero image: what a missing image looks like (set by training).
+        self.register_buffer("blank_global", torch.zeros(cfg.image_dim))
+        self.register_buffer("blank_patches", torch.zeros(cfg.image_patches, cfg.image_dim))
+        self.dense_images = False  # True for export: no data-dependent indexing in the graph
+
+    def forward(self, tokens: torch.Tensor, text_mask: torch.Tensor, first_mask: torch.Tensor,
+                image_global: torch.Tensor, image_patches: torch.Tensor, image_present: torch.Tensor,
+                assign: Assignment) -> ItemEncoding:
+        """tokens [B, T, Dt]; text_mask, first_mask [B, T] bool (content tokens; those of the first text,
+        i.e. the mention or the entity name); image_global [B, Di]; image_patches [B, P, Di]; image_present [B]."""
+        x = self.text_in(tokens)
+        text_local = F.normalize(self.text_local(x), dim=-1) * text_mask.unsqueeze(-1)
+        # Surface form and whole text pooled apart: the name carries much of the signal.
+        pooled = torch.cat([masked_mean(x, first_mask), masked_mean(x, text_mask)], dim=-1)
+        g_text = F.normalize(self.text_global(self.drop(pooled)), dim=-1)
+
+        image_local, g_image = self._image(image_global, image_patches, image_present)
+
+        # Fusion unit: text tokens and image patches exchange values through the assignment, both ways.
+        patch_mask = torch.ones(image_local.shape[:2], dtype=torch.bool, device=image_local.device)
+        sim = text_local @ image_local.transpose(-1, -2)  # [B, T, P]
+        rows, cols = assign(sim, text_mask, patch_mask)
+        fused_text = transport_context(text_local, image_local, rows)  # [B, T, d]
+        fused_image = transport_context(image_local, text_local, cols.transpose(-1, -2))  # [B, P, d]
+        f_it = F.normalize(self.pool_text(fused_text, text_mask), dim=-1)
+        f_ti = F.normalize(self.pool_image(fused_image, patch_mask), dim=-1)
+        return ItemEncoding(text_local, text_mask, image_local, g_text, g_image, f_it, f_ti, rows, cols)
+
+
+    def _image(self, image_global: torch.Tensor, image_patches: torch.Tensor,
+               present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image locals [B, P, d], image global [B, d]); rows without an image get the blank image's."""
+        blank_local = F.normalize(self.image_local(self.image_in(self.blank_patches)), dim=-1)  # [P, d]
+        blank_global = F.normalize(self.image_global(self.image_in(self.blank_global)), dim=-1)  # [d]
+        if self.dense_images:  # one static graph (ONNX export): project every row, then select
+            local = F.normalize(self.image_local(self.image_in(image_patches)), dim=-1)
+            glob = F.normalize(self.image_global(self.image_in(image_global)), dim=-1)
+            p = present.view(-1, 1)
+            return torch.where(p.unsqueeze(-1), local, blank_local), torch.where(p, glob, blank_global)
+        # Training and KB passes: images are rare, so project only the rows that have one.
+        b = present.shape[0]
+        local = blank_local.expand(b, -1, -1).clone()
+        glob = blank_global.expand(b, -1).clone()
+        idx = torch.nonzero(present).flatten()
+        if len(idx):
+            local[idx] = F.normalize(self.image_local(self.image_in(image_patches[idx])), dim=-1)
+            glob[idx] = F.normalize(self.image_global(self.image_in(image_global[idx])), dim=-1)
+        return local, glob
+
+
+@dataclass
+class UnitScores:
+    text: torch.Tensor  # [B, C]
+    visual: torch.Tensor
+    fusion: torch.Tensor
+    separable: torch.Tensor  # the retrieval dot product
+    overall: torch.Tensor
+    text_plans: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, cols of aligned pairs (distillation)
+
+
+class OTMELModel(nn.Module):
+    """Mention head + entity head + the three units; subclasses fix the assignment."""
+
+    def __init__(self, cfg: HeadConfig, assign: Assignment) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.assign = assign
+        self.mention = ItemHead(cfg)
+        self.entity = ItemHead(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+
+    def encode_mentions(self, *features: torch.Tensor) -> ItemEncoding:
+        return self.mention(*features, assign=self.assign)
+
+    def encode_entities(self, *features: torch.Tensor) -> ItemEncoding:
+        return self.entity(*features, assign=self.assign)
+
+    def g2l_text(self, m: ItemEncoding, e: ItemEncoding, *, pairwise: bool = True) -> tuple[torch.Tensor, ...]:
+        return cross_g2l(m.text_local, m.text_mask, m.g_text, e.text_local, e.text_mask, e.g_text, self.assign,
+                         pairwise=pairwise)
+
+    def g2l_visual(self, m: ItemEncoding, e: ItemEncoding, *, pairwise: bool = True) -> torch.Tensor:
+        pm = torch.ones(m.image_local.shape[:2], dtype=torch.bool, device=m.image_local.device)
+        pe = torch.ones(e.image_local.shape[:2], dtype=torch.bool, device=e.image_local.device)
+        return cross_g2l(m.image_local, pm, m.g_image, e.image_local, pe, e.g_image, self.assign, pairwise=pairwise)[0]
+
+    def candidate_scores(self, m: ItemEncoding, e: ItemEncoding, cand: torch.Tensor) -> UnitScores:
+        """Scores of each mention against its own candidate entities: cand [B, K] rows of e -> [B, K].
+
+        The cross (g2l) terms cost O(N * M * d) per pair, so training solves them for each mention's K
+        hardest in-batch entities rather than for every pair in the batch."""
+        b, k = cand.shape
+        flat = cand.reshape(-1)
+        mi = torch.arange(b, device=cand.device).repeat_interleave(k)
+        mm, ee = _rows(m, mi), _rows(e, flat)
+        g2g_t = (mm.g_text * ee.g_text).sum(-1)
+        g2g_v = (mm.g_image * ee.g_image).sum(-1)
+        fusion = ((mm.f_it * ee.f_it).sum(-1) + (mm.f_ti * ee.f_ti).sum(-1)) / 2
+        g2l_t, rows, cols = self.g2l_text(mm, ee, pairwise=False)
+        g2l_v = self.g2l_visual(mm, ee, pairwise=False)
+        text, visual = (g2g_t + g2l_t) / 2, (g2g_v + g2l_v) / 2
+        out = UnitScores(text, visual, fusion, (g2g_t + g2g_v + 2 * fusion) / 6, (text + visual + fusion) / 3)
+        for name in ("text", "visual", "fusion", "separable", "overall"):
+            setattr(out, name, getattr(out, name).view(b, k))
+        out.text_plans = (rows.view(b, k, *rows.shape[1:]), cols.view(b, k, *cols.shape[1:]))
+        return out
+
+    def scores(self, m: ItemEncoding, e: ItemEncoding) -> UnitScores:
+        """Score matrix [B, C] per unit, every mention against every entity (small sets: the cross terms
+        cost O(B * C * N * M * d))."""
+        g2g_t = m.g_text @ e.g_text.T
+        g2g_v = m.g_image @ e.g_image.T
+        fusion = (m.f_it @ e.f_it.T + m.f_ti @ e.f_ti.T) / 2
+        g2l_t, _, _ = self.g2l_text(m, e)
+        g2l_v = self.g2l_visual(m, e)
+        text = (g2g_t + g2l_t) / 2
+        visual = (g2g_v + g2l_v) / 2
+        separable = (g2g_t + g2g_v + 2 * fusion) / 6
+        overall = (text + visual + fusion) / 3
+        return UnitScores(text, visual, fusion, separable, overall)
+
+
+def _rows(enc: ItemEncoding, idx: torch.Tensor) -> ItemEncoding:
+    return ItemEncoding(*(t[idx] for t in (enc.text_local, enc.text_mask, enc.image_local, enc.g_text, enc.g_image,
+                                           enc.f_it, enc.f_ti, enc.fusion_rows, enc.fusion_cols)))
+
+
+def row_kl(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over valid rows (dim=-1) or columns (dim=-2) of KL(target || pred); target and pred are
+    distributions along `dim` (zeros on masked entries)."""
+    kl = (target * (torch.log(target.clamp_min(1e-9)) - torch.log(pred.clamp_min(1e-9)))).sum(dim)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
