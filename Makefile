@@ -16,7 +16,7 @@ ifeq ($(strip $(EL_DATA_DIR)),)
   endif
 endif
 
-.PHONY: install index serve test test-fast eval bench data lint clean
+.PHONY: install index serve test test-fast eval bench train model-card data lint clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,14 @@ eval: index
 
 bench: index
 	$(BIN)/el bench
+
+# Retrain the shipped heads (models/weights/): teacher, then distilled student; then refresh the model card.
+train: install
+	$(BIN)/el train
+	$(BIN)/python -m models.model_card
+
+model-card: install
+	$(BIN)/python -m models.model_card
 
 data:
 	bash scripts/get_data.sh data/mel

@@ -4,7 +4,9 @@
     folder/faiss.index          global vectors (inner product)
     folder/ids.json             row -> entity id (the id map)
     folder/entities.jsonl       row-ordered metadata: id, name, description, has_image
-    folder/projections.npz      backbone -> stored dims (fitted here, reused for mentions)
+    folder/projections.npz      zero-shot only: backbone -> stored dims (fitted here, reused for mentions)
+    folder/unit_globals.npy     student only: [N, 2, d] fp16 text and image unit globals (OT cross terms)
+    folder/image_blank.npy      student only: [P, d] fp16 patch features of the blank (missing) image
     folder/text_local.npy       [N, T, d] fp16 token features for OT   (memory-mapped at serve time)
     folder/text_seg.npy         [N, T]    uint8 segment codes (0 pad, 1 name, 2 attributes)
     folder/image_rows.npy       [N]       int32 row into image_local, -1 when no image
@@ -31,10 +33,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kg_index.manifest import INDEX_FILES, Manifest, record_files
+from kg_index.manifest import Manifest, index_files, record_files
 from kg_index.records import Entity
 from models.contract import EncoderSpec
-from models.features import Featurizer, Projections
+from models.features import Featurizer, Projections, StudentFeaturizer
 from models.runtime import EncoderRuntime
 
 logger = logging.getLogger(__name__)
@@ -143,16 +145,26 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
     spec: EncoderSpec = runtime.spec
     n, t = len(entities), spec.max_tokens
     ids = [e.id for e in entities]
-    proj = fit_projections(runtime, entities, local_dim=local_dim, image_global_dim=image_global_dim,
-                           name_weight=name_weight, image_weight=image_weight, batch_size=batch_size)
-    proj.save(tmp / "projections.npz")
-    featurizer = Featurizer(runtime, proj)
+    featurizer: Featurizer | StudentFeaturizer
+    unit_globals = None
+    if spec.heads:  # the trained student's entity encoder: its own dims, no fitted projections
+        featurizer = StudentFeaturizer(runtime, "entity")
+        local_dim, global_dim = spec.heads_dim, 4 * spec.heads_dim
+        unit_globals = np.zeros((n, 2, local_dim), np.float16)
+        blank = featurizer(["-"], [""], [None]).image_local[0]
+        np.save(tmp / "image_blank.npy", blank.astype(np.float16))
+    else:
+        proj = fit_projections(runtime, entities, local_dim=local_dim, image_global_dim=image_global_dim,
+                               name_weight=name_weight, image_weight=image_weight, batch_size=batch_size)
+        proj.save(tmp / "projections.npz")
+        featurizer = Featurizer(runtime, proj)
+        global_dim = proj.global_dim
 
     text_local = np.lib.format.open_memmap(tmp / "text_local.npy", mode="w+", dtype=np.float16, shape=(n, t, local_dim))
     text_seg = np.lib.format.open_memmap(tmp / "text_seg.npy", mode="w+", dtype=np.uint8, shape=(n, t))
     image_rows = np.full(n, -1, dtype=np.int32)
     image_chunks: list[np.ndarray] = []
-    globals_ = np.zeros((n, proj.global_dim), np.float32)
+    globals_ = np.zeros((n, global_dim), np.float32)
     with_image = 0
     for start in tqdm(range(0, n, batch_size), desc="encoding KG", unit="batch", disable=not progress):
         chunk = entities[start : start + batch_size]
@@ -160,6 +172,8 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
         f = featurizer([e.name for e in chunk], [e.description for e in chunk], images)
         rows = slice(start, start + len(chunk))
         globals_[rows] = f.global_
+        if unit_globals is not None and f.unit_globals is not None:
+            unit_globals[rows] = f.unit_globals.astype(np.float16)
         width = f.text_local.shape[1]
         text_local[rows, :width] = f.text_local.astype(np.float16)
         text_seg[rows, :width] = f.text_seg
@@ -171,12 +185,14 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
     text_seg.flush()
     del text_local, text_seg
     np.save(tmp / "image_rows.npy", image_rows)
+    if unit_globals is not None:
+        np.save(tmp / "unit_globals.npy", unit_globals)
     patches = max(spec.image_patches, 1)
     image_local = np.stack(image_chunks) if image_chunks else np.zeros((0, patches, local_dim), np.float16)
     np.save(tmp / "image_local.npy", image_local)
 
     factory = choose_factory(n, faiss_factory)
-    index = faiss.index_factory(proj.global_dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(global_dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(globals_)
     index.add(globals_)
@@ -190,10 +206,10 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
     built = datetime.now(UTC)
     manifest = Manifest(
         version="", built_at=built.isoformat(timespec="seconds"), kg=kg, encoder=asdict(spec),
-        encoder_signature=spec.signature(), n_entities=n, n_images=with_image, global_dim=proj.global_dim,
-        local_dim=local_dim, max_tokens=t, image_patches=patches, faiss_factory=factory,
+        encoder_signature=spec.signature(), n_entities=n, n_images=with_image, global_dim=global_dim,
+        local_dim=local_dim, max_tokens=t, image_patches=patches, faiss_factory=factory, heads=spec.heads,
     )
-    record_files(manifest, tmp, list(INDEX_FILES))
+    record_files(manifest, tmp, list(index_files(spec.heads)))
     digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()[:8]
     manifest.version = f"{built:%Y%m%dT%H%M%SZ}-{digest}"
     manifest.write(tmp)

@@ -36,11 +36,21 @@ class KGIndex:
     ids: list[str]
     entities: list[EntityMeta]
     row_of: dict[str, int]
-    projections: Projections
+    projections: Projections | None  # zero-shot indexes only
     text_local: np.ndarray  # [N, T, d] fp16, memory-mapped
     text_seg: np.ndarray  # [N, T] uint8, memory-mapped
     image_rows: np.ndarray  # [N] int32
     image_local: np.ndarray  # [M, P, d] fp16
+    unit_globals: np.ndarray | None = None  # student indexes: [N, 2, d] fp16
+    image_blank: np.ndarray | None = None  # student indexes: [P, d] fp16, the missing image's patches
+
+    @property
+    def n_image_rows(self) -> int:
+        return int(self.image_local.shape[0])
+
+    @property
+    def heads(self) -> str:
+        return self.manifest.heads
 
     @property
     def version(self) -> str:
@@ -109,12 +119,19 @@ def load_index(folder: Path, *, encoder_signature: str | None = None, verify_che
         raise IndexIntegrityError(f"{folder / 'ids.json'}: {len(ids)} ids ({len(set(ids))} distinct), manifest says {n}")
     if [e.id for e in entities] != ids:
         raise IndexIntegrityError(f"{folder / 'entities.jsonl'}: rows do not match the id map in ids.json")
-    try:
-        proj = Projections.load(folder / "projections.npz")
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        raise IndexIntegrityError(f"{folder / 'projections.npz'}: unreadable ({exc.__class__.__name__})") from exc
-    if proj.global_dim != m.global_dim or proj.local_dim != d:
-        raise IndexIntegrityError(f"{folder / 'projections.npz'}: dims {proj.global_dim}/{proj.local_dim} do not match the manifest")
+    proj = unit_globals = image_blank = None
+    if m.heads:
+        unit_globals = _npy(folder, "unit_globals.npy", (n, 2, d), np.float16, mmap=False)
+        image_blank = _npy(folder, "image_blank.npy", (m.image_patches, d), np.float16, mmap=False)
+        if m.global_dim != 4 * d:
+            raise IndexIntegrityError(f"{folder / 'manifest.json'}: global dim {m.global_dim} is not 4 x local dim {d}")
+    else:
+        try:
+            proj = Projections.load(folder / "projections.npz")
+        except (ValueError, OSError, KeyError, TypeError) as exc:
+            raise IndexIntegrityError(f"{folder / 'projections.npz'}: unreadable ({exc.__class__.__name__})") from exc
+        if proj.global_dim != m.global_dim or proj.local_dim != d:
+            raise IndexIntegrityError(f"{folder / 'projections.npz'}: dims {proj.global_dim}/{proj.local_dim} do not match the manifest")
     text_local = _npy(folder, "text_local.npy", (n, t, d), np.float16, mmap=True)
     text_seg = _npy(folder, "text_seg.npy", (n, t), np.uint8, mmap=True)
     image_rows = _npy(folder, "image_rows.npy", (n,), np.int32, mmap=False)
@@ -123,4 +140,4 @@ def load_index(folder: Path, *, encoder_signature: str | None = None, verify_che
         raise IndexIntegrityError(f"{folder / 'image_rows.npy'}: points past image_local.npy")
     logger.info("loaded index %s from %s (%d entities)", m.version, folder, n)
     return KGIndex(folder, m, index, ids, entities, {e: i for i, e in enumerate(ids)}, proj,
-                   text_local, text_seg, image_rows, image_local)
+                   text_local, text_seg, image_rows, image_local, unit_globals, image_blank)

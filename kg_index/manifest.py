@@ -34,6 +34,7 @@ class Manifest:
     faiss_factory: str
     files: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "bytes"}
     format_version: int = FORMAT_VERSION
+    heads: str = ""  # "" zero-shot features; "student@<digest>" the trained student's (EncoderSpec.heads)
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -63,13 +64,20 @@ def record_files(manifest: Manifest, folder: Path, names: list[str]) -> None:
 
 INDEX_FILES = ("faiss.index", "ids.json", "entities.jsonl", "projections.npz", "text_local.npy", "text_seg.npy",
                "image_rows.npy", "image_local.npy")
+STUDENT_INDEX_FILES = ("faiss.index", "ids.json", "entities.jsonl", "unit_globals.npy", "image_blank.npy",
+                       "text_local.npy", "text_seg.npy", "image_rows.npy", "image_local.npy")
+
+
+def index_files(heads: str) -> tuple[str, ...]:
+    """The files an index holds: zero-shot indexes keep fitted projections, student ones unit globals."""
+    return STUDENT_INDEX_FILES if heads else INDEX_FILES
 
 
 def verify_files(manifest: Manifest, folder: Path) -> None:
     """Every index file is listed, exists, and has the recorded size and checksum."""
     if manifest.format_version != FORMAT_VERSION:
         raise IndexIntegrityError(f"{folder / MANIFEST}: format {manifest.format_version}, expected {FORMAT_VERSION}")
-    unlisted = [name for name in INDEX_FILES if name not in manifest.files]
+    unlisted = [name for name in index_files(manifest.heads) if name not in manifest.files]
     if unlisted:
         raise IndexIntegrityError(f"{folder / MANIFEST}: no checksum for {', '.join(unlisted)}")
     for name, meta in manifest.files.items():

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"
 
 TEXT_FILE = "text_encoder.onnx"
 IMAGE_FILE = "image_encoder.onnx"
@@ -21,6 +21,14 @@ TEXT_OUTPUTS = ("text_global", "text_tokens")  # float32 [B, Dt], [B, T, Dt]
 # Image encoder: pixels in [-1, 1] (or the backbone's own normalisation), a pooled vector and patches out.
 IMAGE_INPUTS = ("pixels",)  # float32 [B, 3, S, S]
 IMAGE_OUTPUTS = ("image_global", "image_patches")  # float32 [B, Di], [B, P, Di]
+# Trained student encoders (text backbone + one OT-MEL head), one graph per side; the image backbone above
+# feeds them its features (a missing image: image_present False, the head substitutes the blank image).
+STUDENT_FILES = {"mention": "student_mention.onnx", "entity": "student_entity.onnx"}
+STUDENT_INPUTS = ("input_ids", "attention_mask",  # int64 [B, T]
+                  "text_mask", "first_mask",  # bool [B, T]: content tokens; tokens of the mention / entity name
+                  "image_global", "image_patches", "image_present")  # float32 [B, Di], [B, P, Di]; bool [B]
+STUDENT_OUTPUTS = ("global", "text_local", "image_local", "g_text", "g_image")
+# float32 [B, 4d] retrieval vector, [B, T, d], [B, P, d] unit-norm local features, [B, d], [B, d] unit globals
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class EncoderSpec:
     pixel_std: tuple[float, float, float]
     tokenizer: str  # file name of tokenizer.json beside the ONNX files
     weights_sha256: str  # digest of the source weights, so a retrained head changes the signature
+    heads: str = ""  # "" = zero-shot features; else "student@<sha256 of the head weights>[+int8]"
+    heads_dim: int = 0  # d of the student's local features and unit globals
     contract_version: str = CONTRACT_VERSION
 
     def signature(self) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models import contract
@@ -71,13 +73,167 @@ def export_backbones(backbones: Backbones, out_dir: Path, *, max_tokens: int, im
 
 
 def ensure_exported(out_dir: Path, *, text: str, image: str, clip_path: Path | None, max_tokens: int,
-                    image_size: int) -> contract.EncoderSpec:
-    """Export unless out_dir already holds a complete export of the same configuration."""
+                    image_size: int, heads: Path | None = None, quantize: bool = False) -> contract.EncoderSpec:
+    """Export unless out_dir already holds a complete export of the same configuration.
+
+    heads: trained student weights (models/weights/student.pt) -> also export the student's mention and
+    entity encoders (text backbone + head); None -> zero-shot features only."""
     spec_path = out_dir / contract.SPEC_FILE
     files = [out_dir / contract.TEXT_FILE, out_dir / "tokenizer.json"] + ([out_dir / contract.IMAGE_FILE] if image != "none" else [])
+    spec: contract.EncoderSpec | None = None
     if spec_path.exists() and all(f.exists() for f in files):
         spec = contract.EncoderSpec.from_json(spec_path.read_text())
-        if spec.max_tokens == max_tokens and spec.image_size == image_size and (spec.image_dim > 0) == (image != "none"):
-            return spec
-    logger.info("exporting encoders to ONNX in %s", out_dir)
-    return export_backbones(load_backbones(text, image, clip_path), out_dir, max_tokens=max_tokens, image_size=image_size)
+        if not (spec.max_tokens == max_tokens and spec.image_size == image_size and (spec.image_dim > 0) == (image != "none")
+                and spec.contract_version == contract.CONTRACT_VERSION):
+            spec = None
+    backbones = None
+    if spec is None:
+        logger.info("exporting encoders to ONNX in %s", out_dir)
+        backbones = load_backbones(text, image, clip_path)
+        spec = export_backbones(backbones, out_dir, max_tokens=max_tokens, image_size=image_size)
+    if heads is None:
+        if spec.heads:
+            spec = replace(spec, heads="", heads_dim=0)
+            spec_path.write_text(spec.to_json())
+        return spec
+    from models.checkpoint import weights_digest
+
+    tag = f"student@{weights_digest(heads)}"
+    student_files = [out_dir / f for f in contract.STUDENT_FILES.values()]
+    if spec.heads in (tag, f"{tag}+int8") and (spec.heads.endswith("+int8") == quantize) and all(f.exists() for f in student_files):
+        return spec
+    backbones = backbones or load_backbones(text, image, clip_path)
+    return export_student(backbones, spec, heads, out_dir, tag=tag, quantize=quantize)
+
+
+def student_encoders(backbones: Backbones, heads: Path) -> dict[str, torch.nn.Module]:
+    """The torch modules that are exported: {"mention": backbone + mention head, "entity": ... }."""
+    from models.checkpoint import load_model
+    from models.student import OTMELStudent, StudentEncoder
+
+    model = load_model(heads)
+    if not isinstance(model, OTMELStudent):
+        raise TypeError(f"{heads}: not student weights")
+    cfg = model.config.head
+    image_dim = backbones.image.dim if backbones.image is not None else 0
+    if backbones.text.dim != cfg.text_dim or image_dim != cfg.image_dim:
+        raise ValueError(f"{heads}: heads trained on {cfg.text_dim}-d text / {cfg.image_dim}-d image features, "
+                         f"the configured backbones give {backbones.text.dim} / {image_dim}; set EL_ENCODER__HEADS=none "
+                         "for zero-shot features or train heads for these backbones (make train)")
+    out = {}
+    for side, head in (("mention", model.mention), ("entity", model.entity)):
+        head.dense_images = True  # static graph: no data-dependent indexing
+        out[side] = StudentEncoder(backbones.text, head, model.config.temperature).eval()
+    return out
+
+
+def example_inputs(batch: int, tokens: int, cfg_image_dim: int, patches: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Student encoder inputs of a given shape: real-looking ids and masks, one row with an image."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (batch, tokens), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    attn = torch.ones(batch, tokens, dtype=torch.long)
+    attn[-1, tokens // 2 :] = 0  # one padded row
+    text_mask = attn.bool().clone()
+    text_mask[:, 0] = False
+    first = torch.zeros(batch, tokens, dtype=torch.bool)
+    first[:, 1:3] = True
+    present = torch.zeros(batch, dtype=torch.bool)
+    present[0] = True
+    ig = torch.rand(batch, cfg_image_dim, generator=g)
+    ip = torch.rand(batch, patches, cfg_image_dim, generator=g)
+    return ids, attn, text_mask, first, ig, ip, present
+
+
+def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path, out_dir: Path, *, tag: str,
+                   quantize: bool) -> contract.EncoderSpec:
+    """Write student_{mention,entity}.onnx (checked, parity-tested at other shapes), optionally int8 behind
+    an accuracy gate; record the heads in the spec."""
+    encoders = student_encoders(backbones, heads)
+    head_cfg = next(iter(encoders.values())).head.cfg
+    axes = {name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "text_mask", "first_mask")}
+    axes |= {"image_global": {0: "batch"}, "image_patches": {0: "batch"}, "image_present": {0: "batch"},
+             "global": {0: "batch"}, "text_local": {0: "batch", 1: "tokens"}, "image_local": {0: "batch"},
+             "g_text": {0: "batch"}, "g_image": {0: "batch"}}
+    int8_ok = quantize
+    for side, module in encoders.items():
+        path = out_dir / contract.STUDENT_FILES[side]
+        args = example_inputs(2, 12, head_cfg.image_dim, head_cfg.image_patches)
+        _export(module, args, path, contract.STUDENT_INPUTS, contract.STUDENT_OUTPUTS, axes)
+        err = parity_error(module, path)
+        if err > 1e-4:
+            raise RuntimeError(f"{path}: ONNX differs from torch by {err:.2e} (> 1e-4)")
+        logger.info("exported %s (max |onnx - torch| %.1e at a new shape)", path.name, err)
+        if quantize:
+            int8_ok = _quantize(path, module, head_cfg, backbones.text.tokenizer_path) and int8_ok
+    heads_tag = f"{tag}+int8" if int8_ok else tag
+    if quantize and not int8_ok:
+        logger.warning("int8 student encoders failed the accuracy gate; serving fp32")
+        for side in encoders:
+            (out_dir / contract.STUDENT_FILES[side]).with_suffix(".int8.onnx").unlink(missing_ok=True)
+    spec = replace(spec, heads=heads_tag, heads_dim=head_cfg.hidden)
+    (out_dir / contract.SPEC_FILE).write_text(spec.to_json())
+    return spec
+
+
+def run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {name: t.numpy() for name, t in zip(contract.STUDENT_INPUTS, inputs)}
+    return sess.run(list(contract.STUDENT_OUTPUTS), feed)
+
+
+def parity_error(module: torch.nn.Module, path: Path, batch: int = 3, tokens: int = 17) -> float:
+    """Max |ONNX - torch| over every output, at a batch and length other than the export's (2 x 12)."""
+    cfg = module.head.cfg  # type: ignore[union-attr]
+    inputs = example_inputs(batch, tokens, cfg.image_dim, cfg.image_patches, seed=1)
+    with torch.no_grad():
+        ref = [t.numpy() for t in module(*inputs)]
+    got = run_onnx(path, inputs)
+    return max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
+
+
+INT8_MIN_COSINE = 0.98  # accuracy gate: worst cosine between int8 and fp32 retrieval vectors on the probe texts
+PROBE_TEXTS = [  # mention/entity pairs in the benchmarks' style
+    ("Douglas Adams", "Douglas Adams wrote The Hitchhiker's Guide to the Galaxy."),
+    ("Paris", "Instance of: capital city. Country: France."),
+    ("Jordan", "Jordan scored 40 points for the Bulls last night."),
+    ("Ada Lovelace", "Sex: female. Birth: 1815, London. Occupation: mathematician, writer."),
+    ("Mercury", "Mercury is the closest planet to the Sun."),
+    ("Queen", "Queen performed at Live Aid in 1985 at Wembley Stadium."),
+    ("Amazon", "Instance of: river. Country: Brazil, Peru, Colombia."),
+    ("Lincoln", "Abraham Lincoln delivered the Gettysburg Address in 1863."),
+]
+
+
+def probe_inputs(tokenizer_path: Path, image_dim: int, patches: int, max_tokens: int = 40) -> tuple[torch.Tensor, ...]:
+    """Real tokenised probe pairs (no images) in the student encoder's input layout."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok.enable_truncation(max_tokens, strategy="longest_first")
+    tok.enable_padding()
+    encs = tok.encode_batch(PROBE_TEXTS)
+    ids = torch.tensor([e.ids for e in encs])
+    attn = torch.tensor([e.attention_mask for e in encs])
+    special = torch.tensor([e.special_tokens_mask for e in encs]).bool()
+    types = torch.tensor([e.type_ids for e in encs])
+    content = attn.bool() & ~special
+    n = len(encs)
+    return (ids, attn, content, content & (types == 0), torch.zeros(n, image_dim), torch.zeros(n, patches, image_dim),
+            torch.zeros(n, dtype=torch.bool))
+
+
+def _quantize(path: Path, module: torch.nn.Module, cfg, tokenizer_path: Path) -> bool:
+    """Dynamic int8 quantisation of path -> path.int8.onnx; kept only if the retrieval vector of every probe
+    text stays within INT8_MIN_COSINE of fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_suffix(".int8.onnx")
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    probe = probe_inputs(tokenizer_path, cfg.image_dim, cfg.image_patches)
+    ref, got = run_onnx(path, probe)[0], run_onnx(out, probe)[0]
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    logger.info("int8 %s: worst cosine to fp32 %.4f (gate %.2f)", out.name, float(cos.min()), INT8_MIN_COSINE)
+    return bool(cos.min() >= INT8_MIN_COSINE)

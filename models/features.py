@@ -66,11 +66,35 @@ class Features:
     global_: np.ndarray  # [B, D] float32
     text_local: np.ndarray  # [B, T, d] float32, L2-normalised rows (zeros on padding)
     text_seg: np.ndarray  # [B, T] uint8 segment codes
-    image_local: np.ndarray  # [B, P, d] float32 (zeros when absent)
+    image_local: np.ndarray  # [B, P, d] float32 (zeros when absent; the blank image's for the student)
     image_present: np.ndarray  # [B] bool
+    unit_globals: np.ndarray | None = None  # student only: [B, 2, d] text and image unit globals (cross terms)
+
+
+class StudentFeaturizer:
+    """Features from the trained student encoders (models/student.py) for one side."""
+
+    kind = "student"
+
+    def __init__(self, runtime: EncoderRuntime, side: str) -> None:
+        if not runtime.student_sessions:
+            raise ValueError("the runtime has no student encoders (EL_ENCODER__HEADS=none?)")
+        self.runtime = runtime
+        self.side = side
+
+    def __call__(self, surfaces: Sequence[str], contexts: Sequence[str], images: Sequence[Image.Image | None]) -> Features:
+        f = self.runtime.encode_student(self.side, surfaces, contexts, images)  # type: ignore[arg-type]
+        seg = np.where(f.first_mask, SEG_FIRST, np.where(f.text_mask, SEG_SECOND, SEG_PAD)).astype(np.uint8)
+        return Features(f.global_.astype(np.float32), f.text_local.astype(np.float32), seg,
+                        f.image_local.astype(np.float32), f.image_present,
+                        np.stack([f.g_text, f.g_image], axis=1).astype(np.float32))
 
 
 class Featurizer:
+    """Zero-shot features: backbone outputs under fixed projections fitted at index build."""
+
+    kind = "zero-shot"
+
     def __init__(self, runtime: EncoderRuntime, projections: Projections) -> None:
         self.runtime = runtime
         self.proj = projections

@@ -29,6 +29,18 @@ class TextFeatures:
 
 
 @dataclass
+class StudentFeatures:
+    global_: np.ndarray  # [B, 4d] retrieval vector
+    text_local: np.ndarray  # [B, T, d] unit rows, zeros off the content tokens
+    text_mask: np.ndarray  # [B, T] bool content tokens
+    first_mask: np.ndarray  # [B, T] bool tokens of the first text (mention / entity name)
+    image_local: np.ndarray  # [B, P, d] (the blank image's when absent)
+    g_text: np.ndarray  # [B, d]
+    g_image: np.ndarray  # [B, d]
+    image_present: np.ndarray  # [B] bool
+
+
+@dataclass
 class ImageFeatures:
     global_: np.ndarray  # [B, Di] float32 (zeros where there is no image)
     patches: np.ndarray  # [B, P, Di] float32
@@ -65,6 +77,12 @@ class EncoderRuntime:
         self.image_session = None
         if self.spec.image_dim:
             self.image_session = ort.InferenceSession(str(onnx_dir / contract.IMAGE_FILE), opts, providers=providers)
+        self.student_sessions = {}
+        if self.spec.heads:
+            suffix = ".int8.onnx" if self.spec.heads.endswith("+int8") else ".onnx"
+            for side, name in contract.STUDENT_FILES.items():
+                path = (onnx_dir / name).with_suffix(suffix)
+                self.student_sessions[side] = ort.InferenceSession(str(path), opts, providers=providers)
         self.providers = self.text_session.get_providers()
         self.tokenizer = Tokenizer.from_file(str(onnx_dir / self.spec.tokenizer))
         # longest_first cuts the longer text first (the context, for a short mention), and also works for a
@@ -119,3 +137,23 @@ class EncoderRuntime:
         g, p = self.image_session.run(list(contract.IMAGE_OUTPUTS), {"pixels": pixels})
         glob[idx], local[idx] = g, p
         return ImageFeatures(glob, local, present)
+
+    def encode_student(self, side: Literal["mention", "entity"], first: Sequence[str], second: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> StudentFeatures:
+        """The trained student's features for `first [SEP] second` pairs (+ optional images) of one side."""
+        sess = self.student_sessions[side]
+        d = self.spec.heads_dim
+        patches = max(self.spec.image_patches, 1)
+        if not first:
+            z = np.zeros((0, 1), bool)
+            return StudentFeatures(np.zeros((0, 4 * d), np.float32), np.zeros((0, 1, d), np.float32), z, z,
+                                   np.zeros((0, patches, d), np.float32), np.zeros((0, d), np.float32),
+                                   np.zeros((0, d), np.float32), np.zeros(0, bool))
+        ids, attn, content, type_ids = self.tokenize(first, second)
+        first_mask = content & (type_ids == 0)
+        img = self.encode_images(images)
+        self.invocations += 1
+        feed = {"input_ids": ids, "attention_mask": attn, "text_mask": content, "first_mask": first_mask,
+                "image_global": img.global_, "image_patches": img.patches, "image_present": img.present}
+        glob, text_local, image_local, g_text, g_image = sess.run(list(contract.STUDENT_OUTPUTS), feed)
+        return StudentFeatures(glob, text_local, content, first_mask, image_local, g_text, g_image, img.present)

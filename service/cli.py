@@ -27,10 +27,16 @@ def _build_index(settings: Settings, args: argparse.Namespace) -> int:
     from service.indexing import build_configured_index
 
     if args.if_missing:
+        from service.indexing import export_encoders
+
+        signature = export_encoders(settings).spec.signature()
         try:
             m = Manifest.read(settings.index.dir)
-            logger.info("index %s already at %s; skipping the build", m.version, settings.index.dir)
-            return 0
+            if m.encoder_signature == signature:
+                logger.info("index %s already at %s; skipping the build", m.version, settings.index.dir)
+                return 0
+            logger.info("index at %s was built with encoders %s, not %s: rebuilding", settings.index.dir,
+                        m.encoder_signature, signature)
         except IndexIntegrityError:
             pass
     m = build_configured_index(settings)
@@ -44,7 +50,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
-    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit)
+    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit, teacher=not args.no_teacher)
     path, plot = write_report(report, Path(args.out))
     print(format_table(report))
     print(f"wrote {path} and {plot}")
@@ -109,6 +115,28 @@ def _link_file(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if job["state"] == "succeeded" else 1
 
 
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from models.export import ensure_exported
+    from models.runtime import EncoderRuntime
+    from models.train import TrainConfig, run
+
+    enc = settings.encoder
+    ensure_exported(enc.onnx_dir, text=enc.text_backbone, image=enc.image_backbone, clip_path=enc.clip_path,
+                    max_tokens=enc.max_tokens, image_size=enc.image_size)
+    runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=enc.intra_op_threads)
+    cfg = TrainConfig(data_dir=settings.data_dir, onnx_dir=enc.onnx_dir, cache_dir=settings.features_dir,
+                      weights_dir=Path(args.weights_dir),
+                      reports_dir=Path(args.reports), teacher_epochs=args.teacher_epochs,
+                      student_epochs=args.student_epochs, limit=args.limit, dev_limit=args.dev_limit,
+                      batch_size=args.batch_size, student_only=args.student_only,
+                      retrieval_loss_weight=args.retrieval_loss_weight, dropout=args.dropout,
+                      weight_decay=args.weight_decay)
+    summary = run(cfg, runtime)
+    print(json.dumps({"total_s": summary["total_s"], "teacher_dev_mrr": summary["teacher"]["best_mrr"],
+                      "student_dev_mrr": summary["student"]["best_mrr"], "weights": args.weights_dir}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="el", description="Multimodal entity linking (OT-MEL) service tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,11 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
     e.add_argument("--limit", type=int, default=None, help="first N mentions only")
     e.add_argument("--out", default="reports")
+    e.add_argument("--no-teacher", action="store_true", help="skip the teacher's exhaustive row and the encode timings")
     e.set_defaults(fn=_eval)
     p = sub.add_parser("bench", help="single-request latency and batched throughput (writes reports/bench.json)")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
+    t = sub.add_parser("train", help="train the OT-MEL teacher and the distilled student (writes models/weights/)")
+    t.add_argument("--teacher-epochs", type=int, default=4)
+    t.add_argument("--student-epochs", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--limit", type=int, default=None, help="first N training mentions only (smoke runs)")
+    t.add_argument("--dev-limit", type=int, default=None, help="first N dev mentions only")
+    t.add_argument("--student-only", action="store_true", help="distil a new student from the saved teacher")
+    t.add_argument("--retrieval-loss-weight", type=float, default=1.0)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--weights-dir", default="models/weights")
+    t.add_argument("--reports", default="reports")
+    t.set_defaults(fn=_train)
     lf = sub.add_parser("link-file", help="link a JSONL file of mentions as a server-side job (rerun to resume)")
     lf.add_argument("input", help="JSONL, one link request with an \"id\" per line")
     lf.add_argument("--out", required=True, help="where to write the results (JSONL, input order)")

@@ -26,6 +26,19 @@ class EncoderSettings(BaseModel):
     image_size: int = Field(224, ge=32, le=1024, description="Square input size of the image encoder.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device: CUDA provider when present.")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 lets it choose.")
+    heads: Literal["student", "none"] = Field(
+        "student", description="'student': the trained OT-MEL student heads (exported with the backbone); "
+                               "'none': zero-shot backbone features.")
+    heads_path: Path | None = Field(None, description="Student weights (.pt + .json); None uses the shipped "
+                                                      "models/weights/student.pt.")
+    quantize_int8: bool = Field(False, description="Serve int8 student encoders when they pass the accuracy gate.")
+
+    def student_weights(self) -> Path | None:
+        if self.heads == "none":
+            return None
+        from models.checkpoint import STUDENT_WEIGHTS
+
+        return self.heads_path or STUDENT_WEIGHTS
 
 
 class IndexSettings(BaseModel):
@@ -181,6 +194,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to serve on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     data_dir: Path = Field(Path("data/mel"), description="Folder of the MEL benchmark release files.")
+    features_dir: Path = Field(Path("artifacts/features"), description="Cache of frozen backbone features "
+                                                                       "(training, teacher evaluation).")
     top_k: int = Field(10, ge=1, description="Entities returned when a request names no top_k.")
     nil_threshold: float = Field(0.0, description="Top score below this marks the mention NIL.")
     stage_delay_ms: int = Field(0, ge=0, description="Test hook: sleep this long in the encode stage.")

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from kg_index.load import KGIndex, load_index
-from models.features import Featurizer
+from models.features import Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
-from service.pipeline.rerank import RerankConfig, name_similarity, ot_rerank, pick_device
+from service.pipeline.rerank import RerankConfig, name_similarity, ot_rerank, pick_device, student_rerank
 from service.pipeline.respond import build_results
 from service.pipeline.retrieve import retrieve
 from service.pipeline.types import LinkQuery, LinkResult, OTStats
@@ -33,7 +33,15 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Snapshot:
     index: KGIndex
-    featurizer: Featurizer
+    featurizer: Featurizer | StudentFeaturizer
+
+
+def make_snapshot(runtime: EncoderRuntime, index: KGIndex) -> Snapshot:
+    """Mentions are encoded the way the index encoded its entities: the student's encoders or zero-shot."""
+    if index.heads:
+        return Snapshot(index, StudentFeaturizer(runtime, "mention"))
+    assert index.projections is not None
+    return Snapshot(index, Featurizer(runtime, index.projections))
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Linker:
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
         self.rerank = rerank_config(settings)
         self.device = pick_device(settings.rerank.device)
-        self._snapshot = Snapshot(index, Featurizer(runtime, index.projections))
+        self._snapshot = make_snapshot(runtime, index)
         self._swap_lock = threading.Lock()
 
     @classmethod
@@ -81,7 +89,7 @@ class Linker:
         """Load and verify folder, then switch to it atomically; the old index stays in use on failure."""
         with self._swap_lock:
             new = load_index(folder, encoder_signature=self.runtime.spec.signature())
-            self._snapshot = Snapshot(new, Featurizer(self.runtime, new.projections))
+            self._snapshot = make_snapshot(self.runtime, new)
         logger.info("index swapped to %s", new.version)
         return new
 
@@ -122,7 +130,8 @@ class Linker:
         final = retrieval.copy()
         if do_rerank:
             check_deadline(deadline)
-            ot, stats = ot_rerank(snap.index, feats, rows, cfg, self.device)
+            cross = student_rerank if snap.index.heads else ot_rerank
+            ot, stats = cross(snap.index, feats, rows, cfg, self.device)
             cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
             names = np.zeros_like(retrieval)
             sim = name_similarity([q.mention for q in queries], cand_names)

@@ -108,3 +108,76 @@ def ot_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConf
         scores[qi, cj] = 0.5 * (scores[qi, cj] + vis.squeeze(1).cpu().numpy())
         stats.append(vstats)
     return np.where(valid, scores, 0.0).astype(np.float32), stats
+
+
+# ---------------------------------------------------------------- trained student (OT-MEL units)
+
+
+def _ot_assignment(cfg: RerankConfig, stats: list[OTStats]):
+    """OT-MEL's correlation assignment with the serving solver: plan normalised per row and per column."""
+
+    def assign(sim: torch.Tensor, mask_r: torch.Tensor, mask_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = sim.shape[:-2].numel()
+        s = sim.reshape(n, *sim.shape[-2:])
+        a = uniform_marginals(mask_r.reshape(n, -1), dtype=s.dtype)
+        b = uniform_marginals(mask_c.reshape(n, -1), dtype=s.dtype)
+        res = solve(OTProblem(cost=1.0 - s, a=a, b=b, eps=cfg.eps), max_iter=cfg.max_iter, tol=cfg.tol, chunk_size=CHUNK)
+        err = float(res.marginal_error.max()) if res.marginal_error.numel() else 0.0
+        stats.append(OTStats(n, res.iterations, int(res.converged.sum()), err))
+        plan = res.plan.reshape(sim.shape)
+        rows = plan / plan.sum(-1, keepdim=True).clamp_min(1e-30)
+        cols = plan / plan.sum(-2, keepdim=True).clamp_min(1e-30)
+        return rows, cols
+
+    return assign
+
+
+def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConfig,
+                   device: torch.device) -> tuple[np.ndarray, list[OTStats]]:
+    """The student's cross terms for candidate rows [B, K] (-1 = none): (g2l_text + g2l_visual) / 6 [B, K].
+
+    Added to the retrieval score (the separable part) this is OT-MEL's overall score, with Sinkhorn over
+    the student's local features (models/otmel.py: cross_g2l)."""
+    from models.otmel import cross_g2l
+
+    assert index.unit_globals is not None and index.image_blank is not None and feats.unit_globals is not None
+    b, k = rows.shape
+    valid = rows >= 0
+    flat = np.where(valid, rows, 0).reshape(-1)
+    qi = np.repeat(np.arange(b), k)
+    stats: list[OTStats] = []
+    assign = _ot_assignment(cfg, stats)
+
+    # Text unit: all content tokens; cut the padding tail shared by every row (no mass there).
+    e_seg = np.asarray(index.text_seg[flat])
+    m = int(np.flatnonzero((e_seg > 0).any(0)).max(initial=0)) + 1
+    n = int(np.flatnonzero((feats.text_seg > 0).any(0)).max(initial=0)) + 1
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    ug = np.asarray(index.unit_globals[flat], dtype=np.float32)  # [BK, 2, d]
+    text, _, _ = cross_g2l(
+        t(feats.text_local[qi, :n]), t(feats.text_seg[qi, :n] > 0), t(feats.unit_globals[qi, 0]),
+        t(np.asarray(index.text_local[flat, :m], dtype=np.float32)), t(e_seg[:, :m] > 0), t(ug[:, 0]),
+        assign, pairwise=False)
+    # Visual unit: rows with neither image share one value (blank against blank): solve it once.
+    img_rows = index.image_rows[flat]
+    has = feats.image_present[qi] | (img_rows >= 0)
+    visual = np.zeros(b * k, np.float32)
+    todo = np.flatnonzero(has)
+    blank_q = np.flatnonzero(~feats.image_present)
+    if len(blank_q) and (~has).any():
+        todo = np.concatenate([todo, [int(np.flatnonzero(~has)[0])]])
+    if len(todo):
+        e_img = np.where((img_rows[todo] >= 0)[:, None, None],
+                         np.asarray(index.image_local[np.maximum(img_rows[todo], 0)], dtype=np.float32)
+                         if index.n_image_rows else 0.0,
+                         np.asarray(index.image_blank, dtype=np.float32)[None])
+        ones_q = torch.ones(len(todo), feats.image_local.shape[1], dtype=torch.bool, device=device)
+        ones_e = torch.ones(len(todo), e_img.shape[1], dtype=torch.bool, device=device)
+        vis, _, _ = cross_g2l(t(feats.image_local[qi[todo]]), ones_q, t(feats.unit_globals[qi[todo], 1]),
+                              t(e_img.astype(np.float32)), ones_e, t(ug[todo, 1]), assign, pairwise=False)
+        vis = vis.cpu().numpy()
+        visual[todo] = vis
+        if (~has).any():
+            visual[~has] = vis[-1]
+    scores = (text.cpu().numpy() + visual) / 6.0
+    return np.where(valid, scores.reshape(b, k), 0.0).astype(np.float32), stats
