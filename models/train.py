@@ -326,8 +326,11 @@ def dev_metrics(model: OTMELModel, data: Data, cfg: TrainConfig) -> dict[str, fl
     gold = data.dev_gold[: len(dev)]
     kb_vec = retrieval_vectors(model, data.kb, "entity")
     m_vec = retrieval_vectors(model, dev, "mention")
-    gold_score = (m_vec * kb_vec[gold]).sum(1)
-    full_rank = 1 + ((m_vec @ kb_vec.T) > gold_score[:, None]).sum(1)  # exact rank among all KB entities
+    sims = m_vec @ kb_vec.T
+    # The gold's score must come from the same product: a separately summed one can differ in the last bit
+    # and make the gold outrank itself.
+    gold_score = sims[np.arange(len(gold)), gold]
+    full_rank = 1 + (sims > gold_score[:, None]).sum(1)  # exact rank among all KB entities
     _, cand = top_k(m_vec, kb_vec, cfg.rerank_k)
     ranks = []
     for s in range(0, len(dev), 128):

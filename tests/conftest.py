@@ -28,12 +28,35 @@ def mel_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def zeroshot_onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backbones alone (EL_ENCODER__HEADS=none): zero-shot features."""
     from models.export import ensure_exported
 
-    out = tmp_path_factory.mktemp("onnx")
+    out = tmp_path_factory.mktemp("onnx-zeroshot")
     ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40, image_size=224)
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(zeroshot_onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The served default: the backbones plus the shipped student encoders (models/weights/student.pt)."""
+    import shutil
+
+    from models.checkpoint import STUDENT_WEIGHTS
+    from models.export import ensure_exported
+
+    out = tmp_path_factory.mktemp("onnx") / "student"
+    shutil.copytree(zeroshot_onnx_dir, out)  # reuse the backbone export; only the student graphs are added
+    ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40, image_size=224,
+                    heads=STUDENT_WEIGHTS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def zeroshot_runtime(zeroshot_onnx_dir: Path):
+    from models.runtime import EncoderRuntime
+
+    return EncoderRuntime(zeroshot_onnx_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")

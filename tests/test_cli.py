@@ -80,7 +80,8 @@ def test_exact_name_ranks_and_metrics() -> None:
 
 @pytest.mark.slow
 def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) -> None:
-    report = evaluate(linker, mel_dir, "wikimel", "test", limit=40)
+    report = evaluate(linker, mel_dir, "wikimel", "test", limit=40, teacher=False)
+    assert report["features"] == "student"
     assert set(report["systems"]) == {"exact_name", "retrieval", "retrieval+ot", "retrieval+ot+name"}
     for s in report["systems"].values():
         assert s["n_mentions"] == 40 and s["kb_size"] == len(linker.index)
@@ -91,3 +92,28 @@ def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) 
     assert json.loads(path.read_text())["systems"] == report["systems"]
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert "retrieval+ot" in format_table(report)
+    assert path.name == "eval-wikimel-test.json"  # zero-shot reports get a -zeroshot suffix
+
+
+@pytest.mark.slow
+def test_teacher_scores_every_entity_of_the_kb(linker, small_kg, test_mentions, tmp_path: Path) -> None:
+    """The teacher row on a small JSONL KG: real teacher weights, features cached under features_dir,
+    exact ranks among every KB entity; and the encode timings of teacher and student."""
+    from service.evaluation_teacher import encode_timing, teacher_exhaustive
+
+    kg = tmp_path / "kg.jsonl"
+    kg.write_text("".join(json.dumps({"id": e.id, "name": e.name, "description": e.description,
+                                      "image": str(e.image) if e.image else None}) + "\n" for e in small_kg))
+    settings = linker.settings.model_copy(update={
+        "features_dir": tmp_path / "features", "index": linker.settings.index.model_copy(update={"kg": str(kg)})})
+    lk = linker.with_weights()
+    lk.settings = settings
+    mentions = test_mentions[:30]
+    ranks, ms, info, teacher = teacher_exhaustive(lk, linker.settings.data_dir, "wikimel", "test", mentions)
+    assert len(ranks) == len(mentions) and ms > 0
+    assert info["kb_entities"] == len(small_kg) and info["pairs_total"] == len(small_kg) * len(mentions)
+    assert all(1 <= r <= len(small_kg) for r in ranks)  # every gold is in this KB
+    assert sum(r == 1 for r in ranks) >= 0.7 * len(ranks)  # the trained teacher links most of them
+    assert (tmp_path / "features" / "wikimel-test" / "meta.json").exists()
+    timing = encode_timing(linker, teacher, mentions, n=12)
+    assert timing["n"] == 7 and timing["teacher_head"] > 0 and timing["student_end_to_end"] > 0

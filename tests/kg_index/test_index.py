@@ -16,7 +16,7 @@ from kg_index.build import FLAT_LIMIT, build_index, choose_factory
 from kg_index.load import configure_search, load_index
 from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest, sha256_file
 from kg_index.records import Entity
-from models.features import Featurizer
+from models.features import Featurizer, StudentFeaturizer
 
 N_SLICE = 120
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -56,10 +56,10 @@ def entities(small_kg) -> list[Entity]:
 
 
 @pytest.fixture(scope="module")
-def built(entities, runtime, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
+def built(entities, zeroshot_runtime, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
     """A pristine index of the slice; tests that damage an index work on a copy."""
     out = tmp_path_factory.mktemp("built") / "idx"
-    manifest = build_index(entities, runtime, out, kg="mel-slice", local_dim=32, progress=False, batch_size=32)
+    manifest = build_index(entities, zeroshot_runtime, out, kg="mel-slice", local_dim=32, progress=False, batch_size=32)
     return out, manifest
 
 
@@ -79,9 +79,9 @@ def encoders(test):
 
 
 @encoders
-def test_round_trip(built, entities, runtime) -> None:
+def test_round_trip(built, entities, zeroshot_runtime) -> None:
     folder, manifest = built
-    index = load_index(folder, encoder_signature=runtime.spec.signature())
+    index = load_index(folder, encoder_signature=zeroshot_runtime.spec.signature())
     n = len(entities)
     n_img = sum(e.image is not None for e in entities)
     # Manifest: counts, dims, version.
@@ -90,8 +90,8 @@ def test_round_trip(built, entities, runtime) -> None:
     assert VERSION_RE.match(m.version), m.version
     assert json.loads((folder / MANIFEST).read_text())["version"] == m.version
     assert (m.n_entities, m.n_images, m.kg, m.faiss_factory) == (n, n_img, "mel-slice", "Flat")
-    assert m.encoder_signature == runtime.spec.signature() and m.encoder["name"] == runtime.spec.name
-    assert m.local_dim == 32 and m.max_tokens == runtime.spec.max_tokens
+    assert m.encoder_signature == zeroshot_runtime.spec.signature() and m.encoder["name"] == zeroshot_runtime.spec.name
+    assert m.local_dim == 32 and m.max_tokens == zeroshot_runtime.spec.max_tokens
     assert m.global_dim == index.projections.global_dim == index.faiss_index.d
     assert set(m.files) == {p.name for p in folder.iterdir()} - {MANIFEST}
     # Ids, order and metadata.
@@ -111,7 +111,7 @@ def test_round_trip(built, entities, runtime) -> None:
     assert sorted(index.image_rows[img_rows].tolist()) == list(range(n_img))
 
     # Re-encoding entities with the stored projections reproduces the stored vectors, and each finds itself first.
-    feat = Featurizer(runtime, index.projections)
+    feat = Featurizer(zeroshot_runtime, index.projections)
     from kg_index.build import load_entity_image
 
     rows = [0, 1, *img_rows.tolist(), n - 1]
@@ -226,10 +226,10 @@ def test_unreadable_manifest(index_copy: Path) -> None:
 
 
 @encoders
-def test_wrong_encoder_signature(index_copy: Path, runtime) -> None:
-    assert runtime.spec.signature() != "0" * 16
+def test_wrong_encoder_signature(index_copy: Path, zeroshot_runtime) -> None:
+    assert zeroshot_runtime.spec.signature() != "0" * 16
     assert "rebuild" in _refused(index_copy, MANIFEST, encoder_signature="0" * 16)
-    load_index(index_copy, encoder_signature=runtime.spec.signature())  # the right one loads
+    load_index(index_copy, encoder_signature=zeroshot_runtime.spec.signature())  # the right one loads
 
 
 @encoders
@@ -255,15 +255,15 @@ def test_choose_factory() -> None:
 
 
 @encoders
-def test_build_with_explicit_hnsw_factory_and_no_images(small_kg, runtime, tmp_path: Path) -> None:
+def test_build_with_explicit_hnsw_factory_and_no_images(small_kg, zeroshot_runtime, tmp_path: Path) -> None:
     ents = [e for e in small_kg if e.image is None][:25]
     out = tmp_path / "hnsw"
-    manifest = build_index(ents, runtime, out, kg="mel-slice", local_dim=16, faiss_factory="HNSW32,Flat",
+    manifest = build_index(ents, zeroshot_runtime, out, kg="mel-slice", local_dim=16, faiss_factory="HNSW32,Flat",
                            progress=False)
     assert manifest.faiss_factory == "HNSW32,Flat" and manifest.n_images == 0
-    index = load_index(out, encoder_signature=runtime.spec.signature())
+    index = load_index(out, encoder_signature=zeroshot_runtime.spec.signature())
     assert isinstance(faiss.downcast_index(index.faiss_index), faiss.IndexHNSWFlat)
-    assert index.image_local.shape == (0, runtime.spec.image_patches, 16) and (index.image_rows == -1).all()
+    assert index.image_local.shape == (0, zeroshot_runtime.spec.image_patches, 16) and (index.image_rows == -1).all()
     vecs = index.faiss_index.reconstruct_n(0, len(ents))
     assert (index.search(vecs, 1)[1][:, 0] == np.arange(len(ents))).mean() > 0.95
 
@@ -277,37 +277,37 @@ def test_duplicate_ids_raise(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # refused before anything is written
 
 
-def _failing_build(small_kg, runtime, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _failing_build(small_kg, zeroshot_runtime, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(faiss, "write_index", boom)
     with pytest.raises(OSError, match="disk full"):
-        build_index(small_kg[200:210], runtime, out, kg="other", local_dim=16, progress=False)
+        build_index(small_kg[200:210], zeroshot_runtime, out, kg="other", local_dim=16, progress=False)
     monkeypatch.undo()
 
 
 @encoders
-def test_failed_build_leaves_the_old_index(index_copy: Path, built, small_kg, runtime, monkeypatch) -> None:
+def test_failed_build_leaves_the_old_index(index_copy: Path, built, small_kg, zeroshot_runtime, monkeypatch) -> None:
     before = load_index(index_copy)
-    _failing_build(small_kg, runtime, index_copy, monkeypatch)
-    after = load_index(index_copy, encoder_signature=runtime.spec.signature())
+    _failing_build(small_kg, zeroshot_runtime, index_copy, monkeypatch)
+    after = load_index(index_copy, encoder_signature=zeroshot_runtime.spec.signature())
     assert after.version == before.version == built[1].version
     assert after.ids == before.ids
 
 
 @encoders
-def test_failed_build_cleans_up(index_copy: Path, small_kg, runtime, monkeypatch) -> None:
-    _failing_build(small_kg, runtime, index_copy, monkeypatch)
+def test_failed_build_cleans_up(index_copy: Path, small_kg, zeroshot_runtime, monkeypatch) -> None:
+    _failing_build(small_kg, zeroshot_runtime, index_copy, monkeypatch)
     assert sorted(p.name for p in index_copy.parent.iterdir()) == [index_copy.name]
 
 
 @encoders
-def test_rebuild_replaces_the_old_index(index_copy: Path, small_kg, runtime) -> None:
+def test_rebuild_replaces_the_old_index(index_copy: Path, small_kg, zeroshot_runtime) -> None:
     old = load_index(index_copy)
     ents = small_kg[200:215]
-    build_index(ents, runtime, index_copy, kg="other", local_dim=16, progress=False)
-    new = load_index(index_copy, encoder_signature=runtime.spec.signature())
+    build_index(ents, zeroshot_runtime, index_copy, kg="other", local_dim=16, progress=False)
+    new = load_index(index_copy, encoder_signature=zeroshot_runtime.spec.signature())
     assert new.ids == [e.id for e in ents] and new.version != old.version and new.manifest.kg == "other"
     assert sorted(p.name for p in index_copy.parent.iterdir()) == [index_copy.name]  # no temporary or old folders left
 
@@ -325,7 +325,7 @@ def h2(small_index: Path, test_mentions, runtime):
     index = load_index(small_index)
     assert index.manifest.faiss_factory == "Flat"
     base = index.faiss_index.reconstruct_n(0, len(index))
-    feat = Featurizer(runtime, index.projections)
+    feat = StudentFeaturizer(runtime, "mention")  # the served default index is the student's
     mentions = feat([m.mention for m in test_mentions], [m.context for m in test_mentions],
                     [load_entity_image(m.image) for m in test_mentions]).global_
     hnsw = faiss.index_factory(base.shape[1], "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
