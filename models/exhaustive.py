@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from models.feature_cache import CachedItems
-from models.otmel import ItemEncoding, OTMELModel, _rows
+from models.otmel import ItemEncoding, OTMELModel
 from models.train import item_tensors
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def exhaustive_ranks(model: OTMELModel, kb: KBEncoding, mentions: CachedItems, g
         visual = _visual_all(model, m, kb)  # [b, N] exact
         for i, j in enumerate(idx):
             g = int(gold[j])
-            mi = _rows(m, torch.tensor([i]))
-            gold_text = model.g2l_text(mi, _rows(kb.enc, torch.tensor([g])), pairwise=False)[0]
+            mi = m.select(torch.tensor([i]))
+            gold_text = model.g2l_text(mi, kb.enc.select(torch.tensor([g])), pairwise=False)[0]
             g_score = float(sep[i, g] + (gold_text[0] + visual[i, g]) / 6)
             lower = sep[i] + (visual[i] - 1 - SLACK) / 6
             upper = sep[i] + (visual[i] + 1 + SLACK) / 6
@@ -80,8 +80,8 @@ def exhaustive_ranks(model: OTMELModel, kb: KBEncoding, mentions: CachedItems, g
             above = 0
             for c in range(0, len(amb), 4096):
                 rows = amb[c : c + 4096]
-                mm = _rows(m, torch.full((len(rows),), i))
-                text = model.g2l_text(mm, _rows(kb.enc, rows), pairwise=False)[0]
+                mm = m.select(torch.full((len(rows),), i))
+                text = model.g2l_text(mm, kb.enc.select(rows), pairwise=False)[0]
                 above += int(((sep[i, rows] + (text + visual[i, rows]) / 6) > g_score).sum())
             ranks.append(1 + sure + above)
             stats.pairs_total += n_kb
@@ -93,7 +93,7 @@ def _visual_all(model: OTMELModel, m: ItemEncoding, kb: KBEncoding) -> torch.Ten
     """The visual cross term of each mention with every KB entity [b, N]: one blank column plus real images."""
     b = m.g_text.shape[0]
     cols = ([kb.blank_row] if kb.blank_row >= 0 else []) + kb.image_rows.tolist()
-    sub = model.g2l_visual(m, _rows(kb.enc, torch.tensor(cols, dtype=torch.long)))  # [b, len(cols)]
+    sub = model.g2l_visual(m, kb.enc.select(torch.tensor(cols, dtype=torch.long)))  # [b, len(cols)]
     out = torch.empty(b, kb.vectors.shape[0])
     if kb.blank_row >= 0:
         out[:] = sub[:, :1]

@@ -58,6 +58,10 @@ class ItemEncoding:
     fusion_rows: torch.Tensor  # [B, T, P] the fusion assignment (for distillation)
     fusion_cols: torch.Tensor  # [B, T, P]
 
+    def select(self, idx: torch.Tensor) -> ItemEncoding:
+        """The encodings of rows idx (repeats allowed), every field alike."""
+        return ItemEncoding(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
     def retrieval_vector(self) -> torch.Tensor:
         """[B, 4d]: dot products of these give the separable part of the overall score."""
         return torch.cat([self.g_text, self.g_image, self.f_it, self.f_ti], dim=-1) / math.sqrt(6.0)
@@ -269,7 +273,7 @@ class OTMELModel(nn.Module):
         b, k = cand.shape
         flat = cand.reshape(-1)
         mi = torch.arange(b, device=cand.device).repeat_interleave(k)
-        mm, ee = _rows(m, mi), _rows(e, flat)
+        mm, ee = m.select(mi), e.select(flat)
         g2g_t = (mm.g_text * ee.g_text).sum(-1)
         g2g_v = (mm.g_image * ee.g_image).sum(-1)
         fusion = ((mm.f_it * ee.f_it).sum(-1) + (mm.f_ti * ee.f_ti).sum(-1)) / 2
@@ -295,11 +299,6 @@ class OTMELModel(nn.Module):
         separable = (g2g_t + g2g_v + 2 * fusion) / 6
         overall = (text + visual + fusion) / 3
         return UnitScores(text, visual, fusion, separable, overall)
-
-
-def _rows(enc: ItemEncoding, idx: torch.Tensor) -> ItemEncoding:
-    return ItemEncoding(*(t[idx] for t in (enc.text_local, enc.text_mask, enc.image_local, enc.g_text, enc.g_image,
-                                           enc.f_it, enc.f_ti, enc.fusion_rows, enc.fusion_cols)))
 
 
 def row_kl(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:

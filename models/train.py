@@ -297,7 +297,7 @@ def _distill_loss(teacher: OTMELModel, mf, ef, labels: torch.Tensor, m, e, sc) -
     with torch.no_grad():
         teacher.eval()
         tm, te = teacher.encode_mentions(*mf), teacher.encode_entities(*ef)
-        gold = _select(te, labels)
+        gold = te.select(labels)
         _, t_rows, t_cols = teacher.g2l_text(tm, gold, pairwise=False)
     s_rows, s_cols = sc.text_plans[0][:, 0], sc.text_plans[1][:, 0]  # gold is candidate 0
     m_mask, e_mask = m.text_mask, e.text_mask[labels]
@@ -310,12 +310,6 @@ def _distill_loss(teacher: OTMELModel, mf, ef, labels: torch.Tensor, m, e, sc) -
         out[f"kl_fusion_{side}_rows"] = row_kl(t_enc.fusion_rows, s_enc.fusion_rows, s_enc.text_mask, dim=-1)
         out[f"kl_fusion_{side}_cols"] = row_kl(t_enc.fusion_cols, s_enc.fusion_cols, patches, dim=-2)
     return out
-
-
-def _select(enc, idx: torch.Tensor):
-    from models.otmel import _rows
-
-    return _rows(enc, idx)
 
 
 @torch.no_grad()
