@@ -84,7 +84,7 @@ def encode_timing(linker: Linker, teacher: OTMELModel, mentions: list[Mention], 
             e2e_s.append((time.perf_counter() - t) * 1000)
 
             t = time.perf_counter()
-            feats = _backbone_tensors(runtime, m, img)
+            feats = _backbone_batch(runtime, [m], [img])
             teacher.encode_mentions(*feats)
             e2e_t.append((time.perf_counter() - t) * 1000)
 
@@ -114,6 +114,7 @@ def encode_timing(linker: Linker, teacher: OTMELModel, mentions: list[Mention], 
 
 
 def _backbone_batch(runtime, mentions: list[Mention], images: list) -> tuple[torch.Tensor, ...]:
+    """The teacher's head inputs for these mentions, from the ONNX backbones (as the feature cache has them)."""
     from models.feature_cache import CachedItems, text_masks
 
     tokens, text_mask, first_mask = text_masks(runtime, [m.mention for m in mentions], [m.context for m in mentions],
@@ -123,14 +124,3 @@ def _backbone_batch(runtime, mentions: list[Mention], images: list) -> tuple[tor
     items = CachedItems([m.id for m in mentions], [m.answer for m in mentions], tokens, text_mask, first_mask, rows,
                         f.global_[f.present], f.patches[f.present])
     return item_tensors(items, np.arange(len(mentions)))
-
-
-def _backbone_tensors(runtime, m: Mention, img) -> tuple[torch.Tensor, ...]:
-    from models.feature_cache import CachedItems, text_masks
-
-    tokens, text_mask, first_mask = text_masks(runtime, [m.mention], [m.context], runtime.spec.max_tokens)
-    f = runtime.encode_images([img])
-    present = f.present
-    items = CachedItems([m.id], [m.answer], tokens, text_mask, first_mask,
-                        np.where(present, 0, -1).astype(np.int32), f.global_[present], f.patches[present])
-    return item_tensors(items, np.zeros(1, dtype=np.int64))
