@@ -45,12 +45,15 @@ class EncoderSpec:
     pixel_std: tuple[float, float, float]
     tokenizer: str  # file name of tokenizer.json beside the ONNX files
     weights_sha256: str  # digest of the source weights, so a retrained head changes the signature
-    heads: str = ""  # "" = zero-shot features; else "student@<sha256 of the head weights>[+int8]"
+    heads: str = ""  # "" = zero-shot features; else "student@<sha256 of the head weights>[+int8: int8 mention encoder]"
     heads_dim: int = 0  # d of the student's local features and unit globals
     contract_version: str = CONTRACT_VERSION
 
     def signature(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """What an index built with these encoders depends on. An int8 mention encoder is left out: entities are
+        always encoded in fp32, so either precision reads the same index."""
+        fields = asdict(self) | {"heads": self.heads.removesuffix("+int8")}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_json(self) -> str:

@@ -147,15 +147,14 @@ def example_inputs(batch: int, tokens: int, cfg_image_dim: int, patches: int, se
 
 def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path, out_dir: Path, *, tag: str,
                    quantize: bool) -> contract.EncoderSpec:
-    """Write student_{mention,entity}.onnx (checked, parity-tested at other shapes), optionally int8 behind
-    an accuracy gate; record the heads in the spec."""
+    """Write student_{mention,entity}.onnx (checked, parity-tested at other shapes), optionally an int8
+    mention encoder behind an accuracy gate; record the heads in the spec."""
     encoders = student_encoders(backbones, heads)
     head_cfg = next(iter(encoders.values())).head.cfg
     axes = {name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "text_mask", "first_mask")}
     axes |= {"image_global": {0: "batch"}, "image_patches": {0: "batch"}, "image_present": {0: "batch"},
              "global": {0: "batch"}, "text_local": {0: "batch", 1: "tokens"}, "image_local": {0: "batch"},
              "g_text": {0: "batch"}, "g_image": {0: "batch"}}
-    int8_ok = quantize
     for side, module in encoders.items():
         path = out_dir / contract.STUDENT_FILES[side]
         args = example_inputs(2, 12, head_cfg.image_dim, head_cfg.image_patches)
@@ -164,13 +163,14 @@ def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path
         if err > 1e-4:
             raise RuntimeError(f"{path}: ONNX differs from torch by {err:.2e} (> 1e-4)")
         logger.info("exported %s (max |onnx - torch| %.1e at a new shape)", path.name, err)
-        if quantize:
-            int8_ok = _quantize(path, module, head_cfg, backbones.text.tokenizer_path) and int8_ok
+    # int8 only for the mention encoder: it is the one on the request path; the entity encoder runs once, at
+    # index build, and keeps full precision (so both precisions read the same index).
+    int8_path = (out_dir / contract.STUDENT_FILES["mention"]).with_suffix(".int8.onnx")
+    int8_ok = quantize and _quantize(out_dir, backbones.text.tokenizer_path, head_cfg)
     heads_tag = f"{tag}+int8" if int8_ok else tag
     if quantize and not int8_ok:
-        logger.warning("int8 student encoders failed the accuracy gate; serving fp32")
-        for side in encoders:
-            (out_dir / contract.STUDENT_FILES[side]).with_suffix(".int8.onnx").unlink(missing_ok=True)
+        logger.warning("the int8 mention encoder failed the accuracy gate; serving fp32")
+        int8_path.unlink(missing_ok=True)
     spec = replace(spec, heads=heads_tag, heads_dim=head_cfg.hidden)
     (out_dir / contract.SPEC_FILE).write_text(spec.to_json())
     return spec
@@ -194,7 +194,9 @@ def parity_error(module: torch.nn.Module, path: Path, batch: int = 3, tokens: in
     return max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
 
 
-INT8_MIN_COSINE = 0.98  # accuracy gate: worst cosine between int8 and fp32 retrieval vectors on the probe texts
+# Accuracy gate for the int8 mention encoder, on the probe pairs below (each text both a mention and an entity):
+# every probe mention keeps its top-1 probe entity, and the mention x entity score matrix stays close to fp32's.
+INT8_MIN_SCORE_CORRELATION = 0.98
 PROBE_TEXTS = [  # mention/entity pairs in the benchmarks' style
     ("Douglas Adams", "Douglas Adams wrote The Hitchhiker's Guide to the Galaxy."),
     ("Paris", "Instance of: capital city. Country: France."),
@@ -204,6 +206,10 @@ PROBE_TEXTS = [  # mention/entity pairs in the benchmarks' style
     ("Queen", "Queen performed at Live Aid in 1985 at Wembley Stadium."),
     ("Amazon", "Instance of: river. Country: Brazil, Peru, Colombia."),
     ("Lincoln", "Abraham Lincoln delivered the Gettysburg Address in 1863."),
+    ("Jordan", "Instance of: country. Capital: Amman. Continent: Asia."),
+    ("Mercury", "Freddie Mercury was the lead singer of Queen."),
+    ("Lincoln", "Instance of: city. Country: England. County: Lincolnshire."),
+    ("Paris Hilton", "Paris Hilton is an American media personality and businesswoman."),
 ]
 
 
@@ -225,15 +231,25 @@ def probe_inputs(tokenizer_path: Path, image_dim: int, patches: int, max_tokens:
             torch.zeros(n, dtype=torch.bool))
 
 
-def _quantize(path: Path, module: torch.nn.Module, cfg, tokenizer_path: Path) -> bool:
-    """Dynamic int8 quantisation of path -> path.int8.onnx; kept only if the retrieval vector of every probe
-    text stays within INT8_MIN_COSINE of fp32."""
+def _quantize(out_dir: Path, tokenizer_path: Path, cfg) -> bool:
+    """Dynamic int8 (per-channel weights) of the text backbone's matrix products in the mention encoder ->
+    student_mention.int8.onnx; kept only if it ranks the probe entities as fp32 does.
+
+    The head stays fp32: its fusion pooling is what int8 disturbs most (retrieval vectors fell to cosine 0.74
+    with everything quantised), and it is a small share of the time."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = path.with_suffix(".int8.onnx")
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    src = out_dir / contract.STUDENT_FILES["mention"]
+    out = src.with_suffix(".int8.onnx")
+    head_nodes = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.name.startswith("/head")]
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=head_nodes, extra_options={"MatMulConstBOnly": True})
     probe = probe_inputs(tokenizer_path, cfg.image_dim, cfg.image_patches)
-    ref, got = run_onnx(path, probe)[0], run_onnx(out, probe)[0]
-    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    logger.info("int8 %s: worst cosine to fp32 %.4f (gate %.2f)", out.name, float(cos.min()), INT8_MIN_COSINE)
-    return bool(cos.min() >= INT8_MIN_COSINE)
+    entities = run_onnx(out_dir / contract.STUDENT_FILES["entity"], probe)[0]
+    ref, got = run_onnx(src, probe)[0] @ entities.T, run_onnx(out, probe)[0] @ entities.T
+    same_top1 = bool((ref.argmax(1) == got.argmax(1)).all())
+    corr = float(np.corrcoef(ref.ravel(), got.ravel())[0, 1])
+    logger.info("int8 %s: top-1 kept on every probe: %s, score correlation to fp32 %.4f (gate %.2f)",
+                out.name, same_top1, corr, INT8_MIN_SCORE_CORRELATION)
+    return same_top1 and corr >= INT8_MIN_SCORE_CORRELATION

@@ -79,9 +79,9 @@ class EncoderRuntime:
             self.image_session = ort.InferenceSession(str(onnx_dir / contract.IMAGE_FILE), opts, providers=providers)
         self.student_sessions = {}
         if self.spec.heads:
-            suffix = ".int8.onnx" if self.spec.heads.endswith("+int8") else ".onnx"
             for side, name in contract.STUDENT_FILES.items():
-                path = (onnx_dir / name).with_suffix(suffix)
+                int8 = side == "mention" and self.spec.heads.endswith("+int8")  # only mentions are quantised
+                path = (onnx_dir / name).with_suffix(".int8.onnx" if int8 else ".onnx")
                 self.student_sessions[side] = ort.InferenceSession(str(path), opts, providers=providers)
         self.providers = self.text_session.get_providers()
         self.tokenizer = Tokenizer.from_file(str(onnx_dir / self.spec.tokenizer))

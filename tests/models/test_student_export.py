@@ -55,19 +55,46 @@ def test_runtime_features_equal_torch_on_real_text(runtime, modules) -> None:
     assert f.first_mask[1].sum() >= 1 and not (f.first_mask & ~f.text_mask).any()
 
 
-def test_int8_gate_decides_what_is_served(zeroshot_onnx_dir: Path, tmp_path: Path) -> None:
+def _export_int8(onnx_dir: Path, out: Path) -> contract.EncoderSpec:
     import shutil
 
-    out = tmp_path / "onnx"
-    shutil.copytree(zeroshot_onnx_dir, out)
-    spec = ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40,
+    shutil.copytree(onnx_dir, out)
+    return ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40,
                            image_size=224, heads=STUDENT_WEIGHTS, quantize=True)
-    int8 = [out / Path(f).with_suffix(".int8.onnx") for f in contract.STUDENT_FILES.values()]
-    if spec.heads.endswith("+int8"):  # passed the gate: the int8 files are there and are what the runtime loads
-        assert all(p.exists() for p in int8)
-    else:  # failed it: fp32 served, no int8 file left behind
-        assert not any(p.exists() for p in int8)
-    assert spec.heads.startswith("student@")
+
+
+def test_int8_mention_encoder_passes_the_gate_and_is_served(onnx_dir: Path, tmp_path: Path) -> None:
+    from models.runtime import EncoderRuntime
+
+    out = tmp_path / "onnx"
+    spec = _export_int8(onnx_dir, out)
+    fp32 = contract.EncoderSpec.from_json((onnx_dir / contract.SPEC_FILE).read_text())
+    assert spec.heads.startswith("student@") and spec.heads.endswith("+int8")
+    mention, entity = (out / contract.STUDENT_FILES[s] for s in ("mention", "entity"))
+    assert mention.with_suffix(".int8.onnx").exists() and not entity.with_suffix(".int8.onnx").exists()
+    # The entity side is unchanged, so an index built with fp32 encoders stays valid.
+    assert fp32.heads == spec.heads.removesuffix("+int8") and spec.signature() == fp32.signature()
+
+    rt = EncoderRuntime(out, device="cpu")
+    assert rt.student_sessions["mention"]._model_path.endswith(".int8.onnx")  # type: ignore[attr-defined]
+    assert rt.student_sessions["entity"]._model_path.endswith("student_entity.onnx")  # type: ignore[attr-defined]
+    names = ["Douglas Adams", "Ada Lovelace", "Mercury", "Queen"]
+    texts = ["English author of The Hitchhiker's Guide to the Galaxy", "English mathematician, first programmer",
+             "planet closest to the Sun", "British rock band formed in London in 1970"]
+    m = rt.encode_student("mention", names, texts, [None] * 4).global_
+    e = rt.encode_student("entity", names, texts, [None] * 4).global_
+    assert ((m @ e.T).argmax(1) == np.arange(4)).all()  # int8 mentions still find their own entity
+
+
+def test_int8_gate_refusal_leaves_fp32_served(onnx_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.export
+
+    monkeypatch.setattr(models.export, "INT8_MIN_SCORE_CORRELATION", 1.01)  # a gate nothing passes
+    out = tmp_path / "onnx"
+    spec = _export_int8(onnx_dir, out)
+    assert spec.heads.startswith("student@") and not spec.heads.endswith("+int8")
+    assert not list(out.glob("*.int8.onnx"))
 
 
 def test_heads_for_other_backbone_dims_are_refused(tmp_path: Path) -> None:
