@@ -90,7 +90,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
     systems["exact_name"]["ms_per_mention"] = round((time.perf_counter() - t0) * 1000 / max(len(mentions), 1), 3)
     variants = {
         "retrieval": (linker, False),
-        "retrieval+ot": (linker.with_weights(name_weight=0.0), True),
+        "retrieval+ot": (linker.with_weights(name_weight=0.0, context_name_weight=0.0), True),
         "retrieval+ot+name": (linker, True),
     }
     for name, (lk, rerank) in variants.items():
@@ -110,10 +110,12 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
             extra["encode_ms_per_mention"] = encode_timing(linker, model, mentions)
     return {
         "dataset": dataset, "split": split, "n_mentions": len(mentions), "kb_size": kb_size,
-        "features": "student" if index.heads else "zero-shot", **extra,
+        "features": "student" if index.heads else "zero-shot",
+        "mention_encoder": "int8" if linker.runtime.spec.heads.endswith("+int8") else "fp32", **extra,
         "index_version": index.version, "model_version": linker.model_version,
         "rerank": {"candidates": k, "eps": linker.rerank.eps, "retrieval_weight": linker.rerank.retrieval_weight,
-                   "ot_weight": linker.rerank.ot_weight, "name_weight": linker.rerank.name_weight},
+                   "ot_weight": linker.rerank.ot_weight, "name_weight": linker.rerank.name_weight,
+                   "context_name_weight": linker.rerank.context_name_weight},
         "systems": systems,
     }
 
@@ -132,6 +134,7 @@ def format_table(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if report.get("features", "student") == "student" else "-zeroshot"
+    suffix += "-int8" if report.get("mention_encoder") == "int8" else ""  # never overwrites the fp32 report
     stem = f"eval-{report['dataset']}-{report['split']}{suffix}"
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(report, indent=2))

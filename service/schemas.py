@@ -34,6 +34,7 @@ class EntityScore(BaseModel):
     retrieval_score: float
     rerank_score: float | None = None
     name_score: float | None = None
+    context_name_score: float | None = None
 
 
 class LinkResponse(BaseModel):

@@ -65,7 +65,8 @@ class RerankSettings(BaseModel):
     tol: float = Field(1e-4, gt=0.0, description="Marginal error at which Sinkhorn stops.")
     retrieval_weight: float = Field(1.0, description="Weight of the retrieval score in the final score.")
     ot_weight: float = Field(1.0, description="Weight of the OT (cross-term) score in the final score; 1.0 with retrieval 1.0 is OT-MEL's overall score.")
-    name_weight: float = Field(0.5, description="Weight of the surface-form similarity in the final score.")
+    name_weight: float = Field(0.1, description="Weight of the surface-form similarity (mention vs name) in the final score.")
+    context_name_weight: float = Field(0.075, description="Weight of the name-in-context score (the candidate's name spelled out in mention + sentence).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Sinkhorn device: CUDA when torch sees a GPU.")
     torch_threads: int = Field(1, ge=0, description="torch threads for Sinkhorn on CPU; 0 leaves torch's default.")
 

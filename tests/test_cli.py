@@ -93,6 +93,9 @@ def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) 
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert "retrieval+ot" in format_table(report)
     assert path.name == "eval-wikimel-test.json"  # zero-shot reports get a -zeroshot suffix
+    assert report["mention_encoder"] == "fp32"
+    int8, _ = write_report({**report, "mention_encoder": "int8"}, tmp_path)
+    assert int8.name == "eval-wikimel-test-int8.json" and path.exists()  # the fp32 report is kept
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ from kg_index.load import KGIndex, load_index
 from models.features import Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
-from service.pipeline.rerank import RerankConfig, name_similarity, ot_rerank, pick_device, student_rerank
+from service.pipeline.rerank import (RerankConfig, context_name_similarity, name_similarity, ot_rerank, pick_device,
+                                     student_rerank)
 from service.pipeline.respond import build_results
 from service.pipeline.retrieve import retrieve
 from service.pipeline.types import LinkQuery, LinkResult, OTStats
@@ -54,7 +55,8 @@ class BatchOutcome:
 def rerank_config(settings: Settings) -> RerankConfig:
     r = settings.rerank
     return RerankConfig(eps=r.eps, max_iter=r.max_iter, tol=r.tol, retrieval_weight=r.retrieval_weight,
-                        ot_weight=r.ot_weight, name_weight=r.name_weight, device=r.device)
+                        ot_weight=r.ot_weight, name_weight=r.name_weight,
+                        context_name_weight=r.context_name_weight, device=r.device)
 
 
 class Linker:
@@ -125,7 +127,7 @@ class Linker:
         retrieval, rows = retrieve(snap.index, feats.global_, k)
         timings["retrieve"], t = _lap(t)
 
-        ot = names = None
+        ot = names = context = None
         stats: list[OTStats] = []
         final = retrieval.copy()
         if do_rerank:
@@ -133,13 +135,16 @@ class Linker:
             cross = student_rerank if snap.index.heads else ot_rerank
             ot, stats = cross(snap.index, feats, rows, cfg, self.device)
             cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
-            names = np.zeros_like(retrieval)
+            names, context = np.zeros_like(retrieval), np.zeros_like(retrieval)
             sim = name_similarity([q.mention for q in queries], cand_names)
             names[:, : sim.shape[1]] = sim
-            final = cfg.retrieval_weight * retrieval + cfg.ot_weight * ot + cfg.name_weight * names
+            sim = context_name_similarity([f"{q.mention} {q.context}" for q in queries], cand_names)
+            context[:, : sim.shape[1]] = sim
+            final = (cfg.retrieval_weight * retrieval + cfg.ot_weight * ot + cfg.name_weight * names
+                     + cfg.context_name_weight * context)
             timings["rerank"], t = _lap(t)
 
-        results = build_results(snap.index, queries, rows, retrieval, ot, names, final,
+        results = build_results(snap.index, queries, rows, retrieval, ot, names, context, final,
                                 nil_threshold=s.nil_threshold, model_version=self.model_version)
         timings["respond"], t = _lap(t)
         timings["total"] = (t - t0) * 1000

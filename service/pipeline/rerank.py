@@ -4,7 +4,8 @@ Text unit: the mention's tokens (`mention [SEP] sentence`) against the candidate
 Visual unit: the mention's image patches against the candidate's, when both have an image.
 Each unit's score is the transport-weighted cosine  sum_ij P_ij cos(x_i, y_j)  of the entropic OT plan
 (cost 1 - cos, uniform marginals over real tokens/patches); the OT score averages the units present.
-Final score = w_r * retrieval + w_ot * OT + w_name * surface-form similarity (weights from settings).
+Final score = w_r * retrieval + w_ot * OT + w_name * surface-form similarity + w_ctx * name-in-context
+(weights from settings).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class RerankConfig:
     tol: float = 1e-4
     retrieval_weight: float = 1.0
     ot_weight: float = 0.5
-    name_weight: float = 0.5
+    name_weight: float = 0.1
+    context_name_weight: float = 0.075
     device: str = "auto"
 
 
@@ -52,6 +54,21 @@ def name_similarity(mentions: list[str], names: list[list[str]]) -> np.ndarray:
     for i, (m, row) in enumerate(zip(mentions, names)):
         for j, n in enumerate(row):
             out[i, j] = fuzz.WRatio(m, n, processor=utils.default_process) / 100.0
+    return out
+
+
+def context_name_similarity(texts: list[str], names: list[list[str]]) -> np.ndarray:
+    """How completely each candidate's name is spelled out in the mention and its sentence, in [0, 1]
+    (rapidfuzz token_set_ratio: 1 when one token set holds the other, mostly every name token in the text).
+
+    Why: a mention is often a fragment ("Luxembourg", "Rice") of a sentence that names the entity in full
+    ("Susan Elizabeth Rice is an American diplomat"); the surface-form score alone cannot see that."""
+    width = max((len(n) for n in names), default=0)
+    out = np.zeros((len(texts), width), np.float32)
+    for i, (t, row) in enumerate(zip(texts, names)):
+        text = utils.default_process(t)
+        for j, n in enumerate(row):
+            out[i, j] = fuzz.token_set_ratio(utils.default_process(n), text) / 100.0 if text else 0.0
     return out
 
 

@@ -25,7 +25,8 @@ class Candidate:
     score: float
     retrieval_score: float
     rerank_score: float | None = None  # OT score; None when reranking is off
-    name_score: float | None = None
+    name_score: float | None = None  # surface form vs the candidate's name
+    context_name_score: float | None = None  # the candidate's name spelled out in the mention and sentence
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.features import SEG_FIRST, SEG_SECOND, Features
-from service.pipeline.rerank import RerankConfig, name_similarity, ot_rerank
+from service.pipeline.rerank import RerankConfig, context_name_similarity, name_similarity, ot_rerank
 from service.pipeline.sinkhorn import OTProblem, solve, uniform_marginals
 from service.pipeline.types import LinkQuery
 
@@ -108,6 +108,17 @@ def test_name_similarity() -> None:
     assert sim[0, 0] > sim[0, 1]
     assert sim[1, 0] == pytest.approx(1.0)  # case-insensitive
     assert sim[1, 1] == 0.0  # padding
+
+
+def test_context_name_similarity_sees_the_full_name_in_the_sentence() -> None:
+    texts = ["Rice Susan Elizabeth Rice is an American diplomat.", "Jordan", ""]
+    names = [["Susan Rice", "Condoleezza Rice", "Rice"], ["Michael Jordan"], ["Anyone"]]
+    sim = context_name_similarity(texts, names)
+    assert sim.shape == (3, 3)
+    assert sim[0, 0] == pytest.approx(1.0) and sim[0, 2] == pytest.approx(1.0)  # every name token is there
+    assert sim[0, 1] < sim[0, 0]  # "Condoleezza" is not
+    assert sim[1, 0] == pytest.approx(1.0)  # symmetric: a text without context inside the name counts too
+    assert sim[2, 0] == 0.0 and sim[1, 1] == 0.0  # empty text; padding
 
 
 # --- the real Linker on the small real index (session fixtures in tests/conftest.py) ---
