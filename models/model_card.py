@@ -14,25 +14,28 @@ logger = logging.getLogger(__name__)
 
 SPLITS = (("wikimel", "dev"), ("wikimel", "test"), ("richpedia", "dev"), ("wikidiverse", "dev"))
 ROWS = (("exact_name", "exact name match"), ("retrieval", "retrieval only"), ("retrieval+ot", "retrieval + OT rerank"),
-        ("retrieval+ot+name", "retrieval + OT rerank + name (served)"), ("teacher_exhaustive", "teacher, every KB entity"))
+        ("retrieval+ot+name", "retrieval + OT rerank + name terms (served)"), ("teacher_exhaustive", "teacher, every KB entity"))
 
 
 def _table(reports: Path) -> list[str]:
     lines = ["| split | features | system | H@1 | H@3 | H@5 | MRR |", "|---|---|---|---|---|---|---|"]
     for ds, sp in SPLITS:
-        for suffix, features in (("-zeroshot", "zero-shot"), ("", "student")):
+        for suffix, features in (("-zeroshot", "zero-shot"), ("", "student"), ("-int8", "student, int8 mentions")):
             path = reports / f"eval-{ds}-{sp}{suffix}.json"
             if not path.exists():
                 continue
             rep = json.loads(path.read_text())
             for key, label in ROWS:
                 s = rep["systems"].get(key)
-                if s is None or (key == "exact_name" and features == "student"):
+                if s is None or (key == "exact_name" and features != "zero-shot") or (
+                        key == "teacher_exhaustive" and suffix == "-int8"):
                     continue
                 if key == "teacher_exhaustive":
                     features_label = "teacher"
                 else:
                     features_label = features
+                if key == "retrieval+ot+name" and "context_name_weight" not in rep.get("rerank", {}):
+                    label = "retrieval + OT rerank + name (served, before the name-in-context term)"
                 lines.append(f"| {ds} {sp} | {features_label} | {label} | {s['h@1']:.4f} | {s['h@3']:.4f} | "
                              f"{s['h@5']:.4f} | {s['mrr']:.4f} |")
     return lines
@@ -45,6 +48,8 @@ def render(reports: Path = Path("reports")) -> str:
     test = reports / "eval-wikimel-test.json"
     if test.exists():
         timing = json.loads(test.read_text()).get("encode_ms_per_mention", {})
+    int8 = reports / "eval-wikimel-test-int8.json"
+    int8_timing = json.loads(int8.read_text()).get("encode_ms_per_mention", {}) if int8.exists() else {}
     out = [
         "# Model card: OT-MEL student and teacher heads",
         "",
@@ -81,6 +86,10 @@ def render(reports: Path = Path("reports")) -> str:
             (f"| end to end (student: ONNX; teacher: ONNX backbone + torch head) | {timing['teacher_end_to_end']} | "
             f"{timing['student_end_to_end']} | {timing['end_to_end_speedup']}x |"),
         ]
+        if int8_timing:
+            out.append(f"| end to end, int8 mention encoder (`EL_ENCODER__QUANTIZE_INT8=true`) | "
+                       f"{int8_timing['teacher_end_to_end']} | {int8_timing['student_end_to_end']} | "
+                       f"{int8_timing['end_to_end_speedup']}x |")
         if "teacher_head_batch64" in timing:
             out.append(f"| heads alone, batches of 64 (ms per mention) | {timing['teacher_head_batch64']} | "
                        f"{timing['student_head_batch64']} | {timing['head_batch64_speedup']}x |")

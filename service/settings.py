@@ -31,7 +31,7 @@ class EncoderSettings(BaseModel):
                                "'none': zero-shot backbone features.")
     heads_path: Path | None = Field(None, description="Student weights (.pt + .json); None uses the shipped "
                                                       "models/weights/student.pt.")
-    quantize_int8: bool = Field(False, description="Serve int8 student encoders when they pass the accuracy gate.")
+    quantize_int8: bool = Field(False, description="Serve an int8 student mention encoder when it passes the accuracy gate (faster, slightly less accurate; see README).")
 
     def student_weights(self) -> Path | None:
         if self.heads == "none":
