@@ -45,7 +45,7 @@ def test_link_file_writes_one_line_per_item_in_input_order(jobs_server: Server, 
 
 def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store_dir: Path, tmp_path: Path,
                                                  job_items: list[dict]) -> None:
-    items = many(job_items, 160, "cli")
+    items = many(job_items, 480, "cli")  # >= 4.8 s of work (120 chunks x 40 ms): Ctrl-C lands mid-job even on a loaded machine
     src = write_jsonl(tmp_path / "big.jsonl", items)
     out = tmp_path / "big-results.jsonl"
     proc = subprocess.Popen(cli(src, out, jobs_server), cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
