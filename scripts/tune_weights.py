@@ -53,7 +53,10 @@ def metrics(scores: np.ndarray, gold: np.ndarray, w: tuple[float, ...]) -> dict[
     final = np.nan_to_num(scores @ np.asarray(w, np.float32), nan=-np.inf)
     idx = np.arange(len(gold))
     g = final[idx, np.maximum(gold, 0)]
-    rank = np.where(gold >= 0, 1 + (final > g[:, None]).sum(1), 0)
+    # Ties go to the earlier candidate (retrieval order), as the served stable sort does.
+    earlier = np.arange(final.shape[1])[None, :] < gold[:, None]
+    ahead = (final > g[:, None]) | ((final == g[:, None]) & earlier)
+    rank = np.where(gold >= 0, 1 + ahead.sum(1), 0)
     rr = np.where(rank > 0, 1.0 / np.maximum(rank, 1), 0.0)
     return {"h@1": float(np.mean(rank == 1)), "mrr": float(rr.mean())}
 
