@@ -235,8 +235,8 @@ def _quantize(out_dir: Path, tokenizer_path: Path, cfg) -> bool:
     """Dynamic int8 (per-channel weights) of the text backbone's matrix products in the mention encoder ->
     student_mention.int8.onnx; kept only if it ranks the probe entities as fp32 does.
 
-    The head stays fp32: its fusion pooling is what int8 disturbs most (retrieval vectors fell to cosine 0.74
-    with everything quantised), and it is a small share of the time."""
+    The head stays fp32: it is a small share of the time, and quantising it as well cost more accuracy in a
+    trial (WikiMEL dev served H@1 0.876 against 0.882 for the backbone alone, fp32 0.884)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

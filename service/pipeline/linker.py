@@ -135,11 +135,9 @@ class Linker:
             cross = student_rerank if snap.index.heads else ot_rerank
             ot, stats = cross(snap.index, feats, rows, cfg, self.device)
             cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
-            names, context = np.zeros_like(retrieval), np.zeros_like(retrieval)
-            sim = name_similarity([q.mention for q in queries], cand_names)
-            names[:, : sim.shape[1]] = sim
-            sim = context_name_similarity([f"{q.mention} {q.context}" for q in queries], cand_names)
-            context[:, : sim.shape[1]] = sim
+            names = _pad(name_similarity([q.mention for q in queries], cand_names), retrieval.shape)
+            context = _pad(context_name_similarity([f"{q.mention} {q.context}" for q in queries], cand_names),
+                           retrieval.shape)
             final = (cfg.retrieval_weight * retrieval + cfg.ot_weight * ot + cfg.name_weight * names
                      + cfg.context_name_weight * context)
             timings["rerank"], t = _lap(t)
@@ -157,6 +155,13 @@ class Linker:
         other = copy.copy(self)
         other.rerank = replace(self.rerank, **weights)
         return other
+
+
+def _pad(scores: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-candidate scores [B, <= K] (rows cut at their last candidate) -> [B, K], zeros after."""
+    out = np.zeros(shape, np.float32)
+    out[:, : scores.shape[1]] = scores
+    return out
 
 
 def _lap(t: float) -> tuple[float, float]:

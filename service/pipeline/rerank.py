@@ -47,14 +47,20 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
-def name_similarity(mentions: list[str], names: list[list[str]]) -> np.ndarray:
-    """Surface-form similarity in [0, 1] (rapidfuzz WRatio on normalised strings) per candidate."""
+def _per_candidate(texts: list[str], names: list[list[str]], scorer) -> np.ndarray:
+    """scorer(text, name) / 100 on normalised strings for every candidate name of every text [B, max names]."""
     width = max((len(n) for n in names), default=0)
-    out = np.zeros((len(mentions), width), np.float32)
-    for i, (m, row) in enumerate(zip(mentions, names)):
+    out = np.zeros((len(texts), width), np.float32)
+    for i, (t, row) in enumerate(zip(texts, names)):
+        text = utils.default_process(t)
         for j, n in enumerate(row):
-            out[i, j] = fuzz.WRatio(m, n, processor=utils.default_process) / 100.0
+            out[i, j] = scorer(text, utils.default_process(n)) / 100.0
     return out
+
+
+def name_similarity(mentions: list[str], names: list[list[str]]) -> np.ndarray:
+    """Surface-form similarity in [0, 1] (rapidfuzz WRatio) of each mention and its candidates' names."""
+    return _per_candidate(mentions, names, fuzz.WRatio)
 
 
 def context_name_similarity(texts: list[str], names: list[list[str]]) -> np.ndarray:
@@ -63,13 +69,7 @@ def context_name_similarity(texts: list[str], names: list[list[str]]) -> np.ndar
 
     Why: a mention is often a fragment ("Luxembourg", "Rice") of a sentence that names the entity in full
     ("Susan Elizabeth Rice is an American diplomat"); the surface-form score alone cannot see that."""
-    width = max((len(n) for n in names), default=0)
-    out = np.zeros((len(texts), width), np.float32)
-    for i, (t, row) in enumerate(zip(texts, names)):
-        text = utils.default_process(t)
-        for j, n in enumerate(row):
-            out[i, j] = fuzz.token_set_ratio(utils.default_process(n), text) / 100.0 if text else 0.0
-    return out
+    return _per_candidate(texts, names, fuzz.token_set_ratio)
 
 
 def _ot_scores(q: torch.Tensor, q_mask: torch.Tensor, e: torch.Tensor, e_mask: torch.Tensor,
