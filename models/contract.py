@@ -31,6 +31,9 @@ STUDENT_OUTPUTS = ("global", "text_local", "image_local", "g_text", "g_image")
 # float32 [B, 4d] retrieval vector, [B, T, d], [B, P, d] unit-norm local features, [B, d], [B, d] unit globals
 
 
+INT8_SUFFIX = "+int8"  # on EncoderSpec.heads: the mention encoder is int8
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """What an exported encoder pair is; written beside the ONNX files and into each index manifest."""
@@ -49,10 +52,15 @@ class EncoderSpec:
     heads_dim: int = 0  # d of the student's local features and unit globals
     contract_version: str = CONTRACT_VERSION
 
+    @property
+    def int8_mentions(self) -> bool:
+        """The mention encoder is served in int8 (student_mention.int8.onnx); entities are always fp32."""
+        return self.heads.endswith(INT8_SUFFIX)
+
     def signature(self) -> str:
         """What an index built with these encoders depends on. An int8 mention encoder is left out: entities are
         always encoded in fp32, so either precision reads the same index."""
-        fields = asdict(self) | {"heads": self.heads.removesuffix("+int8")}
+        fields = asdict(self) | {"heads": self.heads.removesuffix(INT8_SUFFIX)}
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -100,7 +100,10 @@ def ensure_exported(out_dir: Path, *, text: str, image: str, clip_path: Path | N
 
     tag = f"student@{weights_digest(heads)}"
     student_files = [out_dir / f for f in contract.STUDENT_FILES.values()]
-    if spec.heads in (tag, f"{tag}+int8") and (spec.heads.endswith("+int8") == quantize) and all(f.exists() for f in student_files):
+    if quantize:
+        student_files.append((out_dir / contract.STUDENT_FILES["mention"]).with_suffix(".int8.onnx"))
+    if spec.heads.removesuffix(contract.INT8_SUFFIX) == tag and spec.int8_mentions == quantize and all(
+            f.exists() for f in student_files):
         return spec
     backbones = backbones or load_backbones(text, image, clip_path)
     return export_student(backbones, spec, heads, out_dir, tag=tag, quantize=quantize)
@@ -167,7 +170,7 @@ def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path
     # index build, and keeps full precision (so both precisions read the same index).
     int8_path = (out_dir / contract.STUDENT_FILES["mention"]).with_suffix(".int8.onnx")
     int8_ok = quantize and _quantize(out_dir, backbones.text.tokenizer_path, head_cfg)
-    heads_tag = f"{tag}+int8" if int8_ok else tag
+    heads_tag = tag + contract.INT8_SUFFIX if int8_ok else tag
     if quantize and not int8_ok:
         logger.warning("the int8 mention encoder failed the accuracy gate; serving fp32")
         int8_path.unlink(missing_ok=True)

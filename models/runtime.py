@@ -80,7 +80,7 @@ class EncoderRuntime:
         self.student_sessions = {}
         if self.spec.heads:
             for side, name in contract.STUDENT_FILES.items():
-                int8 = side == "mention" and self.spec.heads.endswith("+int8")  # only mentions are quantised
+                int8 = side == "mention" and self.spec.int8_mentions
                 path = (onnx_dir / name).with_suffix(".int8.onnx" if int8 else ".onnx")
                 self.student_sessions[side] = ort.InferenceSession(str(path), opts, providers=providers)
         self.providers = self.text_session.get_providers()

@@ -111,7 +111,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
     return {
         "dataset": dataset, "split": split, "n_mentions": len(mentions), "kb_size": kb_size,
         "features": "student" if index.heads else "zero-shot",
-        "mention_encoder": "int8" if linker.runtime.spec.heads.endswith("+int8") else "fp32", **extra,
+        "mention_encoder": "int8" if linker.runtime.spec.int8_mentions else "fp32", **extra,
         "index_version": index.version, "model_version": linker.model_version,
         "rerank": {"candidates": k, "eps": linker.rerank.eps, "retrieval_weight": linker.rerank.retrieval_weight,
                    "ot_weight": linker.rerank.ot_weight, "name_weight": linker.rerank.name_weight,
