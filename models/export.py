@@ -112,7 +112,7 @@ def ensure_exported(out_dir: Path, *, text: str, image: str, clip_path: Path | N
 def student_encoders(backbones: Backbones, heads: Path) -> dict[str, torch.nn.Module]:
     """The torch modules that are exported: {"mention": backbone + mention head, "entity": ... }."""
     from models.checkpoint import load_model
-    from models.student import OTMELStudent, StudentEncoder
+    from models.student import OTMELStudent, StudentEncoder, mention_backbone
 
     model = load_model(heads)
     if not isinstance(model, OTMELStudent):
@@ -126,7 +126,8 @@ def student_encoders(backbones: Backbones, heads: Path) -> dict[str, torch.nn.Mo
     out = {}
     for side, head in (("mention", model.mention), ("entity", model.entity)):
         head.dense_images = True  # static graph: no data-dependent indexing
-        out[side] = StudentEncoder(backbones.text, head, model.config.temperature).eval()
+        text = mention_backbone(backbones.text, model) if side == "mention" else backbones.text
+        out[side] = StudentEncoder(text, head, model.config.temperature).eval()
     return out
 
 
@@ -154,14 +155,9 @@ def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path
     mention encoder behind an accuracy gate; record the heads in the spec."""
     encoders = student_encoders(backbones, heads)
     head_cfg = next(iter(encoders.values())).head.cfg
-    axes = {name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "text_mask", "first_mask")}
-    axes |= {"image_global": {0: "batch"}, "image_patches": {0: "batch"}, "image_present": {0: "batch"},
-             "global": {0: "batch"}, "text_local": {0: "batch", 1: "tokens"}, "image_local": {0: "batch"},
-             "g_text": {0: "batch"}, "g_image": {0: "batch"}}
     for side, module in encoders.items():
         path = out_dir / contract.STUDENT_FILES[side]
-        args = example_inputs(2, 12, head_cfg.image_dim, head_cfg.image_patches)
-        _export(module, args, path, contract.STUDENT_INPUTS, contract.STUDENT_OUTPUTS, axes)
+        export_student_encoder(module, path)
         err = parity_error(module, path)
         if err > 1e-4:
             raise RuntimeError(f"{path}: ONNX differs from torch by {err:.2e} (> 1e-4)")
@@ -177,6 +173,19 @@ def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path
     spec = replace(spec, heads=heads_tag, heads_dim=head_cfg.hidden)
     (out_dir / contract.SPEC_FILE).write_text(spec.to_json())
     return spec
+
+
+STUDENT_AXES = {name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "text_mask", "first_mask",
+                                                              "text_local")}
+STUDENT_AXES |= {name: {0: "batch"} for name in ("image_global", "image_patches", "image_present", "global",
+                                                 "image_local", "g_text", "g_image")}
+
+
+def export_student_encoder(module: torch.nn.Module, path: Path) -> None:
+    """One student encoder (backbone + head) to ONNX, traced at 2 x 12 with dynamic batch and length."""
+    cfg = module.head.cfg  # type: ignore[union-attr]
+    args = example_inputs(2, 12, cfg.image_dim, cfg.image_patches)
+    _export(module, args, path, contract.STUDENT_INPUTS, contract.STUDENT_OUTPUTS, STUDENT_AXES)
 
 
 def run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:

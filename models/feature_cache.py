@@ -9,10 +9,13 @@ One folder per item set (the KB, or one benchmark split), memory-mapped when rea
   image_patches.npy  [M, P, Di] fp16   their patch features
   meta.json          ids, gold ids (mentions), backbone signature
 The same runtime serves these features at inference, so the heads see exactly what they trained on.
+A shallow student's mention side trains on an inner layer's token states instead (`InnerLayerText`, through
+torch: the ONNX text encoder gives the last layer only); those folders carry a `-layerN` suffix.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -20,10 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.runtime import EncoderRuntime
+from models.runtime import EncoderRuntime, TextFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,24 @@ def blank_image_features(runtime: EncoderRuntime) -> tuple[np.ndarray, np.ndarra
     return g[0].astype(np.float32), p[0].astype(np.float32)
 
 
-def text_masks(runtime: EncoderRuntime, first: Sequence[str], second: Sequence[str],
+class InnerLayerText:
+    """Token states after the first `layer` layers of the text backbone (0: the embeddings), tokenised as the
+    runtime does; `encode_texts` mirrors `EncoderRuntime.encode_texts`."""
+
+    def __init__(self, runtime: EncoderRuntime, bert: torch.nn.Module, layer: int) -> None:
+        self.runtime, self.layer = runtime, layer
+        self.bert = copy.deepcopy(bert).eval()
+        self.bert.encoder.layer = self.bert.encoder.layer[:layer]  # the layers above are never needed
+
+    @torch.no_grad()
+    def encode_texts(self, first: Sequence[str], second: Sequence[str] | None = None) -> TextFeatures:
+        ids, attn, content, type_ids = self.runtime.tokenize(first, second)
+        out = self.bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn), output_hidden_states=True)
+        tokens = out.hidden_states[self.layer].numpy()  # [B, T, Dt]
+        return TextFeatures(np.zeros((len(ids), tokens.shape[-1]), np.float32), tokens, content, type_ids)
+
+
+def text_masks(runtime: EncoderRuntime | InnerLayerText, first: Sequence[str], second: Sequence[str],
                width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [B, width, Dt], text_mask, first_mask) for `first [SEP] second`, padded/cut to width."""
     f = runtime.encode_texts(first, second)
@@ -75,10 +96,12 @@ def text_masks(runtime: EncoderRuntime, first: Sequence[str], second: Sequence[s
 
 def build_cache(runtime: EncoderRuntime, folder: Path, ids: Sequence[str], first: Sequence[str],
                 second: Sequence[str], images: Sequence[Path | None], gold: Sequence[str] = (),
-                *, batch_size: int = 64, desc: str = "caching features", load_image=None) -> CachedItems:
-    """Encode every item once and write the folder (skipped when a complete one with the same ids exists)."""
+                *, batch_size: int = 64, desc: str = "caching features", load_image=None,
+                inner: InnerLayerText | None = None) -> CachedItems:
+    """Encode every item once and write the folder (skipped when a complete one with the same ids exists).
+    With `inner`, the token states are that inner layer's."""
     meta_path = folder / "meta.json"
-    signature = backbone_signature(runtime)
+    signature = backbone_signature(runtime) + (f"@layer{inner.layer}" if inner else "")
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("ids") == list(ids) and meta.get("signature") == signature:
@@ -93,7 +116,7 @@ def build_cache(runtime: EncoderRuntime, folder: Path, ids: Sequence[str], first
     img_p: list[np.ndarray] = []
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
         sl = slice(start, min(start + batch_size, n))
-        tok, tm, fm = text_masks(runtime, first[sl], second[sl], width)
+        tok, tm, fm = text_masks(inner or runtime, first[sl], second[sl], width)
         tokens[sl], text_mask[sl], first_mask[sl] = tok.astype(np.float16), tm, fm
         pics: list[Image.Image | None] = [load_image(p) if load_image and p else None for p in images[sl]]
         if any(p is not None for p in pics):

@@ -8,29 +8,80 @@ the teacher's Sinkhorn iterations. Training adds row-wise and column-wise KL(tea
 attention) to the task losses (models/train.py), which teaches the student's projections to produce
 transport-like correspondences without solving OT at encode time.
 
-The exported encoders (models/export.py) are `StudentEncoder`s: MiniLM + one head, end to end.
+A shallower mention encoder. The request path encodes mentions, and the text backbone dominates that time,
+so the student's mention side may run only the first `mention_layers` backbone layers (the teacher runs all
+of them); the top `tuned_layers` of those are fine-tuned with the heads and ship in the student's weights.
+Entities are encoded once, at index build, with the full frozen backbone.
+
+The exported encoders (models/export.py) are `StudentEncoder`s: text backbone + one head, end to end.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from models.otmel import HeadConfig, ItemHead, OTMELModel, attention_assignment
+from models.otmel import HeadConfig, ItemEncoding, ItemHead, OTMELModel, attention_assignment
 
 
 @dataclass
 class StudentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     temperature: float = 0.05  # softmax temperature = the teacher's eps (same kernel exp(sim / eps))
+    mention_layers: int = 0  # text-backbone layers the mention encoder runs; 0 = all of them
+    tuned_layers: int = 0  # the top ones of those fine-tuned with the heads (0: the backbone stays frozen)
+    layer_config: dict = field(default_factory=dict)  # the backbone's BERT config, to rebuild the tuned layers
+
+    @property
+    def frozen_layers(self) -> int:
+        """The backbone layer whose states feed the student's mention side in training (0 = all layers)."""
+        return self.mention_layers - self.tuned_layers if self.mention_layers else 0
+
+
+def content_attention(text_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool content tokens -> [B, T] attention mask of `[CLS] first [SEP] second [SEP]` (every student
+    input is such a pair, the second text possibly empty): the content tokens plus 3 special tokens, from the
+    start (the cached features keep only the content mask)."""
+    pos = torch.arange(text_mask.shape[1], device=text_mask.device)
+    return pos[None] < (text_mask.sum(-1) + 3)[:, None]
 
 
 class OTMELStudent(OTMELModel):
     def __init__(self, cfg: StudentConfig | None = None) -> None:
         self.config = cfg or StudentConfig()
         super().__init__(self.config.head, attention_assignment(self.config.temperature))
+        self.mention_layers = nn.ModuleList()
+        if self.config.tuned_layers:
+            from transformers import BertConfig
+            from transformers.models.bert.modeling_bert import BertLayer
+
+            # sdpa as in the loaded backbone (a bare config leaves the attention implementation unset).
+            bert = BertConfig(**self.config.layer_config, attn_implementation="sdpa")
+            self.mention_layers = nn.ModuleList(BertLayer(bert) for _ in range(self.config.tuned_layers))
+
+    def init_tuned_layers(self, bert_layers: nn.ModuleList) -> None:
+        """Start the tuned layers from the backbone's own layers [frozen_layers, mention_layers)."""
+        lo = self.config.frozen_layers
+        for mine, theirs in zip(self.mention_layers, list(bert_layers)[lo : self.config.mention_layers]):
+            mine.load_state_dict(copy.deepcopy(theirs.state_dict()))
+
+    def run_tuned_layers(self, tokens: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, Dt] (states of backbone layer `frozen_layers`), attention [B, T] -> the mention states."""
+        if not len(self.mention_layers):
+            return tokens
+        additive = (~attention.bool())[:, None, None, :].to(tokens.dtype) * torch.finfo(tokens.dtype).min
+        for layer in self.mention_layers:
+            out = layer(tokens, attention_mask=additive)
+            tokens = out[0] if isinstance(out, tuple) else out
+        return tokens
+
+    def encode_mentions(self, *features: torch.Tensor) -> ItemEncoding:
+        tokens, text_mask, *rest = features
+        tokens = self.run_tuned_layers(tokens, content_attention(text_mask))
+        return self.mention(tokens, text_mask, *rest, assign=self.assign)
 
 
 class StudentEncoder(nn.Module):
@@ -54,3 +105,21 @@ class StudentEncoder(nn.Module):
         _, tokens = self.backbone(input_ids, attention_mask)
         enc = self.head(tokens, text_mask, first_mask, image_global, image_patches, image_present, self.assign)
         return enc.retrieval_vector(), enc.text_local, enc.image_local, enc.g_text, enc.g_image
+
+
+def mention_backbone(text_backbone: nn.Module, student: OTMELStudent) -> nn.Module:
+    """The student's mention-side text backbone: the first `mention_layers` layers, the tuned ones replaced by
+    the student's (a copy; the shared backbone stays whole for the entity side)."""
+    cfg = student.config
+    if not cfg.mention_layers:
+        return text_backbone
+    shallow = copy.deepcopy(text_backbone)
+    layers = shallow.model.encoder.layer  # type: ignore[union-attr]
+    if cfg.mention_layers > len(layers):
+        raise ValueError(f"student mention encoder wants {cfg.mention_layers} layers, the backbone has {len(layers)}")
+    kept = list(layers)[: cfg.mention_layers]
+    for i, layer in enumerate(student.mention_layers):  # weights only: the modules keep the backbone's attention setup
+        kept[cfg.frozen_layers + i].load_state_dict(layer.state_dict())
+    shallow.model.encoder.layer = nn.ModuleList(kept)  # type: ignore[union-attr]
+    shallow.model.config.num_hidden_layers = cfg.mention_layers  # type: ignore[union-attr]
+    return shallow

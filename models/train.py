@@ -4,7 +4,9 @@
   2. teacher in-batch contrastive cross-entropy per unit (text, visual, fusion), on the overall score and on
              the retrieval (separable) score; hard negatives mined from the current model each epoch
   3. student the same task losses + row- and column-wise KL(teacher plan || student attention) on the text
-             cross assignment of each mention with its entity and on both items' fusion assignments
+             cross assignment of each mention with its entity and on both items' fusion assignments; its mention
+             side may run fewer backbone layers, the top ones fine-tuned (models/student.py), trained on the
+             token states of the layer below them (cached as well)
 Early stopping on WikiMEL dev MRR (top-`rerank_k` retrieval, reranked by the model's overall score);
 fixed seeds. Writes models/weights/{teacher,student}.pt (+ .json config and metrics), reports/train-log.json
 and reports/train.png.
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from kg_index.readers import read_mel_kb, read_mentions
 from models.checkpoint import load_model, save_model
-from models.feature_cache import CachedItems, blank_image_features, build_cache
+from models.feature_cache import CachedItems, InnerLayerText, blank_image_features, build_cache
 from models.otmel import HeadConfig, OTMELModel, row_kl
 from models.runtime import EncoderRuntime
 from models.student import OTMELStudent, StudentConfig
@@ -59,6 +61,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     distill_weight: float = 1.0
+    student_mention_layers: int = 2  # backbone layers of the student's mention encoder (0 = all, as the teacher)
+    student_tuned_layers: int = 1  # the top ones of those fine-tuned with the heads
+    tuned_lr: float = 1e-4  # peak learning rate of the fine-tuned backbone layers (the heads use lr)
     retrieval_loss_weight: float = 1.0  # weight of the retrieval (separable) loss among the task losses
     dropout: float = 0.0  # on the pooled text input of the global MLP
     student_only: bool = False  # load the saved teacher and distil a new student
@@ -76,6 +81,12 @@ class Data:
     train_gold: np.ndarray  # [Ntrain] KB row of each training mention's answer
     dev_gold: np.ndarray
     blank: tuple[np.ndarray, np.ndarray]
+    # The student's mention inputs (train, dev): the same as train/dev unless its mention side is shallower.
+    student_mentions: tuple[CachedItems, CachedItems] | None = None
+    inner_bert: torch.nn.Module | None = None  # the torch backbone the inner-layer caches came from
+
+    def mentions(self, student: bool) -> tuple[CachedItems, CachedItems]:
+        return self.student_mentions if student and self.student_mentions else (self.train, self.dev)
 
 
 @dataclass
@@ -105,17 +116,32 @@ def prepare(cfg: TrainConfig, runtime: EncoderRuntime) -> Data:
                      load_image=load_entity_image)
     row = {eid: i for i, eid in enumerate(kb.ids)}
 
-    def split_cache(ds: str, sp: str) -> CachedItems:
+    def split_cache(ds: str, sp: str, inner: InnerLayerText | None = None) -> CachedItems:
         ms = [m for m in read_mentions(cfg.data_dir, ds, sp) if m.answer in row]
-        return build_cache(runtime, cfg.cache_dir / f"{ds}-{sp}", [m.id for m in ms], [m.mention for m in ms],
+        suffix = f"-layer{inner.layer}" if inner else ""
+        return build_cache(runtime, cfg.cache_dir / f"{ds}-{sp}{suffix}", [m.id for m in ms], [m.mention for m in ms],
                            [m.context for m in ms], [m.image for m in ms], [m.answer for m in ms],
-                           desc=f"caching {ds} {sp}", load_image=load_entity_image)
+                           desc=f"caching {ds} {sp}{suffix}", load_image=load_entity_image, inner=inner)
 
-    parts = [split_cache(ds, sp) for ds, sp in cfg.train_splits]
-    train = _concat(parts)
+    train = _concat([split_cache(ds, sp) for ds, sp in cfg.train_splits])
     dev = split_cache(*DEV_SPLIT)
-    return Data(kb, train, dev, np.asarray([row[g] for g in train.gold]), np.asarray([row[g] for g in dev.gold]),
+    data = Data(kb, train, dev, np.asarray([row[g] for g in train.gold]), np.asarray([row[g] for g in dev.gold]),
                 blank_image_features(runtime))
+    if cfg.student_mention_layers:
+        data.inner_bert = inner_backbone(runtime)
+        inner = InnerLayerText(runtime, data.inner_bert, cfg.student_mention_layers - cfg.student_tuned_layers)
+        data.student_mentions = (_concat([split_cache(ds, sp, inner) for ds, sp in cfg.train_splits]),
+                                 split_cache(*DEV_SPLIT, inner))
+    return data
+
+
+def inner_backbone(runtime: EncoderRuntime) -> torch.nn.Module:
+    """The torch text backbone (BERT) behind the runtime's ONNX one, for inner-layer states and tuned layers."""
+    from models.backbones import MINILM_NAME, load_backbones
+
+    if not runtime.spec.name.startswith(MINILM_NAME):
+        raise ValueError(f"a shallow student mention encoder needs the MiniLM text backbone, not {runtime.spec.name}")
+    return load_backbones("minilm", "none", None).text.model
 
 
 def _concat(parts: list[CachedItems]) -> CachedItems:
@@ -222,7 +248,11 @@ def train_model(model: OTMELModel, data: Data, cfg: TrainConfig, *, epochs: int,
                 teacher: OTMELModel | None = None) -> History:
     """Train in place; keeps the weights of the best dev epoch. With a teacher: add the KL distillation terms."""
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tuned = [p for n, p in model.named_parameters() if n.startswith("mention_layers.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("mention_layers.")]
+    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": tuned, "lr": cfg.tuned_lr}] if tuned else [])
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    m_train, m_dev = data.mentions(student=teacher is not None)
     n = len(data.train_gold) if cfg.limit is None else min(cfg.limit, len(data.train_gold))
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total, warm = epochs * steps_per_epoch, max(1, epochs * steps_per_epoch // 20)
@@ -241,14 +271,15 @@ def train_model(model: OTMELModel, data: Data, cfg: TrainConfig, *, epochs: int,
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             gold = data.train_gold[idx]
             cols, labels = _batch_columns(gold, mined[idx], cfg.hard_negatives, rng)
-            mf, ef = item_tensors(data.train, idx), item_tensors(data.kb, cols)
+            mf, ef = item_tensors(m_train, idx), item_tensors(data.kb, cols)
             m, e = model.encode_mentions(*mf), model.encode_entities(*ef)
             lab = torch.from_numpy(labels)
             losses, sc = _task_loss(model, m, e, lab, cfg.candidates)
             loss = (sum(v for k, v in losses.items() if k != "retrieval")
                     + cfg.retrieval_loss_weight * losses["retrieval"]) / len(losses)
             if teacher is not None:
-                kl = _distill_loss(teacher, mf, ef, lab, m, e, sc)
+                tf = mf if m_train is data.train else item_tensors(data.train, idx)
+                kl = _distill_loss(teacher, tf, ef, lab, m, e, sc)
                 losses.update(kl)
                 loss = loss + cfg.distill_weight * sum(kl.values()) / len(kl)
             opt.zero_grad(set_to_none=True)
@@ -260,7 +291,7 @@ def train_model(model: OTMELModel, data: Data, cfg: TrainConfig, *, epochs: int,
                 sums[key] = sums.get(key, 0.0) + float(v.detach())
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        metrics = dev_metrics(model, data, cfg)
+        metrics = dev_metrics(model, data, cfg, m_dev)
         row = {"epoch": epoch + 1, **{f"loss_{k}": v / steps_per_epoch for k, v in sums.items()}, **metrics,
                "elapsed_s": round(time.perf_counter() - t0, 1)}
         hist.epochs.append(row)
@@ -275,7 +306,7 @@ def train_model(model: OTMELModel, data: Data, cfg: TrainConfig, *, epochs: int,
                 break
         if epoch + 1 < epochs:  # hard negatives for the next epoch, from the current model
             kb_vec = retrieval_vectors(model, data.kb, "entity")
-            mined = top_k(retrieval_vectors(model, _take(data.train, n), "mention"), kb_vec, cfg.mine_top)[1]
+            mined = top_k(retrieval_vectors(model, _take(m_train, n), "mention"), kb_vec, cfg.mine_top)[1]
             if n < len(data.train_gold):
                 mined = np.concatenate([mined, np.zeros((len(data.train_gold) - n, cfg.mine_top), mined.dtype)])
     if best_state is not None:
@@ -313,10 +344,12 @@ def _distill_loss(teacher: OTMELModel, mf, ef, labels: torch.Tensor, m, e, sc) -
 
 
 @torch.no_grad()
-def dev_metrics(model: OTMELModel, data: Data, cfg: TrainConfig) -> dict[str, float]:
-    """Retrieval over the whole KB, then the model's overall score on the top `rerank_k` (dev MRR)."""
+def dev_metrics(model: OTMELModel, data: Data, cfg: TrainConfig, dev: CachedItems | None = None) -> dict[str, float]:
+    """Retrieval over the whole KB, then the model's overall score on the top `rerank_k` (dev MRR); `dev`: the
+    model's own dev mention inputs (default data.dev)."""
     model.eval()
-    dev = data.dev if cfg.dev_limit is None else _take(data.dev, cfg.dev_limit)
+    dev = dev if dev is not None else data.dev
+    dev = dev if cfg.dev_limit is None else _take(dev, cfg.dev_limit)
     gold = data.dev_gold[: len(dev)]
     kb_vec = retrieval_vectors(model, data.kb, "entity")
     m_vec = retrieval_vectors(model, dev, "mention")
@@ -373,7 +406,10 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
         save_model(teacher, cfg.weights_dir / "teacher.pt",
                    {"kind": "teacher", **common, "best_epoch": t_hist.best_epoch, "dev_mrr": round(t_hist.best_mrr, 4)})
     seed_everything(cfg.seed + 1)
-    student = OTMELStudent(StudentConfig(head=head))
+    student = OTMELStudent(StudentConfig(head=head, mention_layers=cfg.student_mention_layers,
+                                         tuned_layers=cfg.student_tuned_layers, layer_config=_layer_config(data)))
+    if data.inner_bert is not None:
+        student.init_tuned_layers(data.inner_bert.encoder.layer)
     _set_blank(student, blank_g, blank_p)
     s_hist = train_model(student, data, cfg, epochs=cfg.student_epochs, name="student", teacher=teacher)
     save_model(student, cfg.weights_dir / "student.pt",
@@ -391,6 +427,16 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
     plot_history(summary, cfg.reports_dir / "train.png")
     logger.info("training done in %.0fs (teacher dev MRR %.4f, student %.4f)", total, t_hist.best_mrr, s_hist.best_mrr)
     return summary
+
+
+def _layer_config(data: Data) -> dict:
+    """What rebuilds one backbone layer (models/student.py), from the backbone's BERT config."""
+    if data.inner_bert is None:
+        return {}
+    c = data.inner_bert.config
+    keys = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
+            "attention_probs_dropout_prob", "layer_norm_eps")
+    return {k: getattr(c, k) for k in keys}
 
 
 def _set_blank(model: OTMELModel, blank_g: torch.Tensor, blank_p: torch.Tensor) -> None:

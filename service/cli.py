@@ -130,7 +130,9 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
                       student_epochs=args.student_epochs, limit=args.limit, dev_limit=args.dev_limit,
                       batch_size=args.batch_size, student_only=args.student_only,
                       retrieval_loss_weight=args.retrieval_loss_weight, dropout=args.dropout,
-                      weight_decay=args.weight_decay)
+                      weight_decay=args.weight_decay,
+                      **{k: v for k in ("student_mention_layers", "student_tuned_layers", "tuned_lr")
+                         if (v := getattr(args, k)) is not None})
     summary = run(cfg, runtime)
     print(json.dumps({"total_s": summary["total_s"], "teacher_dev_mrr": summary["teacher"]["best_mrr"],
                       "student_dev_mrr": summary["student"]["best_mrr"], "weights": args.weights_dir}))
@@ -165,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--retrieval-loss-weight", type=float, default=1.0)
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--weight-decay", type=float, default=0.01)
+    # Left unset, these take TrainConfig's defaults (models/train.py).
+    t.add_argument("--student-mention-layers", type=int, default=None,
+                   help="text-backbone layers of the student's mention encoder (0 = all, as the teacher)")
+    t.add_argument("--student-tuned-layers", type=int, default=None, help="the top ones of those fine-tuned with the heads")
+    t.add_argument("--tuned-lr", type=float, default=None, help="peak learning rate of the fine-tuned layers")
     t.add_argument("--weights-dir", default="models/weights")
     t.add_argument("--reports", default="reports")
     t.set_defaults(fn=_train)
