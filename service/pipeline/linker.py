@@ -21,8 +21,14 @@ from kg_index.load import KGIndex, load_index
 from models.features import Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
-from service.pipeline.rerank import (RerankConfig, context_name_similarity, name_similarity, ot_rerank, pick_device,
-                                     student_rerank)
+from service.pipeline.rerank import (
+    RerankConfig,
+    context_name_similarity,
+    name_similarity,
+    ot_rerank,
+    pick_device,
+    student_rerank,
+)
 from service.pipeline.respond import build_results
 from service.pipeline.retrieve import retrieve
 from service.pipeline.types import LinkQuery, LinkResult, OTStats

@@ -48,7 +48,10 @@ def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store
     items = many(job_items, 480, "cli")  # >= 4.8 s of work (120 chunks x 40 ms): Ctrl-C lands mid-job even on a loaded machine
     src = write_jsonl(tmp_path / "big.jsonl", items)
     out = tmp_path / "big-results.jsonl"
-    proc = subprocess.Popen(cli(src, out, jobs_server), cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and children inherit that; restore the default so the
+    # CLI gets its KeyboardInterrupt however the test suite itself was launched.
+    proc = subprocess.Popen(cli(src, out, jobs_server), cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - one syscall, no locks
     try:
         first = proc.stderr.readline()
         m = re.match(r"job (\w+) submitted", first)
