@@ -62,7 +62,7 @@ def render(reports: Path = Path("reports")) -> str:
     out = [
         "# Model card: OT-MEL student and teacher heads",
         "",
-        "Heads over frozen backbones: all-MiniLM-L6-v2 token states (40 x 384) and EfficientNet-Lite0 7x7 patches",
+        "Heads over backbone features: all-MiniLM-L6-v2 token states (40 x 384) and EfficientNet-Lite0 7x7 patches",
         "(49 x 1280). The student (`student.pt`) is what the service exports to ONNX and serves; the teacher",
         "(`teacher.pt`) is kept for evaluation and for distilling a new student.",
         *_student_depth(s["config"]),
