@@ -35,10 +35,23 @@ class StudentConfig:
     tuned_layers: int = 0  # the top ones of those fine-tuned with the heads (0: the backbone stays frozen)
     layer_config: dict = field(default_factory=dict)  # the backbone's BERT config, to rebuild the tuned layers
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.tuned_layers <= self.mention_layers:
+            raise ValueError(f"tuned_layers must be within mention_layers, got {self.tuned_layers} of {self.mention_layers}")
+
     @property
     def frozen_layers(self) -> int:
         """The backbone layer whose states feed the student's mention side in training (0 = all layers)."""
         return self.mention_layers - self.tuned_layers if self.mention_layers else 0
+
+
+LAYER_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
+              "attention_probs_dropout_prob", "layer_norm_eps")
+
+
+def layer_config_of(bert: nn.Module) -> dict:
+    """What rebuilds one of this BERT model's layers (`StudentConfig.layer_config`)."""
+    return {k: getattr(bert.config, k) for k in LAYER_KEYS}
 
 
 def content_attention(text_mask: torch.Tensor) -> torch.Tensor:

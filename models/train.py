@@ -34,7 +34,7 @@ from models.checkpoint import load_model, save_model
 from models.feature_cache import CachedItems, InnerLayerText, blank_image_features, build_cache
 from models.otmel import HeadConfig, OTMELModel, row_kl
 from models.runtime import EncoderRuntime
-from models.student import OTMELStudent, StudentConfig
+from models.student import OTMELStudent, StudentConfig, layer_config_of
 from models.teacher import OTMELTeacher, TeacherConfig
 
 logger = logging.getLogger(__name__)
@@ -383,6 +383,7 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    StudentConfig(mention_layers=cfg.student_mention_layers, tuned_layers=cfg.student_tuned_layers)  # fail before caching
     data = prepare(cfg, runtime)
     cache_s = time.perf_counter() - t0
     logger.info("features ready in %.0fs: %d training mentions, %d dev, %d KB entities", cache_s,
@@ -407,7 +408,8 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
                    {"kind": "teacher", **common, "best_epoch": t_hist.best_epoch, "dev_mrr": round(t_hist.best_mrr, 4)})
     seed_everything(cfg.seed + 1)
     student = OTMELStudent(StudentConfig(head=head, mention_layers=cfg.student_mention_layers,
-                                         tuned_layers=cfg.student_tuned_layers, layer_config=_layer_config(data)))
+                                         tuned_layers=cfg.student_tuned_layers,
+                                         layer_config=layer_config_of(data.inner_bert) if data.inner_bert else {}))
     if data.inner_bert is not None:
         student.init_tuned_layers(data.inner_bert.encoder.layer)
     _set_blank(student, blank_g, blank_p)
@@ -427,16 +429,6 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
     plot_history(summary, cfg.reports_dir / "train.png")
     logger.info("training done in %.0fs (teacher dev MRR %.4f, student %.4f)", total, t_hist.best_mrr, s_hist.best_mrr)
     return summary
-
-
-def _layer_config(data: Data) -> dict:
-    """What rebuilds one backbone layer (models/student.py), from the backbone's BERT config."""
-    if data.inner_bert is None:
-        return {}
-    c = data.inner_bert.config
-    keys = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
-            "attention_probs_dropout_prob", "layer_norm_eps")
-    return {k: getattr(c, k) for k in keys}
 
 
 def _set_blank(model: OTMELModel, blank_g: torch.Tensor, blank_p: torch.Tensor) -> None:

@@ -15,14 +15,13 @@ from models.checkpoint import load_model, save_model
 from models.export import export_student_encoder, parity_error, student_encoders
 from models.feature_cache import InnerLayerText, text_masks
 from models.otmel import HeadConfig
-from models.student import OTMELStudent, StudentConfig, content_attention
+from models.student import OTMELStudent, StudentConfig, content_attention, layer_config_of
 
 pytestmark = [pytest.mark.onnx, pytest.mark.slow]
 
 FIRST = ["Douglas Adams", "Paris", "Jordan"]
 SECOND = ["The author of The Hitchhiker's Guide to the Galaxy, born in Cambridge.", "", "scored 40 points"]
-LAYER_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
-              "attention_probs_dropout_prob", "layer_norm_eps")
+
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,15 @@ def backbones():
 def _shallow_student(bert, mention_layers: int, tuned: int, seed: int = 0) -> OTMELStudent:
     torch.manual_seed(seed)
     cfg = StudentConfig(head=HeadConfig(), mention_layers=mention_layers, tuned_layers=tuned,
-                        layer_config={k: getattr(bert.config, k) for k in LAYER_KEYS})
+                        layer_config=layer_config_of(bert))
     student = OTMELStudent(cfg)
     student.init_tuned_layers(bert.encoder.layer)
     return student.eval()
+
+
+def test_tuned_layers_must_fit_in_the_mention_layers() -> None:
+    with pytest.raises(ValueError, match="tuned_layers"):
+        OTMELStudent(StudentConfig(mention_layers=1, tuned_layers=2))
 
 
 def test_content_attention_is_the_tokenizer_mask(runtime) -> None:
