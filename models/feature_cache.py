@@ -79,6 +79,15 @@ class InnerLayerText:
         return TextFeatures(np.zeros((len(ids), tokens.shape[-1]), np.float32), tokens, content, type_ids)
 
 
+def inner_backbone(runtime: EncoderRuntime) -> torch.nn.Module:
+    """The torch text backbone (BERT) behind the runtime's ONNX one, for inner-layer states and tuned layers."""
+    from models.backbones import MINILM_NAME, load_backbones
+
+    if not runtime.spec.name.startswith(MINILM_NAME):
+        raise ValueError(f"a shallow student mention encoder needs the MiniLM text backbone, not {runtime.spec.name}")
+    return load_backbones("minilm", "none", None).text.model
+
+
 def text_masks(runtime: EncoderRuntime | InnerLayerText, first: Sequence[str], second: Sequence[str],
                width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [B, width, Dt], text_mask, first_mask) for `first [SEP] second`, padded/cut to width."""

@@ -41,8 +41,8 @@ class StudentConfig:
 
     @property
     def frozen_layers(self) -> int:
-        """The backbone layer whose states feed the student's mention side in training (0 = all layers)."""
-        return self.mention_layers - self.tuned_layers if self.mention_layers else 0
+        """The backbone layer whose states feed a shallow student's mention side in training (mention_layers > 0)."""
+        return self.mention_layers - self.tuned_layers
 
 
 LAYER_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
@@ -79,7 +79,7 @@ class OTMELStudent(OTMELModel):
         """Start the tuned layers from the backbone's own layers [frozen_layers, mention_layers)."""
         lo = self.config.frozen_layers
         for mine, theirs in zip(self.mention_layers, list(bert_layers)[lo : self.config.mention_layers]):
-            mine.load_state_dict(copy.deepcopy(theirs.state_dict()))
+            mine.load_state_dict(theirs.state_dict())  # copies the values
 
     def run_tuned_layers(self, tokens: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """tokens [B, T, Dt] (states of backbone layer `frozen_layers`), attention [B, T] -> the mention states."""

@@ -21,7 +21,7 @@ import math
 import operator
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from kg_index.readers import read_mel_kb, read_mentions
 from models.checkpoint import load_model, save_model
-from models.feature_cache import CachedItems, InnerLayerText, blank_image_features, build_cache
+from models.feature_cache import CachedItems, InnerLayerText, blank_image_features, build_cache, inner_backbone
 from models.otmel import HeadConfig, OTMELModel, row_kl
 from models.runtime import EncoderRuntime
 from models.student import OTMELStudent, StudentConfig, layer_config_of
@@ -106,8 +106,9 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- data
 
 
-def prepare(cfg: TrainConfig, runtime: EncoderRuntime) -> Data:
-    """Cache the KB and the splits' backbone features (progress bars), map answers to KB rows."""
+def prepare(cfg: TrainConfig, runtime: EncoderRuntime, depth: StudentConfig) -> Data:
+    """Cache the KB and the splits' backbone features (progress bars), map answers to KB rows; for a shallow
+    student (`depth`), also its mention inputs: the splits' states of its frozen layer."""
     from kg_index.build import load_entity_image
 
     kb_entities = read_mel_kb(cfg.data_dir)
@@ -127,21 +128,12 @@ def prepare(cfg: TrainConfig, runtime: EncoderRuntime) -> Data:
     dev = split_cache(*DEV_SPLIT)
     data = Data(kb, train, dev, np.asarray([row[g] for g in train.gold]), np.asarray([row[g] for g in dev.gold]),
                 blank_image_features(runtime))
-    if cfg.student_mention_layers:
+    if depth.mention_layers:
         data.inner_bert = inner_backbone(runtime)
-        inner = InnerLayerText(runtime, data.inner_bert, cfg.student_mention_layers - cfg.student_tuned_layers)
+        inner = InnerLayerText(runtime, data.inner_bert, depth.frozen_layers)
         data.student_mentions = (_concat([split_cache(ds, sp, inner) for ds, sp in cfg.train_splits]),
                                  split_cache(*DEV_SPLIT, inner))
     return data
-
-
-def inner_backbone(runtime: EncoderRuntime) -> torch.nn.Module:
-    """The torch text backbone (BERT) behind the runtime's ONNX one, for inner-layer states and tuned layers."""
-    from models.backbones import MINILM_NAME, load_backbones
-
-    if not runtime.spec.name.startswith(MINILM_NAME):
-        raise ValueError(f"a shallow student mention encoder needs the MiniLM text backbone, not {runtime.spec.name}")
-    return load_backbones("minilm", "none", None).text.model
 
 
 def _concat(parts: list[CachedItems]) -> CachedItems:
@@ -383,8 +375,9 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    StudentConfig(mention_layers=cfg.student_mention_layers, tuned_layers=cfg.student_tuned_layers)  # fail before caching
-    data = prepare(cfg, runtime)
+    # The student's depth first: a bad one fails before minutes of caching.
+    depth = StudentConfig(mention_layers=cfg.student_mention_layers, tuned_layers=cfg.student_tuned_layers)
+    data = prepare(cfg, runtime, depth)
     cache_s = time.perf_counter() - t0
     logger.info("features ready in %.0fs: %d training mentions, %d dev, %d KB entities", cache_s,
                 len(data.train_gold), len(data.dev_gold), len(data.kb))
@@ -407,9 +400,8 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
         save_model(teacher, cfg.weights_dir / "teacher.pt",
                    {"kind": "teacher", **common, "best_epoch": t_hist.best_epoch, "dev_mrr": round(t_hist.best_mrr, 4)})
     seed_everything(cfg.seed + 1)
-    student = OTMELStudent(StudentConfig(head=head, mention_layers=cfg.student_mention_layers,
-                                         tuned_layers=cfg.student_tuned_layers,
-                                         layer_config=layer_config_of(data.inner_bert) if data.inner_bert else {}))
+    student = OTMELStudent(replace(depth, head=head,
+                                   layer_config=layer_config_of(data.inner_bert) if data.inner_bert else {}))
     if data.inner_bert is not None:
         student.init_tuned_layers(data.inner_bert.encoder.layer)
     _set_blank(student, blank_g, blank_p)

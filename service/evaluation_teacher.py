@@ -123,9 +123,8 @@ def encode_timing(linker: Linker, teacher: OTMELModel, mentions: list[Mention], 
 
 def _student_inner(runtime, student: OTMELModel):
     """The encoder of the states a shallow student's mention side starts from (None: the runtime's own)."""
-    from models.feature_cache import InnerLayerText
+    from models.feature_cache import InnerLayerText, inner_backbone
     from models.student import OTMELStudent
-    from models.train import inner_backbone
 
     if not isinstance(student, OTMELStudent) or not student.config.mention_layers:
         return None
