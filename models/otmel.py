@@ -57,6 +57,7 @@ class ItemEncoding:
     f_ti: torch.Tensor  # [B, d] unit: fusion, text -> image side
     fusion_rows: torch.Tensor  # [B, T, P] the fusion assignment (for distillation)
     fusion_cols: torch.Tensor  # [B, T, P]
+    image_present: torch.Tensor  # [B] bool: False where image_local / g_image are the blank image's
 
     def select(self, idx: torch.Tensor) -> ItemEncoding:
         """The encodings of rows idx (repeats allowed), every field alike."""
@@ -205,7 +206,8 @@ class ItemHead(nn.Module):
         fused_image = transport_context(image_local, text_local, cols.transpose(-1, -2))  # [B, P, d]
         f_it = F.normalize(self.pool_text(fused_text, text_mask), dim=-1)
         f_ti = F.normalize(self.pool_image(fused_image, patch_mask), dim=-1)
-        return ItemEncoding(text_local, text_mask, image_local, g_text, g_image, f_it, f_ti, rows, cols)
+        return ItemEncoding(text_local, text_mask, image_local, g_text, g_image, f_it, f_ti, rows, cols,
+                            image_present.to(torch.bool))
 
 
     def _image(self, image_global: torch.Tensor, image_patches: torch.Tensor,
@@ -265,6 +267,23 @@ class OTMELModel(nn.Module):
         pe = torch.ones(e.image_local.shape[:2], dtype=torch.bool, device=e.image_local.device)
         return cross_g2l(m.image_local, pm, m.g_image, e.image_local, pe, e.g_image, self.assign, pairwise=pairwise)[0]
 
+    def _g2l_visual_pairs(self, m: ItemEncoding, e: ItemEncoding) -> torch.Tensor:
+        """g2l_visual of aligned pairs [B]. Every pair with neither image is the blank image against the blank
+        image, one value: it is solved once and shared (images are rare, and the 49 x 49 plans are the costliest
+        part of a training step), exactly as the served reranker does."""
+        has = m.image_present | e.image_present
+        if bool(has.all()):
+            return self.g2l_visual(m, e, pairwise=False)
+        with_image = torch.nonzero(has).flatten()
+        todo = torch.cat([with_image, torch.nonzero(~has).flatten()[:1]])  # + one blank pair, last
+        ones = torch.ones(len(todo), m.image_local.shape[1], dtype=torch.bool, device=m.image_local.device)
+        vis = cross_g2l(m.image_local[todo], ones, m.g_image[todo], e.image_local[todo],
+                        torch.ones(len(todo), e.image_local.shape[1], dtype=torch.bool, device=ones.device),
+                        e.g_image[todo], self.assign, pairwise=False)[0]
+        pick = torch.full(has.shape, len(todo) - 1, dtype=torch.long, device=vis.device)
+        pick[with_image] = torch.arange(len(with_image), device=vis.device)
+        return vis[pick]
+
     def candidate_scores(self, m: ItemEncoding, e: ItemEncoding, cand: torch.Tensor) -> UnitScores:
         """Scores of each mention against its own candidate entities: cand [B, K] rows of e -> [B, K].
 
@@ -278,7 +297,7 @@ class OTMELModel(nn.Module):
         g2g_v = (mm.g_image * ee.g_image).sum(-1)
         fusion = ((mm.f_it * ee.f_it).sum(-1) + (mm.f_ti * ee.f_ti).sum(-1)) / 2
         g2l_t, rows, cols = self.g2l_text(mm, ee, pairwise=False)
-        g2l_v = self.g2l_visual(mm, ee, pairwise=False)
+        g2l_v = self._g2l_visual_pairs(mm, ee)
         text, visual = (g2g_t + g2l_t) / 2, (g2g_v + g2l_v) / 2
         out = UnitScores(text, visual, fusion, (g2g_t + g2g_v + 2 * fusion) / 6, (text + visual + fusion) / 3)
         for name in ("text", "visual", "fusion", "separable", "overall"):

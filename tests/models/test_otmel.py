@@ -195,6 +195,28 @@ def test_scores_consistency(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_shared_blank_pair_gives_the_same_gradients(kind: str) -> None:
+    """candidate_scores solves the visual term of blank-against-blank pairs once; values and gradients must
+    equal solving every pair."""
+    cand = torch.tensor([[0, 3, 4], [1, 1, 2], [4, 0, 2], [3, 2, 1]])  # blank against blank: (1, 2) and (3, 2)
+    grads = []
+    for shared in (True, False):
+        model = _model(kind)
+        m, e = model.encode_mentions(*_inputs(**MENTIONS)), model.encode_entities(*_inputs(**ENTITIES))
+        if shared:
+            visual = model.candidate_scores(m, e, cand).visual
+        else:
+            mm, ee = m.select(torch.arange(4).repeat_interleave(3)), e.select(cand.reshape(-1))
+            g2g = (mm.g_image * ee.g_image).sum(-1)
+            visual = ((g2g + model.g2l_visual(mm, ee, pairwise=False)) / 2).view(4, 3)
+        (visual * torch.arange(12.0).view(4, 3)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("image_local" in n for n in grads[0])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @torch.no_grad()
 def test_missing_image_is_the_blank(kind: str) -> None:
     model = _model(kind)
