@@ -74,8 +74,12 @@ class InnerLayerText:
     @torch.no_grad()
     def encode_texts(self, first: Sequence[str], second: Sequence[str] | None = None) -> TextFeatures:
         ids, attn, content, type_ids = self.runtime.tokenize(first, second)
-        out = self.bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn), output_hidden_states=True)
-        tokens = out.hidden_states[self.layer].numpy()  # [B, T, Dt]
+        if self.layer == 0:  # no layers left to run: a layer-less encoder returns no hidden states at all
+            tokens = self.bert.embeddings(input_ids=torch.from_numpy(ids)).numpy()  # [B, T, Dt]
+        else:
+            out = self.bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn),
+                            output_hidden_states=True)
+            tokens = out.hidden_states[self.layer].numpy()  # [B, T, Dt]
         return TextFeatures(np.zeros((len(ids), tokens.shape[-1]), np.float32), tokens, content, type_ids)
 
 

@@ -93,3 +93,12 @@ def test_exported_shallow_mention_encoder_equals_the_training_path(runtime, back
     path = tmp_path / "mention.onnx"
     export_student_encoder(mention, path)
     assert parity_error(mention, path, batch=3, tokens=17) <= 1e-4
+
+
+@torch.no_grad()
+def test_layer_zero_states_are_the_embeddings(runtime, backbones) -> None:
+    """Two tuned layers of two train on layer-0 states: the embeddings, as the whole model sees them."""
+    bert = backbones.text.model
+    ids, attn, _, _ = runtime.tokenize(FIRST, SECOND)
+    hs = bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn), output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(InnerLayerText(runtime, bert, 0).encode_texts(FIRST, SECOND).tokens, hs[0].numpy(), atol=1e-6)
