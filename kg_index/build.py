@@ -4,6 +4,7 @@
     folder/faiss.index          global vectors (inner product)
     folder/ids.json             row -> entity id (the id map)
     folder/entities.jsonl       row-ordered metadata: id, name, description, has_image
+                                (start_year, end_year when the KG states them)
     folder/projections.npz      zero-shot only: backbone -> stored dims (fitted here, reused for mentions)
     folder/unit_globals.npy     student only: [N, 2, d] fp16 text and image unit globals (OT cross terms)
     folder/image_blank.npy      student only: [P, d] fp16 patch features of the blank (missing) image
@@ -201,6 +202,8 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
     with (tmp / "entities.jsonl").open("w") as f:
         for e in entities:
             row = {"id": e.id, "name": e.name, "description": e.description, "has_image": e.image is not None}
+            if e.start_year is not None or e.end_year is not None:
+                row.update(start_year=e.start_year, end_year=e.end_year)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     built = datetime.now(UTC)

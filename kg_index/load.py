@@ -14,6 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from kg_index.attributes import lifespan
 from kg_index.manifest import IndexIntegrityError, Manifest, verify_files
 from models.features import Projections
 
@@ -26,6 +27,8 @@ class EntityMeta:
     name: str
     description: str
     has_image: bool
+    start_year: int | None = None  # lifespan: the KG's own years, else read from the description
+    end_year: int | None = None
 
 
 @dataclass
@@ -112,7 +115,9 @@ def load_index(folder: Path, *, encoder_signature: str | None = None, verify_che
     try:
         ids = json.loads((folder / "ids.json").read_text())
         rows = [json.loads(line) for line in (folder / "entities.jsonl").read_text().splitlines() if line]
-        entities = [EntityMeta(r["id"], r["name"], r.get("description", ""), bool(r.get("has_image"))) for r in rows]
+        entities = [EntityMeta(r["id"], r["name"], r.get("description", ""), bool(r.get("has_image")),
+                               *lifespan(r.get("start_year"), r.get("end_year"), r.get("description", "")))
+                    for r in rows]
     except (ValueError, KeyError, TypeError) as exc:
         raise IndexIntegrityError(f"{folder / 'entities.jsonl'}: unreadable metadata ({exc.__class__.__name__})") from exc
     if len(ids) != n or len(set(ids)) != n:

@@ -230,8 +230,12 @@ def _richpedia_images(folder: Path, qid2ne: dict[str, str]) -> dict[str, Path]:
     return images
 
 
+_YEAR_KEYS = ("start_year", "end_year")  # an entity's lifespan, optional in a JSONL KG
+
+
 def read_jsonl_kg(path: Path) -> list[Entity]:
-    """A user KG: one JSON object per line, `{"id", "name", "description"?, "image"?}`, in file order.
+    """A user KG: one JSON object per line, `{"id", "name", "description"?, "image"?, "start_year"?,
+    "end_year"?}`, in file order.
 
     Blank lines are skipped; relative image paths are resolved against the file's folder; an image that
     does not exist leaves `image=None` (one warning with the count). A malformed line or a duplicate id
@@ -259,7 +263,7 @@ def read_jsonl_kg(path: Path) -> list[Entity]:
             if entity.id in first_line:
                 raise KGFormatError(f"{where}: duplicate id {entity.id!r} (first on line {first_line[entity.id]})")
             first_line[entity.id] = lineno
-            unknown_keys.update(set(obj) - {"id", "name", "description", "image"})
+            unknown_keys.update(set(obj) - {"id", "name", "description", "image", *_YEAR_KEYS})
             entities.append(entity)
     if not entities:
         raise KGFormatError(f"{path}: no entities")
@@ -298,7 +302,18 @@ def _jsonl_entity(obj: Any, base: Path, where: str, missing_images: list[str]) -
                 image = candidate
             else:
                 missing_images.append(str(candidate))
-    return Entity(id=entity_id, name=name, description=description, image=image)
+    start_year, end_year = (_year(obj, key, where) for key in _YEAR_KEYS)
+    if start_year is not None and end_year is not None and end_year < start_year:
+        raise KGFormatError(f"{where}: 'end_year' {end_year} is before 'start_year' {start_year}")
+    return Entity(id=entity_id, name=name, description=description, image=image, start_year=start_year,
+                  end_year=end_year)
+
+
+def _year(obj: dict, key: str, where: str) -> int | None:
+    value = obj.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not -9999 <= value <= 9999):
+        raise KGFormatError(f"{where}: {key!r} must be a year (an integer), got {value!r}")
+    return value
 
 
 def read_kg(spec: str, data_dir: Path) -> list[Entity]:

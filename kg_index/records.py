@@ -14,6 +14,9 @@ class Entity:
     name: str
     description: str = ""  # attribute text, e.g. "Sex: male. Birth: 1952, Cambridge. ..."
     image: Path | None = None  # an existing local file, else None
+    # Lifespan (birth/death, founding/dissolution), when the KG states it; None: read from the description.
+    start_year: int | None = None
+    end_year: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,6 +268,20 @@ def test_build_with_explicit_hnsw_factory_and_no_images(small_kg, zeroshot_runti
     assert (index.search(vecs, 1)[1][:, 0] == np.arange(len(ents))).mean() > 0.95
 
 
+@encoders
+def test_lifespans_stated_or_read_from_the_description(small_kg, zeroshot_runtime, tmp_path: Path) -> None:
+    """A KG's own years survive the build; without them, the loader reads "Birth:"/"Death:" attributes."""
+    ents = [Entity("S1", "Stated", "Birth: 1900, Paris.", start_year=1850, end_year=None),
+            Entity("D1", "Described", "Sex: male. Birth: 1881, London. Death: 1964, Chilton."),
+            Entity("N1", "Undated", "Occupation: writer.")] + list(small_kg[:5])
+    out = tmp_path / "years"
+    build_index(ents, zeroshot_runtime, out, kg="years", local_dim=16, progress=False)
+    rows = [json.loads(line) for line in (out / "entities.jsonl").read_text().splitlines()]
+    assert rows[0]["start_year"] == 1850 and "start_year" not in rows[1]
+    index = load_index(out)
+    assert [(e.start_year, e.end_year) for e in index.entities[:3]] == [(1850, None), (1881, 1964), (None, None)]
+
+
 def test_duplicate_ids_raise(tmp_path: Path) -> None:
     ents = [Entity("Q1", "a"), Entity("Q2", "b"), Entity("Q1", "c")]
     with pytest.raises(ValueError, match="duplicate"):

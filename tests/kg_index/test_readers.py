@@ -292,7 +292,8 @@ def test_jsonl_kg(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
             "   ",
             json.dumps({"id": "E3", "name": "Charlie", "image": "imgs/missing.jpg"}),
             json.dumps({"id": "E4", "name": "Delta", "image": str(absolute), "description": None}),
-            json.dumps({"id": "E5", "name": "Echo", "image": "imgs/gone.jpg"}),
+            json.dumps({"id": "E5", "name": "Echo", "image": "imgs/gone.jpg", "start_year": -44, "end_year": None}),
+            json.dumps({"id": "E6", "name": "Foxtrot", "start_year": 1950, "end_year": 2001}),
         ],
     )
     with caplog.at_level(logging.WARNING, logger="kg_index.readers"):
@@ -302,10 +303,12 @@ def test_jsonl_kg(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         Entity("E1", "Alpha", "", None),
         Entity("E3", "Charlie", "", None),
         Entity("E4", "Delta", "", absolute),
-        Entity("E5", "Echo", "", None),
+        Entity("E5", "Echo", "", None, start_year=-44),
+        Entity("E6", "Foxtrot", "", None, start_year=1950, end_year=2001),
     ]
     warnings = [r for r in caplog.records if "image files do not exist" in r.getMessage()]
-    assert len(warnings) == 1 and "2 of 5" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "2 of 6" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if "unknown keys" in r.getMessage()]
     assert read_kg(str(path), tmp_path / "unused") == kg
 
 
@@ -319,6 +322,9 @@ def test_jsonl_kg(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         ('{"id": "E9", "name": "Nine", "description": 3}', "'description' must be a string"),
         ('{"id": "E9", "name": "Nine", "image": 3}', "'image' must be a string"),
         ('{"id": "E1", "name": "Again"}', "duplicate id 'E1' \\(first on line 1\\)"),
+        ('{"id": "E9", "name": "Nine", "start_year": "1950"}', "'start_year' must be a year"),
+        ('{"id": "E9", "name": "Nine", "end_year": true}', "'end_year' must be a year"),
+        ('{"id": "E9", "name": "Nine", "start_year": 1990, "end_year": 1950}', "'end_year' 1950 is before"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path: Path, bad_line: str, reason: str) -> None:
