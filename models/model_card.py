@@ -14,7 +14,9 @@ logger = logging.getLogger(__name__)
 
 SPLITS = (("wikimel", "dev"), ("wikimel", "test"), ("richpedia", "dev"), ("wikidiverse", "dev"))
 ROWS = (("exact_name", "exact name match"), ("retrieval", "retrieval only"), ("retrieval+ot", "retrieval + OT rerank"),
-        ("retrieval+ot+name", "retrieval + OT rerank + name terms (served)"), ("teacher_exhaustive", "teacher, every KB entity"))
+        ("retrieval+ot+name", "retrieval + OT rerank + name terms"),
+        ("retrieval+ot+name+kg", "retrieval + OT rerank + name and KG-consistency terms (served)"),
+        ("teacher_exhaustive", "teacher, every KB entity"))
 
 
 def _table(reports: Path) -> list[str]:
@@ -34,8 +36,8 @@ def _table(reports: Path) -> list[str]:
                     features_label = "teacher"
                 else:
                     features_label = features
-                if key == "retrieval+ot+name" and "context_name_weight" not in rep.get("rerank", {}):
-                    label = "retrieval + OT rerank + name (served, before the name-in-context term)"
+                if key == "retrieval+ot+name" and "name_tokens_weight" not in rep.get("rerank", {}):
+                    label += " (served, before the KG-consistency terms)"
                 lines.append(f"| {ds} {sp} | {features_label} | {label} | {s['h@1']:.4f} | {s['h@3']:.4f} | "
                              f"{s['h@5']:.4f} | {s['mrr']:.4f} |")
     return lines

@@ -1,52 +1,84 @@
-"""Choose the rerank score weights on dev splits: one pass through the served pipeline per split collects the
-retrieval, OT, surface-form and name-in-context scores of every reranked candidate, then a grid search picks
-the weights with the best MRR, averaged over the splits. Prints the grid's best rows and the settings to use.
+"""Choose the rerank score weights on dev splits: one pass through the served pipeline per split collects every
+score of every reranked candidate (retrieval, OT, the name terms and the KG-consistency terms), then a listwise
+softmax (cross-entropy of the gold among the candidates, each split weighing the same) fits the weights.
+Prints H@1 and MRR per split with the current and the fitted weights, and the settings to use.
 
-    .venv/bin/python scripts/tune_weights.py --split dev wikimel richpedia wikidiverse
+    .venv/bin/python scripts/tune_weights.py --split dev --ot-weight 1.0 wikimel richpedia wikidiverse
 
-The retrieval weight stays 1.0 (only ratios matter); `--ot-weight 1.0` fixes the OT weight too, so that
-retrieval + OT stays OT-MEL's overall score and only the name terms are tuned.
+The retrieval weight stays 1.0 (only ratios matter; a free temperature absorbs the scale); `--ot-weight 1.0`
+fixes the OT weight too, so that retrieval + OT stays OT-MEL's overall score and only the other terms are fitted.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import math
 import sys
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from kg_index.build import load_entity_image
 from kg_index.readers import read_mentions
-from service.pipeline.linker import Linker
+from service.pipeline.linker import RERANK_TERMS, Linker
 from service.pipeline.types import LinkQuery
 from service.settings import Settings
 
-TERMS = ("retrieval_weight", "ot_weight", "name_weight", "context_name_weight")
-OT_GRID = [0.5, 0.75, 1.0, 1.25, 1.5]
-NAME_GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
-CONTEXT_GRID = [0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2]
+FIELDS = ("retrieval_score", *RERANK_TERMS)  # score columns, in this order
+WEIGHTS = ("retrieval_weight", *RERANK_TERMS.values())
 
 
 def collect(linker: Linker, dataset: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """scores [M, K, 4] (one column per TERMS; NaN where no candidate) and gold [M] (candidate index or -1)."""
+    """scores [M, K, len(FIELDS)] (NaN where no candidate) and gold [M] (candidate index or -1)."""
     s = linker.settings
     k = s.rerank.candidates
     mentions = read_mentions(s.data_dir, dataset, split)[:limit]
-    scores = np.full((len(mentions), k, len(TERMS)), np.nan, np.float32)
+    scores = np.full((len(mentions), k, len(FIELDS)), np.nan, np.float32)
     gold = np.full(len(mentions), -1)
     for i in tqdm(range(0, len(mentions), 64), desc=f"{dataset} {split}", unit="batch"):
         chunk = mentions[i : i + 64]
         out = linker.link_batch([LinkQuery(m.mention, m.context, load_entity_image(m.image), top_k=k) for m in chunk])
         for j, (m, r) in enumerate(zip(chunk, out.results)):
             for c, cand in enumerate(r.entities):
-                scores[i + j, c] = (cand.retrieval_score, cand.rerank_score or 0.0, cand.name_score or 0.0,
-                                    cand.context_name_score or 0.0)
+                scores[i + j, c] = [getattr(cand, f) or 0.0 for f in FIELDS]
                 if cand.id == m.answer:
                     gold[i + j] = c
     return scores, gold
+
+
+def fit(data: dict[str, tuple[np.ndarray, np.ndarray]], fixed: dict[int, float]) -> np.ndarray:
+    """Weights (retrieval 1.0, `fixed` columns as given) minimising the mean over splits of the listwise
+    cross-entropy of the gold candidate; a free temperature sets the scale."""
+    free = [c for c in range(1, len(FIELDS)) if c not in fixed]
+    w_free = torch.zeros(len(free), dtype=torch.float64, requires_grad=True)
+    log_temp = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    splits = []
+    for scores, gold in data.values():
+        keep = gold >= 0  # a mention whose gold was not retrieved says nothing about the weights
+        x = torch.from_numpy(np.nan_to_num(scores[keep], nan=0.0)).double()
+        splits.append((x, torch.from_numpy(~np.isnan(scores[keep, :, 0])), torch.from_numpy(gold[keep])))
+
+    def weights() -> torch.Tensor:
+        w = torch.zeros(len(FIELDS), dtype=torch.float64)
+        w[0] = 1.0
+        for c, v in fixed.items():
+            w[c] = v
+        return w.index_put((torch.tensor(free),), w_free) if free else w
+
+    opt = torch.optim.LBFGS([w_free, log_temp], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        w = weights()
+        loss = sum(torch.nn.functional.cross_entropy((log_temp.exp() * (x @ w)).masked_fill(~valid, -1e9), g)
+                   for x, valid, g in splits) / len(splits)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weights().detach().numpy()
 
 
 def metrics(scores: np.ndarray, gold: np.ndarray, w: tuple[float, ...]) -> dict[str, float]:
@@ -66,23 +98,19 @@ def main() -> int:
     ap.add_argument("datasets", nargs="*", default=["wikimel"])
     ap.add_argument("--split", default="dev")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--ot-weight", type=float, default=None, help="fix the OT weight instead of searching it")
+    ap.add_argument("--ot-weight", type=float, default=None, help="fix the OT weight instead of fitting it")
     args = ap.parse_args()
     linker = Linker.from_settings(Settings())
     data = {ds: collect(linker, ds, args.split, args.limit) for ds in args.datasets}
     for ds, (scores, gold) in data.items():
         print(f"{ds}: recall@{scores.shape[1]} of the retrieval {np.mean(gold >= 0):.4f}")
-    ots = [args.ot_weight] if args.ot_weight is not None else OT_GRID
-    grid = []
-    for w in itertools.product([1.0], ots, NAME_GRID, CONTEXT_GRID):
-        per = {ds: metrics(s, g, w) for ds, (s, g) in data.items()}
-        grid.append((w, per, float(np.mean([m["mrr"] for m in per.values()]))))
-    grid.sort(key=lambda row: -row[2])
-    for w, per, mean in grid[:8]:
-        print(json.dumps({**dict(zip(TERMS, w)), "mean_mrr": round(mean, 4),
-                          **{ds: {k: round(v, 4) for k, v in m.items()} for ds, m in per.items()}}))
-    best = dict(zip(TERMS, grid[0][0]))
-    print(" ".join(f"EL_RERANK__{k.upper()}={v}" for k, v in best.items() if k != "retrieval_weight"))
+    current = np.array([getattr(linker.rerank, w) for w in WEIGHTS])
+    fitted = fit(data, {} if args.ot_weight is None else {1: args.ot_weight}).round(3)
+    for label, w in (("current", current), ("fitted", fitted)):
+        per = {ds: {k: round(v, 4) for k, v in metrics(s, g, tuple(w)).items()} for ds, (s, g) in data.items()}
+        print(json.dumps({"weights": label, **dict(zip(WEIGHTS, w.tolist())),
+                          "mean_mrr": round(float(np.mean([m["mrr"] for m in per.values()])), 4), **per}))
+    print(" ".join(f"EL_RERANK__{k.upper()}={v:g}" for k, v in zip(WEIGHTS, fitted) if k != "retrieval_weight"))
     return 0
 
 

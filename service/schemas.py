@@ -35,6 +35,10 @@ class EntityScore(BaseModel):
     rerank_score: float | None = None
     name_score: float | None = None
     context_name_score: float | None = None
+    name_tokens_score: float | None = None
+    before_birth_score: float | None = None
+    after_death_score: float | None = None
+    description_overlap_score: float | None = None
 
 
 class LinkResponse(BaseModel):

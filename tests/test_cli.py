@@ -82,7 +82,8 @@ def test_exact_name_ranks_and_metrics() -> None:
 def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) -> None:
     report = evaluate(linker, mel_dir, "wikimel", "test", limit=40, teacher=False)
     assert report["features"] == "student"
-    assert set(report["systems"]) == {"exact_name", "retrieval", "retrieval+ot", "retrieval+ot+name"}
+    assert set(report["systems"]) == {"exact_name", "retrieval", "retrieval+ot", "retrieval+ot+name",
+                                      "retrieval+ot+name+kg"}
     for s in report["systems"].values():
         assert s["n_mentions"] == 40 and s["kb_size"] == len(linker.index)
         assert 0.0 <= s["h@1"] <= s["h@3"] <= s["h@5"] <= 1.0 and 0.0 <= s["mrr"] <= 1.0

@@ -21,6 +21,7 @@ from kg_index.load import KGIndex, load_index
 from models.features import Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
+from service.pipeline.kg_terms import KGTerms
 from service.pipeline.rerank import (
     RerankConfig,
     context_name_similarity,
@@ -41,14 +42,15 @@ logger = logging.getLogger(__name__)
 class Snapshot:
     index: KGIndex
     featurizer: Featurizer | StudentFeaturizer
+    kg_terms: KGTerms
 
 
 def make_snapshot(runtime: EncoderRuntime, index: KGIndex) -> Snapshot:
     """Mentions are encoded the way the index encoded its entities: the student's encoders or zero-shot."""
     if index.heads:
-        return Snapshot(index, StudentFeaturizer(runtime, "mention"))
+        return Snapshot(index, StudentFeaturizer(runtime, "mention"), KGTerms(index.entities))
     assert index.projections is not None
-    return Snapshot(index, Featurizer(runtime, index.projections))
+    return Snapshot(index, Featurizer(runtime, index.projections), KGTerms(index.entities))
 
 
 @dataclass
@@ -62,7 +64,18 @@ def rerank_config(settings: Settings) -> RerankConfig:
     r = settings.rerank
     return RerankConfig(eps=r.eps, max_iter=r.max_iter, tol=r.tol, retrieval_weight=r.retrieval_weight,
                         ot_weight=r.ot_weight, name_weight=r.name_weight,
-                        context_name_weight=r.context_name_weight, device=r.device)
+                        context_name_weight=r.context_name_weight, name_tokens_weight=r.name_tokens_weight,
+                        before_birth_weight=r.before_birth_weight, after_death_weight=r.after_death_weight,
+                        description_overlap_weight=r.description_overlap_weight, device=r.device)
+
+
+# Each rerank term: the Candidate field that carries it and the RerankConfig weight that mixes it in.
+RERANK_TERMS = {
+    "rerank_score": "ot_weight", "name_score": "name_weight", "context_name_score": "context_name_weight",
+    "name_tokens_score": "name_tokens_weight", "before_birth_score": "before_birth_weight",
+    "after_death_score": "after_death_weight",
+    "description_overlap_score": "description_overlap_weight",
+}
 
 
 class Linker:
@@ -133,22 +146,26 @@ class Linker:
         retrieval, rows = retrieve(snap.index, feats.global_, k)
         timings["retrieve"], t = _lap(t)
 
-        ot = names = context = None
         stats: list[OTStats] = []
+        terms = {"retrieval_score": retrieval}
         final = retrieval.copy()
         if do_rerank:
             check_deadline(deadline)
             cross = student_rerank if snap.index.heads else ot_rerank
-            ot, stats = cross(snap.index, feats, rows, cfg, self.device)
+            terms["rerank_score"], stats = cross(snap.index, feats, rows, cfg, self.device)
             cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
-            names = _pad(name_similarity([q.mention for q in queries], cand_names), retrieval.shape)
-            context = _pad(context_name_similarity([f"{q.mention} {q.context}" for q in queries], cand_names),
-                           retrieval.shape)
-            final = (cfg.retrieval_weight * retrieval + cfg.ot_weight * ot + cfg.name_weight * names
-                     + cfg.context_name_weight * context)
+            mentions = [q.mention for q in queries]
+            terms["name_score"] = _pad(name_similarity(mentions, cand_names), retrieval.shape)
+            terms["context_name_score"] = _pad(
+                context_name_similarity([f"{q.mention} {q.context}" for q in queries], cand_names), retrieval.shape)
+            kg = snap.kg_terms.score(mentions, [q.context for q in queries], rows)
+            terms.update({f"{name}_score": values for name, values in kg.items()})
+            final = cfg.retrieval_weight * retrieval
+            for field, weight in RERANK_TERMS.items():
+                final = final + getattr(cfg, weight) * terms[field]
             timings["rerank"], t = _lap(t)
 
-        results = build_results(snap.index, queries, rows, retrieval, ot, names, context, final,
+        results = build_results(snap.index, queries, rows, terms, final,
                                 nil_threshold=s.nil_threshold, model_version=self.model_version)
         timings["respond"], t = _lap(t)
         timings["total"] = (t - t0) * 1000

@@ -36,6 +36,10 @@ class RerankConfig:
     ot_weight: float = 0.5
     name_weight: float = 0.1
     context_name_weight: float = 0.075
+    name_tokens_weight: float = 0.0
+    before_birth_weight: float = 0.0
+    after_death_weight: float = 0.0
+    description_overlap_weight: float = 0.0
     device: str = "auto"
 
 

@@ -27,6 +27,10 @@ class Candidate:
     rerank_score: float | None = None  # OT score; None when reranking is off
     name_score: float | None = None  # surface form vs the candidate's name
     context_name_score: float | None = None  # the candidate's name spelled out in the mention and sentence
+    name_tokens_score: float | None = None  # KG-consistency terms (service.pipeline.kg_terms)
+    before_birth_score: float | None = None
+    after_death_score: float | None = None
+    description_overlap_score: float | None = None
 
 
 @dataclass

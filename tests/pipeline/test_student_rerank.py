@@ -65,7 +65,9 @@ def test_cross_terms_match_the_model(linker, test_mentions) -> None:
 
 
 def test_overall_weights_rank_by_the_model_score(linker, test_mentions) -> None:
-    lk = linker.with_weights(retrieval_weight=1.0, ot_weight=1.0, name_weight=0.0, context_name_weight=0.0)
+    lk = linker.with_weights(retrieval_weight=1.0, ot_weight=1.0, name_weight=0.0, context_name_weight=0.0,
+                             name_tokens_weight=0.0, before_birth_weight=0.0, after_death_weight=0.0,
+                             description_overlap_weight=0.0)
     m = test_mentions[0]
     r = lk.link(LinkQuery(m.mention, m.context, None, top_k=5))
     scores = [c.score for c in r.entities]
@@ -80,6 +82,11 @@ def test_final_score_is_the_weighted_sum_of_the_reported_terms(linker, test_ment
     for m in test_mentions[:4]:
         for c in linker.link(LinkQuery(m.mention, m.context, None, top_k=5)).entities:
             assert 0.0 <= c.name_score <= 1.0 and 0.0 <= c.context_name_score <= 1.0
+            assert {c.name_tokens_score, c.before_birth_score, c.after_death_score} <= {0.0, 1.0}
+            assert 0.0 <= c.description_overlap_score < 1.0
             expect = (cfg.retrieval_weight * c.retrieval_score + cfg.ot_weight * c.rerank_score
-                      + cfg.name_weight * c.name_score + cfg.context_name_weight * c.context_name_score)
+                      + cfg.name_weight * c.name_score + cfg.context_name_weight * c.context_name_score
+                      + cfg.name_tokens_weight * c.name_tokens_score
+                      + cfg.before_birth_weight * c.before_birth_score + cfg.after_death_weight * c.after_death_score
+                      + cfg.description_overlap_weight * c.description_overlap_score)
             assert c.score == pytest.approx(expect, abs=1e-5)

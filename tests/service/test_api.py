@@ -165,7 +165,8 @@ def test_link_response_fields_and_order(client: httpx.Client, versions: dict) ->
     ents = body["entities"]
     assert len(ents) == 5
     for e in ents:
-        assert {"id", "name", "score", "retrieval_score", "rerank_score", "name_score", "context_name_score"} <= set(e)
+        assert {"id", "name", "score", "retrieval_score", "rerank_score", "name_score", "context_name_score",
+                "name_tokens_score", "before_birth_score", "after_death_score", "description_overlap_score"} <= set(e)
         assert isinstance(e["id"], str) and isinstance(e["name"], str)
         assert all(isinstance(e[k], float) for k in ("score", "retrieval_score", "rerank_score"))
     scores = [e["score"] for e in ents]
