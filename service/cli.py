@@ -126,13 +126,12 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
     runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=enc.intra_op_threads)
     cfg = TrainConfig(data_dir=settings.data_dir, onnx_dir=enc.onnx_dir, cache_dir=settings.features_dir,
                       weights_dir=Path(args.weights_dir),
-                      reports_dir=Path(args.reports), teacher_epochs=args.teacher_epochs,
-                      student_epochs=args.student_epochs, limit=args.limit, dev_limit=args.dev_limit,
+                      reports_dir=Path(args.reports), limit=args.limit, dev_limit=args.dev_limit,
                       batch_size=args.batch_size, student_only=args.student_only,
                       retrieval_loss_weight=args.retrieval_loss_weight, dropout=args.dropout,
                       weight_decay=args.weight_decay,
-                      **{k: v for k in ("student_mention_layers", "student_tuned_layers", "tuned_lr")
-                         if (v := getattr(args, k)) is not None})
+                      **{k: v for k in ("teacher_epochs", "student_epochs", "student_mention_layers",
+                                        "student_tuned_layers", "tuned_lr") if (v := getattr(args, k)) is not None})
     summary = run(cfg, runtime)
     print(json.dumps({"total_s": summary["total_s"], "teacher_dev_mrr": summary["teacher"]["best_mrr"],
                       "student_dev_mrr": summary["student"]["best_mrr"], "weights": args.weights_dir}))
@@ -158,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
     t = sub.add_parser("train", help="train the OT-MEL teacher and the distilled student (writes models/weights/)")
-    t.add_argument("--teacher-epochs", type=int, default=4)
-    t.add_argument("--student-epochs", type=int, default=4)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--limit", type=int, default=None, help="first N training mentions only (smoke runs)")
     t.add_argument("--dev-limit", type=int, default=None, help="first N dev mentions only")
@@ -168,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--weight-decay", type=float, default=0.01)
     # Left unset, these take TrainConfig's defaults (models/train.py).
+    t.add_argument("--teacher-epochs", type=int, default=None, help="at most this many (early stopping on dev MRR)")
+    t.add_argument("--student-epochs", type=int, default=None, help="at most this many (early stopping on dev MRR)")
     t.add_argument("--student-mention-layers", type=int, default=None,
                    help="text-backbone layers of the student's mention encoder (0 = all, as the teacher)")
     t.add_argument("--student-tuned-layers", type=int, default=None, help="the top ones of those fine-tuned with the heads")
