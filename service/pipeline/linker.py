@@ -47,10 +47,11 @@ class Snapshot:
 
 def make_snapshot(runtime: EncoderRuntime, index: KGIndex) -> Snapshot:
     """Mentions are encoded the way the index encoded its entities: the student's encoders or zero-shot."""
+    terms = KGTerms(index.entities)
     if index.heads:
-        return Snapshot(index, StudentFeaturizer(runtime, "mention"), KGTerms(index.entities))
+        return Snapshot(index, StudentFeaturizer(runtime, "mention"), terms)
     assert index.projections is not None
-    return Snapshot(index, Featurizer(runtime, index.projections), KGTerms(index.entities))
+    return Snapshot(index, Featurizer(runtime, index.projections), terms)
 
 
 @dataclass
@@ -71,8 +72,11 @@ def rerank_config(settings: Settings) -> RerankConfig:
 
 # Each rerank term: the Candidate field that carries it and the RerankConfig weight that mixes it in.
 RERANK_TERMS = {
-    "rerank_score": "ot_weight", "name_score": "name_weight", "context_name_score": "context_name_weight",
-    "name_tokens_score": "name_tokens_weight", "before_birth_score": "before_birth_weight",
+    "rerank_score": "ot_weight",
+    "name_score": "name_weight",
+    "context_name_score": "context_name_weight",
+    "name_tokens_score": "name_tokens_weight",
+    "before_birth_score": "before_birth_weight",
     "after_death_score": "after_death_weight",
     "description_overlap_score": "description_overlap_weight",
 }
