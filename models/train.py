@@ -56,7 +56,7 @@ class TrainConfig:
     mine_top: int = 20
     candidates: int = 16  # per mention: the K hardest in-batch entities get the cross (g2l) terms
     teacher_epochs: int = 4
-    student_epochs: int = 4
+    student_epochs: int = 6
     patience: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
