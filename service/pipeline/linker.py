@@ -12,7 +12,7 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +62,8 @@ class BatchOutcome:
 
 
 def rerank_config(settings: Settings) -> RerankConfig:
-    r = settings.rerank
-    return RerankConfig(eps=r.eps, max_iter=r.max_iter, tol=r.tol, retrieval_weight=r.retrieval_weight,
-                        ot_weight=r.ot_weight, name_weight=r.name_weight,
-                        context_name_weight=r.context_name_weight, name_tokens_weight=r.name_tokens_weight,
-                        before_birth_weight=r.before_birth_weight, after_death_weight=r.after_death_weight,
-                        description_overlap_weight=r.description_overlap_weight, device=r.device)
+    """The settings' rerank knobs that the rerank stage reads (every RerankConfig field, by name)."""
+    return RerankConfig(**{f.name: getattr(settings.rerank, f.name) for f in fields(RerankConfig)})
 
 
 # Each rerank term: the Candidate field that carries it and the RerankConfig weight that mixes it in.
