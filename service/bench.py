@@ -20,6 +20,31 @@ from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it ("unknown" where /proc/cpuinfo has none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(providers: list[str] | None = None) -> dict:
+    """What a figure was measured on: timings only compare within one machine (and one run)."""
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "arch": platform.machine(),
+            "cpus": os.cpu_count(), "avx512": " avx512f" in flags}
+    if providers is not None:
+        info["providers"] = providers
+    return info
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
@@ -52,8 +77,7 @@ def run_bench(linker: Linker, data_dir: Path, *, n: int = 200, batch: int = 64, 
     text = [LinkQuery(m.mention, m.context, None, top_k=10) for m in mentions[:n]]
     with_image = [LinkQuery(m.mention, m.context, image, top_k=10) for m in mentions[:n]]
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "providers": linker.runtime.providers},
+        "machine": machine_info(linker.runtime.providers),
         "index": {"version": linker.index.version, "entities": len(linker.index),
                   "faiss": linker.index.manifest.faiss_factory},
         "single_text": _latency(linker, text),

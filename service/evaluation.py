@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from kg_index.readers import read_mentions
 from kg_index.records import Mention
+from service.bench import machine_info
 from service.pipeline.linker import RERANK_TERMS, Linker
 from service.pipeline.types import LinkQuery
 
@@ -119,6 +120,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
         "rerank": {"candidates": k, "eps": linker.rerank.eps, "retrieval_weight": linker.rerank.retrieval_weight,
                    **{w: getattr(linker.rerank, w) for w in RERANK_TERMS.values()}},
         "systems": systems,
+        "machine": machine_info(linker.runtime.providers),  # ms_per_mention compares only within one machine
     }
 
 

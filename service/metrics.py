@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.pipeline.decode import DECODE_COUNTS
 from service.pipeline.types import OTStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -36,6 +37,7 @@ class Metrics:
         self.job_items = Counter("el_job_items", "Job items finished, by outcome (ok or error)", ["outcome"], registry=r)
         for outcome in ("ok", "error"):
             self.job_items.labels(outcome)
+        r.register(_DecodeCollector())
 
     def track_model_invocations(self, read: Callable[[], int]) -> None:
         """Expose `el_model_invocations_total`: real encoder calls, read from the runtime at scrape time."""
@@ -79,3 +81,16 @@ class _JobStateCollector(Collector):
         for state, n in self.counts().items():
             family.add_metric([state], n)
         yield family
+
+
+class _DecodeCollector(Collector):
+    """`el_image_*`: this process's decoding work, read at scrape time (a refused image adds nothing)."""
+
+    def collect(self) -> Iterator[Metric]:
+        counts = DECODE_COUNTS.snapshot()
+        yield CounterMetricFamily("el_image_base64_bytes_decoded", "Base64 image characters decoded",
+                                  value=counts.base64_bytes)
+        yield CounterMetricFamily("el_image_decodes", "Image pixel decodes started (every header check passed)",
+                                  value=counts.image_decodes)
+        yield CounterMetricFamily("el_image_pixels_decoded", "Pixels produced by finished image decodes",
+                                  value=counts.pixels)

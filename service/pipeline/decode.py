@@ -20,8 +20,10 @@ import io
 import logging
 import re
 import struct
+import threading
 import unicodedata
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,7 +33,41 @@ from service.settings import LimitSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["base64_image_bytes", "clean_text", "decode_image"]
+__all__ = ["DECODE_COUNTS", "DecodeCounts", "base64_image_bytes", "clean_text", "decode_image"]
+
+
+@dataclass(frozen=True)
+class DecodeCounts:
+    """How much decoding work this process has done: proof that a refusal came before the work."""
+
+    base64_bytes: int = 0  # base64 payload characters handed to the base64 decoder
+    image_decodes: int = 0  # pixel decodes started (after every header check passed)
+    pixels: int = 0  # pixels produced by decodes that finished
+
+    def __sub__(self, other: DecodeCounts) -> DecodeCounts:
+        return DecodeCounts(self.base64_bytes - other.base64_bytes, self.image_decodes - other.image_decodes,
+                            self.pixels - other.pixels)
+
+
+class _DecodeCounter:
+    """Process-wide, thread-safe counters behind the `el_image_*` metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = DecodeCounts()
+
+    def add(self, *, base64_bytes: int = 0, image_decodes: int = 0, pixels: int = 0) -> None:
+        with self._lock:
+            c = self._counts
+            self._counts = DecodeCounts(c.base64_bytes + base64_bytes, c.image_decodes + image_decodes,
+                                        c.pixels + pixels)
+
+    def snapshot(self) -> DecodeCounts:
+        with self._lock:
+            return self._counts
+
+
+DECODE_COUNTS = _DecodeCounter()
 
 # --------------------------------------------------------------------------------------------------- text
 
@@ -101,6 +137,7 @@ def base64_image_bytes(data: str, *, max_bytes: int) -> bytes:
         raise ImageTooLarge(f"image is about {implied} bytes; the limit is {max_bytes} bytes")
     if len(payload) % 4:
         raise InvalidImage("image is not valid base64 (length is not a multiple of 4)")
+    DECODE_COUNTS.add(base64_bytes=len(payload))
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -264,12 +301,14 @@ def decode_image(data: bytes, limits: LimitSettings, *, target_size: int = 224) 
             try:
                 if is_jpeg:
                     img.draft("RGB", (target_size, target_size))
+                DECODE_COUNTS.add(image_decodes=1)
                 img.load()
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageTooLarge(f"image dimensions exceed the limit of {cap} pixels") from None
             except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
                 logger.debug("image decode failed: %s", type(exc).__name__)
                 raise InvalidImage("image data is truncated or corrupt") from None
+            DECODE_COUNTS.add(pixels=img.size[0] * img.size[1])
             out = _to_rgb(_exif_transpose(img))
             if out is img:  # detach the result from the file object being closed
                 out = img.copy()

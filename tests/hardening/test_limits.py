@@ -1,6 +1,7 @@
 """Hostile input over real HTTP (reliability B3, C1, C2, C3, D1, D2, D3): every case is a 4xx with its stable
-code, never a 5xx; the image cases are answered fast (server-side latency histogram) and the big-body and
-decompression-bomb cases without the server's memory growing (kernel peak-RSS mark, reset per case)."""
+code, never a 5xx; the image cases are refused before the work they would cost (the server's own decoding and
+model counters on /metrics) and the big-body and decompression-bomb cases without the server's memory growing
+(kernel peak-RSS mark, reset per case). No assertion reads a stopwatch against a fixed bound."""
 
 from __future__ import annotations
 
@@ -48,13 +49,18 @@ def error(r: httpx.Response) -> tuple[int, str]:
     return r.status_code, body["error"]["code"]
 
 
-def server_fast(server: Server, send: Callable[[], httpx.Response], within_s: float) -> httpx.Response:
-    """Send one request alone and check the server answered it within `within_s` (its own latency histogram)."""
-    le = {0.05: "0.05", 0.1: "0.1"}[within_s]
-    before = metric(server.metrics(), "el_request_latency_seconds_bucket", route="/v1/link", le=le)
+WORK = ("el_image_base64_bytes_decoded_total", "el_image_decodes_total", "el_image_pixels_decoded_total",
+        "el_model_invocations_total")
+
+
+def refused_early(server: Server, send: Callable[[], httpx.Response], **allowed: float) -> httpx.Response:
+    """Send one request alone; check it cost the server no decoding or model work beyond `allowed`
+    (e.g. `el_image_decodes_total=1` for a truncated image whose decode starts and fails)."""
+    before = server.metrics()
     r = send()
-    after = metric(server.metrics(), "el_request_latency_seconds_bucket", route="/v1/link", le=le)
-    assert after - before == 1, f"answered in more than {within_s} s"
+    after = server.metrics()
+    work = {name: metric(after, name) - metric(before, name) for name in WORK}
+    assert work == {name: allowed.get(name, 0) for name in WORK}, work
     return r
 
 
@@ -141,7 +147,7 @@ def test_c2_bad_or_oversized_base64(server: Server, client: httpx.Client) -> Non
         assert error(client.post("/v1/link", json={"mention": "x", "image": image})) == want, image
     # Over the image byte cap: refused from the base64 length, before anything is decoded.
     big = "A" * (MAX_IMAGE // 3 * 4 + 8)
-    r = server_fast(server, lambda: client.post("/v1/link", json={"mention": "x", "image": big}), 0.1)
+    r = refused_early(server, lambda: client.post("/v1/link", json={"mention": "x", "image": big}))
     assert error(r) == (413, "image_too_large")
     r = client.post("/v1/link", data={"mention": "x"}, files={"image": ("a.png", b"\x00" * (MAX_IMAGE + 1), "image/png")})
     assert error(r) == (413, "image_too_large")
@@ -196,10 +202,11 @@ def test_c3_caps_on_items_text_and_characters(client: httpx.Client) -> None:
 def test_d1_png_header_declaring_50000_squared(server: Server, client: httpx.Client) -> None:
     data = png_header(50_000, 50_000)
     assert len(data) < 70
-    r = server_fast(server, lambda: client.post("/v1/link", json={"mention": "x", "image": b64(data)}), 0.05)
+    r = refused_early(server, lambda: client.post("/v1/link", json={"mention": "x", "image": b64(data)}),
+                      el_image_base64_bytes_decoded_total=len(b64(data)))
     assert error(r) == (413, "image_too_large")
-    r = server_fast(server, lambda: client.post("/v1/link", data={"mention": "x"},
-                                                files={"image": ("bomb.png", data, "image/png")}), 0.05)
+    r = refused_early(server, lambda: client.post("/v1/link", data={"mention": "x"},
+                                                  files={"image": ("bomb.png", data, "image/png")}))
     assert error(r) == (413, "image_too_large")
 
 
@@ -216,18 +223,19 @@ def test_d2_small_png_that_decodes_to_144_megapixels(server: Server, client: htt
 
 
 def test_d3_broken_animated_and_disallowed_images(server: Server, client: httpx.Client, q42_jpeg: bytes) -> None:
-    cases = [
-        (q42_jpeg[: len(q42_jpeg) // 2], (422, "invalid_image")),  # truncated JPEG
-        (os.urandom(4096), (422, "invalid_image")),  # random bytes
-        (encoded("WEBP", animated=True), (422, "invalid_image")),  # animated, allowed format
-        (encoded("PNG", animated=True), (422, "invalid_image")),  # animated PNG
-        (encoded("GIF", animated=True), (415, "unsupported_image_format")),  # animated GIF
-        (encoded("BMP"), (415, "unsupported_image_format")),
-        (encoded("TIFF"), (415, "unsupported_image_format")),
-        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", (415, "unsupported_image_format")),
+    cases = [  # (image, answer, pixel decodes started: only the truncated JPEG gets as far as its scan)
+        (q42_jpeg[: len(q42_jpeg) // 2], (422, "invalid_image"), 1),  # truncated JPEG
+        (os.urandom(4096), (422, "invalid_image"), 0),  # random bytes
+        (encoded("WEBP", animated=True), (422, "invalid_image"), 0),  # animated, allowed format
+        (encoded("PNG", animated=True), (422, "invalid_image"), 0),  # animated PNG
+        (encoded("GIF", animated=True), (415, "unsupported_image_format"), 0),  # animated GIF
+        (encoded("BMP"), (415, "unsupported_image_format"), 0),
+        (encoded("TIFF"), (415, "unsupported_image_format"), 0),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", (415, "unsupported_image_format"), 0),
     ]
-    for data, want in cases:
-        r = server_fast(server, lambda d=data: client.post("/v1/link", json={"mention": "x", "image": b64(d)}), 0.1)
+    for data, want, decodes in cases:
+        r = refused_early(server, lambda d=data: client.post("/v1/link", json={"mention": "x", "image": b64(d)}),
+                          el_image_base64_bytes_decoded_total=len(b64(data)), el_image_decodes_total=decodes)
         assert error(r) == want, (data[:16], r.text)
     ok = client.post("/v1/link", json={"mention": "Douglas Adams", "image": b64(q42_jpeg)})
     assert ok.status_code == 200, ok.text
@@ -243,14 +251,19 @@ def test_no_5xx_from_any_of_the_above(server: Server) -> None:
 
 
 def test_b3_liveness_stays_fast_while_inference_saturates_the_cpu(server: Server) -> None:
+    """The probe is answered while batches are being linked, without waiting for one: its latency is bounded
+    relative to the batches' own, measured in this run on this machine (not by a fixed number of ms)."""
     stop = threading.Event()
-    served = [0]
+    batch_s: list[float] = []
 
     def load() -> None:
         items = [{"mention": m} for m in ("Douglas Adams", "Berlin", "Plato", "Lincoln") * 4]
         with server.client() as c:
             while not stop.is_set():
-                served[0] += c.post("/v1/link/batch", json={"items": items}).status_code == 200
+                t0 = time.perf_counter()
+                ok = c.post("/v1/link/batch", json={"items": items}).status_code == 200
+                if ok:
+                    batch_s.append(time.perf_counter() - t0)
 
     workers = [threading.Thread(target=load) for _ in range(3)]
     for w in workers:
@@ -258,10 +271,10 @@ def test_b3_liveness_stays_fast_while_inference_saturates_the_cpu(server: Server
     lat: list[float] = []
     gc.disable()  # a full collection of this test process's big fixtures would be billed to the server
     try:
-        time.sleep(0.5)
         with server.client() as c:
-            end = time.monotonic() + 3.0
-            while time.monotonic() < end:
+            give_up = time.monotonic() + 300  # only a hung server comes near this
+            while len(batch_s) < 6 or len(lat) < 100:
+                assert time.monotonic() < give_up, (len(batch_s), len(lat))
                 t0 = time.perf_counter()
                 assert c.get("/healthz").status_code == 200
                 lat.append(time.perf_counter() - t0)
@@ -271,6 +284,7 @@ def test_b3_liveness_stays_fast_while_inference_saturates_the_cpu(server: Server
         stop.set()
         for w in workers:
             w.join()
-    assert served[0] >= 3  # the CPU really was busy linking
     p99 = statistics.quantiles(lat, n=100)[98]
-    assert p99 < 0.05, (p99, max(lat), len(lat))
+    batch = statistics.median(batch_s)
+    # A probe stuck behind the pipeline would wait about a batch; a probe beside it waits a small fraction.
+    assert p99 < batch / 4, (p99, max(lat), len(lat), batch)

@@ -124,10 +124,9 @@ def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_store_dir
     assert metric(api, "el_jobs", state="running") == 1
     r = api.get(f"/v1/jobs/{job_id}/results")
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_finished" and "retry-after" in r.headers
-    # The online API keeps answering while the worker is busy.
-    t = time.monotonic()
+    # The online API keeps answering while the worker is busy: the link is answered before the job is done.
     assert api.post("/v1/link", json={"mention": "Berlin"}).status_code == 200
-    assert time.monotonic() - t < 5
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
     r = api.delete(f"/v1/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
     stored = db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", job_id)[0][0]
