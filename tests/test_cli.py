@@ -92,8 +92,8 @@ def test_if_missing_rebuilds_when_the_configured_kg_changed(tmp_path: Path, onnx
 
     again, again_inode, lines = if_missing()  # unchanged: kept
     assert again_inode == inode and again.version == first.version
-    assert lines == [f"index {first.version} already at {out}, built from the configured KG (3 entities); "
-                     "skipping the build"]
+    assert lines == [(f"index {first.version} already at {out}, built from the configured KG (3 entities); "
+                      "skipping the build")]
 
     size = kg.stat().st_size
     kg.write_text(kg.read_text().replace("river pilot", "river guide"))  # edited in place, same size
@@ -107,7 +107,7 @@ def test_if_missing_rebuilds_when_the_configured_kg_changed(tmp_path: Path, onnx
     other.write_text(json.dumps(rows[0]) + "\n")
     monkeypatch.setenv("EL_INDEX__KG", str(other))
     monkeypatch.setenv("EL_INDEX__ALLOW_SOURCE_MISMATCH", "true")
-    kept, kept_inode, _ = if_missing()  # serving another KG on purpose: the index is kept, with a warning
+    _, kept_inode, _ = if_missing()  # serving another KG on purpose: the index is kept, with a warning
     assert kept_inode == edited_inode
     assert any(r.levelname == "WARNING" and "kept because EL_INDEX__ALLOW_SOURCE_MISMATCH" in r.getMessage()
                for r in caplog.records)
