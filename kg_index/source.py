@@ -138,7 +138,11 @@ def check_source(recorded: dict[str, Any] | None, kg: str, data_dir: Path, limit
     if recorded is None:
         return SourceCheck("unknown", f"the index records no KG source (built before sources were recorded); "
                                       f"it cannot be checked against the configured KG {kg!r}")
-    built = KGSource.from_dict(recorded)
+    try:
+        built = KGSource.from_dict(recorded)
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited manifest: nothing to compare against
+        return SourceCheck("unknown", f"the index's recorded KG source is unreadable ({exc.__class__.__name__}); "
+                                      f"it cannot be checked against the configured KG {kg!r}")
     try:
         configured = kg_source(kg, data_dir, limit)
     except (OSError, ValueError) as exc:

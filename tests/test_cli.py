@@ -60,7 +60,8 @@ def test_build_index_over_a_users_jsonl_kg_and_link(tmp_path: Path, onnx_dir: Pa
 @pytest.mark.onnx
 def test_if_missing_rebuilds_when_the_configured_kg_changed(tmp_path: Path, onnx_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`el build-index --if-missing` (make serve, make eval) keeps an index built from the configured KG and
     rebuilds, saying why in one log line, when the KG file was edited (even in place, same size), another KG
     is configured, or the manifest records no source."""
@@ -115,6 +116,13 @@ def test_if_missing_rebuilds_when_the_configured_kg_changed(tmp_path: Path, onnx
     swapped, _, lines = if_missing()
     assert swapped.n_entities == 1 and swapped.source["location"] == str(other.resolve())
     assert len(lines) == 1 and f"built from {kg}" in lines[0] and f"configured KG is {other}" in lines[0]
+    monkeypatch.setenv("EL_INDEX__KG", str(kg))  # el eval (and bench) refuse it with the message, no traceback
+    capsys.readouterr()
+    assert main(["eval", "--limit", "1", "--no-teacher"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"el eval: {out / 'manifest.json'}: index {swapped.version} (1 entities) was built from "
+                          f"{other}") and "Traceback" not in err
+    monkeypatch.setenv("EL_INDEX__KG", str(other))
 
     raw = json.loads((out / "manifest.json").read_text())
     del raw["source"]  # as written before sources were recorded

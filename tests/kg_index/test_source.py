@@ -76,6 +76,8 @@ def test_unknown_when_nothing_is_recorded_or_the_source_is_gone(tmp_path: Path) 
     unrecorded = check_source(None, str(kg), tmp_path, None)
     assert unrecorded.status == "unknown" and "records no KG source" in unrecorded.message
     built = kg_source(str(kg), tmp_path).to_dict()
+    garbled = check_source({"kind": "jsonl"}, str(kg), tmp_path, None)
+    assert garbled.status == "unknown" and "recorded KG source is unreadable (KeyError)" in garbled.message
     kg.unlink()
     gone = check_source(built, str(kg), tmp_path, None)
     assert gone.status == "unknown" and "cannot be read" in gone.message and str(kg) in gone.message
