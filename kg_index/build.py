@@ -1,6 +1,7 @@
 """Build a versioned index directory from a KG.
 
-    folder/manifest.json        what, when, encoder signature, dims, counts, file checksums
+    folder/manifest.json        what, when, from which KG source (file sizes and hashes), encoder signature,
+                                dims, counts, file checksums
     folder/faiss.index          global vectors (inner product)
     folder/ids.json             row -> entity id (the id map)
     folder/entities.jsonl       row-ordered metadata: id, name, description, has_image
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from kg_index.manifest import Manifest, index_files, record_files
 from kg_index.records import Entity
+from kg_index.source import KGSource
 from models.contract import EncoderSpec
 from models.features import Featurizer, Projections, StudentFeaturizer
 from models.runtime import EncoderRuntime
@@ -107,8 +109,13 @@ def fit_projections(runtime: EncoderRuntime, entities: Sequence[Entity], *, loca
 
 def build_index(entities: Sequence[Entity], runtime: EncoderRuntime, out_dir: Path, *, kg: str,
                 local_dim: int = 96, image_global_dim: int = 128, name_weight: float = 0.5, image_weight: float = 0.5,
-                faiss_factory: str | None = None, batch_size: int = 64, progress: bool = True) -> Manifest:
-    """Encode every entity and write a complete, checksummed index folder at out_dir."""
+                faiss_factory: str | None = None, batch_size: int = 64, progress: bool = True,
+                source: KGSource | None = None) -> Manifest:
+    """Encode every entity and write a complete, checksummed index folder at out_dir.
+
+    `source` (kg_index.source.kg_source, taken before the entities were read) is recorded in the manifest so
+    that a later build or the service can tell whether the configured KG is still the one indexed.
+    """
     if not entities:
         raise ValueError(f"KG {kg!r} has no entities")
     ids = [e.id for e in entities]
@@ -122,7 +129,7 @@ def build_index(entities: Sequence[Entity], runtime: EncoderRuntime, out_dir: Pa
     try:
         manifest = _write_files(entities, runtime, tmp, kg=kg, local_dim=local_dim, image_global_dim=image_global_dim,
                                 name_weight=name_weight, image_weight=image_weight, faiss_factory=faiss_factory,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, source=source)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial build behind
         raise
@@ -141,7 +148,7 @@ def build_index(entities: Sequence[Entity], runtime: EncoderRuntime, out_dir: Pa
 
 def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path, *, kg: str, local_dim: int,
                  image_global_dim: int, name_weight: float, image_weight: float, faiss_factory: str | None,
-                 batch_size: int, progress: bool) -> Manifest:
+                 batch_size: int, progress: bool, source: KGSource | None) -> Manifest:
     """Encode the entities and write every index file and the manifest into tmp."""
     spec: EncoderSpec = runtime.spec
     n, t = len(entities), spec.max_tokens
@@ -211,6 +218,7 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
         version="", built_at=built.isoformat(timespec="seconds"), kg=kg, encoder=asdict(spec),
         encoder_signature=spec.signature(), n_entities=n, n_images=with_image, global_dim=global_dim,
         local_dim=local_dim, max_tokens=t, image_patches=patches, faiss_factory=factory, heads=spec.heads,
+        source=source.to_dict() if source is not None else None,
     )
     record_files(manifest, tmp, list(index_files(spec.heads)))
     digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()[:8]

@@ -35,6 +35,10 @@ class Manifest:
     files: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "bytes"}
     format_version: int = FORMAT_VERSION
     heads: str = ""  # "" zero-shot features; "student@<digest>" the trained student's (EncoderSpec.heads)
+    # Where the entities came from: KGSource.to_dict() (kg_index/source.py), with the kind, the resolved
+    # location, each source file's size and hash, and the fingerprint. None in manifests written before
+    # sources were recorded, and for indexes built from entities handed to build_index without one.
+    source: dict | None = None
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

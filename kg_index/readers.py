@@ -217,6 +217,39 @@ def read_mel_kb(data_dir: Path, long_attributes: bool = False) -> list[Entity]:
     return entities
 
 
+def mel_kb_sources(data_dir: Path, long_attributes: bool = False) -> tuple[list[Path], list[Path]]:
+    """What `read_mel_kb` reads under `data_dir`: (the KB and annotation files, the image folders it lists).
+
+    Kept beside read_mel_kb so that the two change together: the index manifest fingerprints exactly these
+    (kg_index/source.py). Raises FileNotFoundError as read_mel_kb would.
+    """
+    data_dir = Path(data_dir)
+    present = [ds for ds in DATASETS if (data_dir / DATASET_DIRS[ds]).is_dir()]
+    if not present:
+        raise FileNotFoundError(
+            f"no MEL dataset folder ({', '.join(DATASET_DIRS.values())}) under {data_dir}; {_DOWNLOAD_HINT}"
+        )
+    files: list[Path] = []
+    listed: list[Path] = []
+    if "wikimel" in present:
+        folder = data_dir / DATASET_DIRS["wikimel"]
+        annotations = next((folder / n for n in WIKIMEL_ANNOTATION_FILES if (folder / n).is_file()), None)
+        if annotations is None:
+            raise FileNotFoundError(f"none of {WIKIMEL_ANNOTATION_FILES} in {folder}; {_DOWNLOAD_HINT}")
+        files += [folder / "qid2ne.json", folder / "qid2abs.json", annotations]
+    if "richpedia" in present:
+        folder = data_dir / DATASET_DIRS["richpedia"]
+        files += [folder / "qid2ne.json", folder / ("qid2abs_long.json" if long_attributes else "qid2abs.json")]
+        files += [p for p in (folder / "img_list.json",) if p.is_file()] + _richpedia_files(folder)
+        listed.append(folder / "images")
+    if "wikidiverse" in present:
+        files.append(data_dir / DATASET_DIRS["wikidiverse"] / "WikiDiverse.json")
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; {_DOWNLOAD_HINT}")
+    return files, listed
+
+
 def _richpedia_images(folder: Path, qid2ne: dict[str, str]) -> dict[str, Path]:
     """QID -> local entity image. img_list.json names raw_data/imgs/<QID>.jpg; the local copies sit in images/."""
     img_list = folder / "img_list.json"

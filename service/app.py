@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from kg_index.manifest import IndexIntegrityError
 from service.admission import Admission
 from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.errors import ELError
@@ -36,6 +37,10 @@ def _load(state: AppState, factory: LinkerFactory) -> None:
     try:
         linker = factory(state.settings)
         linker.warm_up()
+    except IndexIntegrityError as exc:  # the message names the file (and both KGs): no traceback needed
+        logger.error("start-up failed: %s", exc)
+        state.load_error = f"start-up failed: {exc}"
+        return
     except Exception as exc:  # a broken index or model must not take liveness down; readiness reports it
         logger.exception("start-up failed")
         state.load_error = f"start-up failed: {exc}"

@@ -23,26 +23,46 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _build_index(settings: Settings, args: argparse.Namespace) -> int:
-    from kg_index.manifest import IndexIntegrityError, Manifest
     from service.indexing import build_configured_index
 
     if args.if_missing:
-        from service.indexing import export_encoders
-
-        signature = export_encoders(settings).spec.signature()
-        try:
-            m = Manifest.read(settings.index.dir)
-            if m.encoder_signature == signature:
-                logger.info("index %s already at %s; skipping the build", m.version, settings.index.dir)
-                return 0
-            logger.info("index at %s was built with encoders %s, not %s: rebuilding", settings.index.dir,
-                        m.encoder_signature, signature)
-        except IndexIntegrityError:
-            pass
+        reason = _why_rebuild(settings)
+        if reason is None:
+            return 0
+        logger.info("%s; building the index", reason)
     m = build_configured_index(settings)
     print(json.dumps({"version": m.version, "dir": str(settings.index.dir), "entities": m.n_entities,
                       "images": m.n_images, "faiss": m.faiss_factory}))
     return 0
+
+
+def _why_rebuild(settings: Settings) -> str | None:
+    """Why the index at EL_INDEX__DIR cannot be kept (one line for the log), or None to keep it (logged)."""
+    from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest
+    from service.indexing import check_index_source, export_encoders
+
+    folder = settings.index.dir
+    if not (folder / MANIFEST).is_file():
+        return f"no index at {folder}"
+    try:
+        m = Manifest.read(folder)
+    except IndexIntegrityError as exc:
+        return str(exc)
+    signature = export_encoders(settings).spec.signature()
+    if m.encoder_signature != signature:
+        return f"index {m.version} at {folder} was built with encoders {m.encoder_signature}, not {signature}"
+    check = check_index_source(settings, m)
+    if check.status == "unknown":
+        return f"index {m.version} at {folder}: {check.message}"
+    if check.status == "mismatch":
+        if not settings.index.allow_source_mismatch:
+            return f"index {m.version} at {folder} ({m.n_entities} entities) was {check.message}"
+        logger.warning("index %s at %s was %s; kept because EL_INDEX__ALLOW_SOURCE_MISMATCH is set", m.version,
+                       folder, check.message)
+        return None
+    logger.info("index %s already at %s, built from the configured KG (%d entities); skipping the build",
+                m.version, folder, m.n_entities)
+    return None
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
@@ -143,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve the HTTP API on EL_HOST:EL_PORT").set_defaults(fn=_serve)
     b = sub.add_parser("build-index", help="export the encoders and build the index at EL_INDEX__DIR")
-    b.add_argument("--if-missing", action="store_true", help="do nothing when an index is already there")
+    b.add_argument("--if-missing", action="store_true", help="keep the index already there when it was built with "
+                   "the configured encoders from the configured KG (same file contents); else rebuild")
     b.set_defaults(fn=_build_index)
     e = sub.add_parser("eval", help="evaluate on a benchmark split (writes reports/eval-<dataset>-<split>.json)")
     e.add_argument("--dataset", default="wikimel", choices=["wikimel", "richpedia", "wikidiverse"])
@@ -191,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    return args.fn(settings, args)
+    from kg_index.manifest import IndexIntegrityError
+
+    try:
+        return args.fn(settings, args)
+    except IndexIntegrityError as exc:  # a refused index (el eval, el bench): the message says which and why
+        print(f"el {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class IndexSettings(BaseModel):
     name_view_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the name-only view in the text block.")
     build_batch_size: int = Field(64, ge=1, le=4096, description="Entities encoded per batch during a build.")
     limit: int | None = Field(None, ge=1, description="Build from the first N entities only (tests, demos).")
+    allow_source_mismatch: bool = Field(
+        False, description="Serve an index built from another KG than the configured one (EL_INDEX__KG, "
+                           "EL_DATA_DIR, EL_INDEX__LIMIT), with a warning in the log and in /readyz's detail, "
+                           "instead of refusing it; `el build-index --if-missing` then keeps it too.")
 
 
 class RerankSettings(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from kg_index.load import load_index
+from kg_index.manifest import Manifest
 from service.evaluation import SystemScores, evaluate, exact_name_ranks, format_table, write_report
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery
@@ -52,6 +54,82 @@ def test_build_index_over_a_users_jsonl_kg_and_link(tmp_path: Path, onnx_dir: Pa
     again = subprocess.run([sys.executable, "-m", "service", "build-index", "--if-missing"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0 and load_index(out).version == index.version  # nothing rebuilt
+
+
+@pytest.mark.slow
+@pytest.mark.onnx
+def test_if_missing_rebuilds_when_the_configured_kg_changed(tmp_path: Path, onnx_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`el build-index --if-missing` (make serve, make eval) keeps an index built from the configured KG and
+    rebuilds, saying why in one log line, when the KG file was edited (even in place, same size), another KG
+    is configured, or the manifest records no source."""
+    from kg_index.source import kg_source
+    from service.cli import main
+
+    kg, out = tmp_path / "my_kg.jsonl", tmp_path / "index"
+    rows = [{"id": "X1", "name": "Zorvathine Quellmarch", "description": "glass sculptor"},
+            {"id": "X2", "name": "Ombrelt Tessavine", "description": "lighthouse keeper"},
+            {"id": "X3", "name": "Pellory Vance", "description": "river pilot"}]
+    kg.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for var, value in {"EL_INDEX__KG": str(kg), "EL_INDEX__DIR": str(out), "EL_ENCODER__ONNX_DIR": str(onnx_dir)}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("EL_INDEX__ALLOW_SOURCE_MISMATCH", raising=False)
+    caplog.set_level(logging.INFO)
+
+    def if_missing() -> tuple[Manifest, int, list[str]]:
+        caplog.clear()
+        assert main(["build-index", "--if-missing"]) == 0
+        lines = [r.getMessage() for r in caplog.records if r.name == "service.cli"]
+        return Manifest.read(out), (out / "manifest.json").stat().st_ino, lines
+
+    first, inode, lines = if_missing()
+    assert lines == [f"no index at {out}; building the index"]
+    assert first.n_entities == 3 and first.kg == str(kg)
+    assert first.source["kind"] == "jsonl" and first.source["location"] == str(kg.resolve())
+    assert first.source["files"][0]["bytes"] == kg.stat().st_size
+    assert first.source["fingerprint"] == kg_source(str(kg), tmp_path).fingerprint
+
+    again, again_inode, lines = if_missing()  # unchanged: kept
+    assert again_inode == inode and again.version == first.version
+    assert lines == [(f"index {first.version} already at {out}, built from the configured KG (3 entities); "
+                      "skipping the build")]
+
+    size = kg.stat().st_size
+    kg.write_text(kg.read_text().replace("river pilot", "river guide"))  # edited in place, same size
+    assert kg.stat().st_size == size
+    edited, edited_inode, lines = if_missing()
+    assert edited_inode != inode and edited.source["fingerprint"] != first.source["fingerprint"]
+    assert len(lines) == 1 and lines[0].startswith(f"index {first.version} at {out} (3 entities) was built from {kg}")
+    assert lines[0].endswith("my_kg.jsonl changed content (same size); building the index")
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(rows[0]) + "\n")
+    monkeypatch.setenv("EL_INDEX__KG", str(other))
+    monkeypatch.setenv("EL_INDEX__ALLOW_SOURCE_MISMATCH", "true")
+    _, kept_inode, _ = if_missing()  # serving another KG on purpose: the index is kept, with a warning
+    assert kept_inode == edited_inode
+    assert any(r.levelname == "WARNING" and "kept because EL_INDEX__ALLOW_SOURCE_MISMATCH" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.delenv("EL_INDEX__ALLOW_SOURCE_MISMATCH")
+    swapped, _, lines = if_missing()
+    assert swapped.n_entities == 1 and swapped.source["location"] == str(other.resolve())
+    assert len(lines) == 1 and f"built from {kg}" in lines[0] and f"configured KG is {other}" in lines[0]
+    monkeypatch.setenv("EL_INDEX__KG", str(kg))  # el eval (and bench) refuse it with the message, no traceback
+    capsys.readouterr()
+    assert main(["eval", "--limit", "1", "--no-teacher"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"el eval: {out / 'manifest.json'}: index {swapped.version} (1 entities) was built from "
+                          f"{other}") and "Traceback" not in err
+    monkeypatch.setenv("EL_INDEX__KG", str(other))
+
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["source"]  # as written before sources were recorded
+    (out / "manifest.json").write_text(json.dumps(raw))
+    rebuilt, _, lines = if_missing()
+    assert rebuilt.source is not None
+    assert len(lines) == 1 and "records no KG source" in lines[0] and lines[0].endswith("; building the index")
 
 
 def test_bad_jsonl_line_fails_the_build_naming_the_line(tmp_path: Path, onnx_dir: Path) -> None:

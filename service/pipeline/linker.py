@@ -43,15 +43,25 @@ class Snapshot:
     index: KGIndex
     featurizer: Featurizer | StudentFeaturizer
     kg_terms: KGTerms
+    source_warning: str | None = None  # served although built from another KG (EL_INDEX__ALLOW_SOURCE_MISMATCH)
 
 
-def make_snapshot(runtime: EncoderRuntime, index: KGIndex) -> Snapshot:
+def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None) -> Snapshot:
     """Mentions are encoded the way the index encoded its entities: the student's encoders or zero-shot."""
     terms = KGTerms(index.entities)
     if index.heads:
-        return Snapshot(index, StudentFeaturizer(runtime, "mention"), terms)
+        return Snapshot(index, StudentFeaturizer(runtime, "mention"), terms, source_warning)
     assert index.projections is not None
-    return Snapshot(index, Featurizer(runtime, index.projections), terms)
+    return Snapshot(index, Featurizer(runtime, index.projections), terms, source_warning)
+
+
+def load_checked_index(settings: Settings, runtime: EncoderRuntime, folder: Path) -> tuple[KGIndex, str | None]:
+    """The index at folder, refused (KGSourceMismatch) when it was built from another KG than the configured
+    one, before the costlier file checks; also the warning to show when such an index is served on purpose."""
+    from service.indexing import require_configured_source
+
+    warning = require_configured_source(settings, folder)
+    return load_index(folder, encoder_signature=runtime.spec.signature()), warning
 
 
 @dataclass
@@ -79,13 +89,14 @@ RERANK_TERMS = {
 
 
 class Linker:
-    def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex) -> None:
+    def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex,
+                 source_warning: str | None = None) -> None:
         self.settings = settings
         self.runtime = runtime
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
         self.rerank = rerank_config(settings)
         self.device = pick_device(settings.rerank.device)
-        self._snapshot = make_snapshot(runtime, index)
+        self._snapshot = make_snapshot(runtime, index, source_warning)
         self._swap_lock = threading.Lock()
 
     @classmethod
@@ -99,18 +110,23 @@ class Linker:
             import torch
 
             torch.set_num_threads(settings.rerank.torch_threads)
-        index = load_index(settings.index.dir, encoder_signature=runtime.spec.signature())
-        return cls(settings, runtime, index)
+        index, warning = load_checked_index(settings, runtime, settings.index.dir)
+        return cls(settings, runtime, index, warning)
 
     @property
     def index(self) -> KGIndex:
         return self._snapshot.index
 
+    @property
+    def source_warning(self) -> str | None:
+        """Set while serving an index built from another KG on purpose (EL_INDEX__ALLOW_SOURCE_MISMATCH)."""
+        return self._snapshot.source_warning
+
     def swap_index(self, folder: Path) -> KGIndex:
         """Load and verify folder, then switch to it atomically; the old index stays in use on failure."""
         with self._swap_lock:
-            new = load_index(folder, encoder_signature=self.runtime.spec.signature())
-            self._snapshot = make_snapshot(self.runtime, new)
+            new, warning = load_checked_index(self.settings, self.runtime, folder)
+            self._snapshot = make_snapshot(self.runtime, new, warning)
         logger.info("index swapped to %s", new.version)
         return new
 

@@ -26,8 +26,10 @@ async def readyz(request: Request) -> Response:
     if not state.ready or state.linker is None:
         body = HealthResponse(status="failed" if state.load_error else "loading", detail=state.load_error)
         return JSONResponse(body.model_dump(), status_code=503)
+    # detail: set only while an index built from another KG is served on purpose (EL_INDEX__ALLOW_SOURCE_MISMATCH).
     return JSONResponse(HealthResponse(status="ready", index_version=state.linker.index.version,
-                                       model_version=state.linker.model_version).model_dump())
+                                       model_version=state.linker.model_version,
+                                       detail=state.linker.source_warning).model_dump())
 
 
 @router.get("/metrics", response_class=Response)

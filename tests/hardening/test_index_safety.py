@@ -202,3 +202,89 @@ def test_concurrent_reload_is_refused(settings, linker, tmp_path: Path) -> None:
         r = c.post("/v1/admin/reload")
         assert r.status_code == 409
         assert r.json() == {"error": {"code": "conflict", "message": "an index reload is already running"}}
+
+
+# ------------------------------------------------------------------ an index built from another KG (issue 20)
+
+
+@pytest.fixture(scope="module")
+def jsonl_index(runtime, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-entity index over a user's JSONL KG, with its source recorded as `el build-index` records it."""
+    from kg_index.build import build_index
+    from kg_index.readers import read_jsonl_kg
+    from kg_index.source import kg_source
+
+    folder = tmp_path_factory.mktemp("own-kg")
+    kg = folder / "my_kg.jsonl"
+    kg.write_text('{"id": "X1", "name": "Zorvathine Quellmarch", "description": "glass sculptor"}\n'
+                  '{"id": "X2", "name": "Ombrelt Tessavine", "description": "lighthouse keeper"}\n'
+                  '{"id": "X3", "name": "Pellory Vance", "description": "river pilot"}\n')
+    out = folder / "index"
+    build_index(read_jsonl_kg(kg), runtime, out, kg=str(kg), progress=False, source=kg_source(str(kg), folder))
+    return out
+
+
+def _own_kg_settings(settings, index_dir: Path, tmp_path: Path, **index: object):
+    """The test settings (EL_INDEX__KG=mel over the benchmark folder) serving index_dir."""
+    return settings.model_copy(update={"jobs": JobSettings(dir=tmp_path / "jobs"),
+                                       "index": settings.index.model_copy(update={"dir": index_dir, **index})})
+
+
+def _readyz_after_loading(c: TestClient) -> httpx.Response:
+    deadline = time.monotonic() + 120
+    while (r := c.get("/readyz")).status_code == 503 and r.json()["status"] == "loading":
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+    return r
+
+
+def test_index_from_another_kg_is_refused_at_start_naming_both(settings, jsonl_index: Path, mel_dir: Path,
+                                                               tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from kg_index.manifest import Manifest
+
+    version = Manifest.read(jsonl_index).version
+    kg = jsonl_index.parent / "my_kg.jsonl"
+    with TestClient(create_app(_own_kg_settings(settings, jsonl_index, tmp_path))) as c:
+        r = _readyz_after_loading(c)
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        detail = r.json()["detail"]
+        assert detail.startswith(f"start-up failed: {jsonl_index / 'manifest.json'}: index {version} (3 entities) "
+                                 f"was built from {kg} (fingerprint ")
+        assert f"but the configured KG is the MEL KBs under {mel_dir} (fingerprint " in detail
+        assert detail.endswith("a jsonl KG, not a mel one; rebuild it (make index, or el build-index --if-missing) "
+                               "or set EL_INDEX__ALLOW_SOURCE_MISMATCH=true to serve it anyway")
+        assert c.post("/v1/link", json={"mention": "Zorvathine"}).status_code == 503
+    logged = [rec for rec in caplog.records if rec.name == "service.app" and rec.levelname == "ERROR"]
+    assert [rec.getMessage() for rec in logged] == [detail]
+    assert logged[0].exc_info is None  # a message, not a traceback
+
+
+def test_index_from_another_kg_served_on_purpose_says_so_in_readyz(settings, jsonl_index: Path, mel_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    s = _own_kg_settings(settings, jsonl_index, tmp_path, allow_source_mismatch=True)
+    with TestClient(create_app(s)) as c:
+        r = _readyz_after_loading(c)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] == "ready"
+        assert body["detail"].startswith(f"serving index {body['index_version']} (3 entities) built from "
+                                         f"{jsonl_index.parent / 'my_kg.jsonl'}")
+        assert str(mel_dir) in body["detail"] and body["detail"].endswith("(EL_INDEX__ALLOW_SOURCE_MISMATCH)")
+        linked = c.post("/v1/link", json={"mention": "Zorvathine Quellmarch"})
+        assert linked.status_code == 200 and linked.json()["entities"][0]["id"] == "X1"
+
+
+def test_reload_to_an_index_from_another_kg_is_refused(settings, linker, jsonl_index: Path, tmp_path: Path) -> None:
+    app = create_app(settings.model_copy(update={"jobs": JobSettings(dir=tmp_path / "jobs")}),
+                     linker_factory=lambda _: linker)
+    with TestClient(app) as c:
+        before = _readyz_after_loading(c).json()
+        assert before["status"] == "ready" and before["detail"] is None
+        r = c.post("/v1/admin/reload", json={"index_dir": str(jsonl_index)})
+        assert r.status_code == 422
+        err = r.json()["error"]
+        assert err["code"] == "invalid_index"
+        assert err["message"].startswith(f"index refused, still serving {before['index_version']}: "
+                                         f"{jsonl_index / 'manifest.json'}: index ")
+        assert "was built from" in err["message"] and "but the configured KG is the MEL KBs under" in err["message"]
+        assert c.get("/readyz").json() == before  # still serving the old index
