@@ -24,10 +24,10 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
 
 def _build_index(settings: Settings, args: argparse.Namespace) -> int:
     from kg_index.manifest import IndexIntegrityError, Manifest
-    from service.indexing import build_configured_index
+    from service.offline.indexing import build_configured_index
 
     if args.if_missing:
-        from service.indexing import export_encoders
+        from service.encoders import export_encoders
 
         signature = export_encoders(settings).spec.signature()
         try:
@@ -46,7 +46,7 @@ def _build_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
-    from service.evaluation import evaluate, format_table, write_report
+    from service.offline.evaluation import evaluate, format_table, write_report
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
@@ -58,7 +58,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from service.bench import run_bench, write_bench
+    from service.offline.bench import run_bench, write_bench
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)

@@ -91,7 +91,7 @@ class Linker:
     @classmethod
     def from_settings(cls, settings: Settings) -> Linker:
         """Export the encoders if needed, load and verify the index, return a ready Linker."""
-        from service.indexing import export_encoders
+        from service.encoders import export_encoders
 
         runtime = export_encoders(settings)
         if settings.rerank.torch_threads:

@@ -102,7 +102,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
         systems[name]["ms_per_mention"] = round(ms, 3)
     extra: dict = {}
     if index.heads and teacher:
-        from service.evaluation_teacher import encode_timing, teacher_exhaustive
+        from service.offline.evaluation_teacher import encode_timing, teacher_exhaustive
 
         out = teacher_exhaustive(linker, data_dir, dataset, split, mentions)
         if out is not None:

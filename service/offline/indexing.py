@@ -8,19 +8,10 @@ from pathlib import Path
 from kg_index.build import build_index
 from kg_index.manifest import Manifest
 from kg_index.readers import read_kg
-from models.export import ensure_exported
-from models.runtime import EncoderRuntime
+from service.encoders import export_encoders
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def export_encoders(settings: Settings) -> EncoderRuntime:
-    enc = settings.encoder
-    ensure_exported(enc.onnx_dir, text=enc.text_backbone, image=enc.image_backbone, clip_path=enc.clip_path,
-                    max_tokens=enc.max_tokens, image_size=enc.image_size, heads=enc.student_weights(),
-                    quantize=enc.quantize_int8)
-    return EncoderRuntime(enc.onnx_dir, device=enc.device, threads=enc.intra_op_threads)
 
 
 def build_configured_index(settings: Settings, *, out_dir: Path | None = None, progress: bool = True) -> Manifest:
