@@ -33,6 +33,7 @@ from kg_index.readers import read_mel_kb, read_mentions
 from models.checkpoint import load_model, save_model
 from models.feature_cache import CachedItems, InnerLayerText, blank_image_features, build_cache, inner_backbone
 from models.otmel import HeadConfig, OTMELModel, row_kl
+from models.rank_metrics import rank_metrics
 from models.runtime import EncoderRuntime
 from models.student import OTMELStudent, StudentConfig, layer_config_of
 from models.teacher import OTMELTeacher, TeacherConfig
@@ -362,10 +363,9 @@ def dev_metrics(model: OTMELModel, data: Data, cfg: TrainConfig, dev: CachedItem
         for i, j in enumerate(idx):
             hit = np.flatnonzero(rows[i] == gold[j])
             ranks.append(0 if len(hit) == 0 else 1 + int((overall[i] > overall[i, hit[0]]).sum()))
-    r = np.asarray(ranks)
-    rr = np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0)
-    return {"dev_retrieval_h1": float(np.mean(full_rank == 1)), "dev_retrieval_mrr": float(np.mean(1.0 / full_rank)),
-            "dev_h1": float(np.mean(r == 1)), "dev_mrr": float(rr.mean())}
+    retrieval, reranked = rank_metrics(full_rank), rank_metrics(ranks)
+    return {"dev_retrieval_h1": retrieval["h@1"], "dev_retrieval_mrr": retrieval["mrr"],
+            "dev_h1": reranked["h@1"], "dev_mrr": reranked["mrr"]}
 
 
 # ---------------------------------------------------------------- entry point
