@@ -131,7 +131,8 @@ def _link_file(settings: Settings, args: argparse.Namespace) -> int:
 def _train(settings: Settings, args: argparse.Namespace) -> int:
     from models.export import ensure_exported
     from models.runtime import EncoderRuntime
-    from models.train import TrainConfig, run
+    from models.train import TrainConfig
+    from service.offline.training import run
 
     enc = settings.encoder
     ensure_exported(enc.onnx_dir, text=enc.text_backbone, image=enc.image_backbone, clip_path=enc.clip_path,
