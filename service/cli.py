@@ -1,4 +1,6 @@
-"""The `el` command: serve, build-index, eval, bench, train, tune-weights, link-file. Settings come from EL_ variables (see README)."""
+"""The `el` command: serve, build-index, eval, bench, train, tune-weights, link-file.
+
+Settings come from EL_ variables (see README); the offline commands run service/offline/."""
 
 from __future__ import annotations
 
