@@ -1,6 +1,7 @@
 """`make train`: the OT-MEL teacher, then the distilled student, on cached frozen backbone features.
 
-  1. cache   MiniLM token states and EfficientNet features for the KB and the benchmark splits (once)
+  1. cache   MiniLM token states and EfficientNet features for the KB and the benchmark splits (once; the `el train`
+             entry point, service/offline/training.py, reads the data and builds `Data`; this module never reads it)
   2. teacher in-batch contrastive cross-entropy per unit (text, visual, fusion), on the overall score and on
              the retrieval (separable) score; hard negatives mined from the current model each epoch
   3. student the same task losses + row- and column-wise KL(teacher plan || student attention) on the text
@@ -29,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kg_index.readers import read_mel_kb, read_mentions
 from models.checkpoint import load_model, save_model
-from models.feature_cache import CachedItems, InnerLayerText, blank_image_features, build_cache, inner_backbone
+from models.contract import EncoderSpec
+from models.feature_cache import CachedItems
 from models.otmel import HeadConfig, OTMELModel, row_kl
-from models.runtime import EncoderRuntime
+from models.rank_metrics import rank_metrics
 from models.student import OTMELStudent, StudentConfig, layer_config_of
 from models.teacher import OTMELTeacher, TeacherConfig
 
@@ -106,37 +107,8 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- data
 
 
-def prepare(cfg: TrainConfig, runtime: EncoderRuntime, depth: StudentConfig) -> Data:
-    """Cache the KB and the splits' backbone features (progress bars), map answers to KB rows; for a shallow
-    student (`depth`), also its mention inputs: the splits' states of its frozen layer."""
-    from kg_index.build import load_entity_image
-
-    kb_entities = read_mel_kb(cfg.data_dir)
-    kb = build_cache(runtime, cfg.cache_dir / "kb", [e.id for e in kb_entities], [e.name for e in kb_entities],
-                     [e.description for e in kb_entities], [e.image for e in kb_entities], desc="caching KB",
-                     load_image=load_entity_image)
-    row = {eid: i for i, eid in enumerate(kb.ids)}
-
-    def split_cache(ds: str, sp: str, inner: InnerLayerText | None = None) -> CachedItems:
-        ms = [m for m in read_mentions(cfg.data_dir, ds, sp) if m.answer in row]
-        suffix = f"-layer{inner.layer}" if inner else ""
-        return build_cache(runtime, cfg.cache_dir / f"{ds}-{sp}{suffix}", [m.id for m in ms], [m.mention for m in ms],
-                           [m.context for m in ms], [m.image for m in ms], [m.answer for m in ms],
-                           desc=f"caching {ds} {sp}{suffix}", load_image=load_entity_image, inner=inner)
-
-    train = _concat([split_cache(ds, sp) for ds, sp in cfg.train_splits])
-    dev = split_cache(*DEV_SPLIT)
-    data = Data(kb, train, dev, np.asarray([row[g] for g in train.gold]), np.asarray([row[g] for g in dev.gold]),
-                blank_image_features(runtime))
-    if depth.mention_layers:
-        data.inner_bert = inner_backbone(runtime)
-        inner = InnerLayerText(runtime, data.inner_bert, depth.frozen_layers)
-        data.student_mentions = (_concat([split_cache(ds, sp, inner) for ds, sp in cfg.train_splits]),
-                                 split_cache(*DEV_SPLIT, inner))
-    return data
-
-
-def _concat(parts: list[CachedItems]) -> CachedItems:
+def concat_items(parts: list[CachedItems]) -> CachedItems:
+    """One CachedItems of several (the training splits), image rows renumbered."""
     if len(parts) == 1:
         return parts[0]
     offsets = np.cumsum([0] + [len(p.image_global) for p in parts[:-1]])
@@ -362,28 +334,25 @@ def dev_metrics(model: OTMELModel, data: Data, cfg: TrainConfig, dev: CachedItem
         for i, j in enumerate(idx):
             hit = np.flatnonzero(rows[i] == gold[j])
             ranks.append(0 if len(hit) == 0 else 1 + int((overall[i] > overall[i, hit[0]]).sum()))
-    r = np.asarray(ranks)
-    rr = np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0)
-    return {"dev_retrieval_h1": float(np.mean(full_rank == 1)), "dev_retrieval_mrr": float(np.mean(1.0 / full_rank)),
-            "dev_h1": float(np.mean(r == 1)), "dev_mrr": float(rr.mean())}
+    retrieval, reranked = rank_metrics(full_rank), rank_metrics(ranks)
+    return {"dev_retrieval_h1": retrieval["h@1"], "dev_retrieval_mrr": retrieval["mrr"],
+            "dev_h1": reranked["h@1"], "dev_mrr": reranked["mrr"]}
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+def student_depth(cfg: TrainConfig) -> StudentConfig:
+    """The student's mention-side depth; built before any data, so that a bad one fails before minutes of caching."""
+    return StudentConfig(mention_layers=cfg.student_mention_layers, tuned_layers=cfg.student_tuned_layers)
+
+
+def train(cfg: TrainConfig, spec: EncoderSpec, data: Data, depth: StudentConfig, *, cache_s: float = 0.0) -> dict:
+    """Train the teacher (unless cfg.student_only), then distil the student, on `data` (cached features, prepared by
+    the `el train` entry point: service/offline/training.py); `cache_s`: seconds the caching took, for the log."""
     t0 = time.perf_counter()
-    # The student's depth first: a bad one fails before minutes of caching.
-    depth = StudentConfig(mention_layers=cfg.student_mention_layers, tuned_layers=cfg.student_tuned_layers)
-    data = prepare(cfg, runtime, depth)
-    cache_s = time.perf_counter() - t0
-    logger.info("features ready in %.0fs: %d training mentions, %d dev, %d KB entities", cache_s,
-                len(data.train_gold), len(data.dev_gold), len(data.kb))
     blank_g, blank_p = (torch.from_numpy(a) for a in data.blank)
 
-    spec = runtime.spec
     head = HeadConfig(text_dim=spec.text_dim, image_dim=max(spec.image_dim, 1), image_patches=max(spec.image_patches, 1),
                       dropout=cfg.dropout)
     common = {"trained_on": [f"{d}-{s}" for d, s in cfg.train_splits], "n_train": len(data.train_gold),
@@ -408,7 +377,7 @@ def run(cfg: TrainConfig, runtime: EncoderRuntime, *, threads: int = 0) -> dict:
     s_hist = train_model(student, data, cfg, epochs=cfg.student_epochs, name="student", teacher=teacher)
     save_model(student, cfg.weights_dir / "student.pt",
                {"kind": "student", **common, "best_epoch": s_hist.best_epoch, "dev_mrr": round(s_hist.best_mrr, 4)})
-    total = time.perf_counter() - t0
+    total = cache_s + time.perf_counter() - t0
     summary = {
         "trained_on": common["trained_on"], "n_train": common["n_train"],
         "dev": f"{DEV_SPLIT[0]}-{DEV_SPLIT[1]}", "cache_s": round(cache_s, 1),

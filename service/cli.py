@@ -1,4 +1,6 @@
-"""The `el` command: serve, build-index, eval, bench, link-file. Settings come from EL_ variables (see README)."""
+"""The `el` command: serve, build-index, eval, bench, train, tune-weights, link-file.
+
+Settings come from EL_ variables (see README); the offline commands run service/offline/."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _build_index(settings: Settings, args: argparse.Namespace) -> int:
-    from service.indexing import build_configured_index
+    from service.offline.indexing import build_configured_index
 
     if args.if_missing:
         reason = _why_rebuild(settings)
@@ -39,7 +41,8 @@ def _build_index(settings: Settings, args: argparse.Namespace) -> int:
 def _why_rebuild(settings: Settings) -> str | None:
     """Why the index at EL_INDEX__DIR cannot be kept (one line for the log), or None to keep it (logged)."""
     from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest
-    from service.indexing import check_index_source, export_encoders
+    from service.encoders import export_encoders
+    from service.index_source import check_index_source
 
     folder = settings.index.dir
     if not (folder / MANIFEST).is_file():
@@ -66,7 +69,7 @@ def _why_rebuild(settings: Settings) -> str | None:
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
-    from service.evaluation import evaluate, format_table, write_report
+    from service.offline.evaluation import evaluate, format_table, write_report
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
@@ -78,7 +81,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from service.bench import run_bench, write_bench
+    from service.offline.bench import run_bench, write_bench
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
@@ -88,6 +91,19 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     write_bench(report, out)
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def _tune_weights(settings: Settings, args: argparse.Namespace) -> int:
+    from service.offline.tuning import tune
+    from service.pipeline.linker import Linker
+
+    result = tune(Linker.from_settings(settings), args.datasets, args.split, limit=args.limit, ot_weight=args.ot_weight)
+    for ds, recall in result["recall"].items():
+        print(f"{ds}: recall@{result['candidates']} of the retrieval {recall:.4f}")
+    for row in result["rows"]:
+        print(json.dumps(row))
+    print(result["settings"])
     return 0
 
 
@@ -138,7 +154,8 @@ def _link_file(settings: Settings, args: argparse.Namespace) -> int:
 def _train(settings: Settings, args: argparse.Namespace) -> int:
     from models.export import ensure_exported
     from models.runtime import EncoderRuntime
-    from models.train import TrainConfig, run
+    from models.train import TrainConfig
+    from service.offline.training import run
 
     enc = settings.encoder
     ensure_exported(enc.onnx_dir, text=enc.text_backbone, image=enc.image_backbone, clip_path=enc.clip_path,
@@ -195,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--weights-dir", default="models/weights")
     t.add_argument("--reports", default="reports")
     t.set_defaults(fn=_train)
+    w = sub.add_parser("tune-weights", help="fit the rerank score weights on dev splits (prints EL_RERANK__ settings)",
+                       description="Fit the rerank score weights by a listwise softmax over the reranked candidates of "
+                                   "each split (each split weighing the same); retrieval stays 1.0. Prints H@1 and MRR "
+                                   "with the current and the fitted weights, then the settings to use.")
+    w.add_argument("datasets", nargs="*", default=["wikimel"], help="benchmarks to fit on (default: wikimel)")
+    w.add_argument("--split", default="dev")
+    w.add_argument("--limit", type=int, default=None, help="first N mentions of each split only")
+    w.add_argument("--ot-weight", type=float, default=None,
+                   help="fix the OT weight instead of fitting it (1.0 keeps retrieval + OT at OT-MEL's overall score)")
+    w.set_defaults(fn=_tune_weights)
     lf = sub.add_parser("link-file", help="link a JSONL file of mentions as a server-side job (rerun to resume)")
     lf.add_argument("input", help="JSONL, one link request with an \"id\" per line")
     lf.add_argument("--out", required=True, help="where to write the results (JSONL, input order)")

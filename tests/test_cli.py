@@ -14,7 +14,7 @@ from PIL import Image
 
 from kg_index.load import load_index
 from kg_index.manifest import Manifest
-from service.evaluation import SystemScores, evaluate, exact_name_ranks, format_table, write_report
+from service.offline.evaluation import SystemScores, evaluate, exact_name_ranks, format_table, write_report
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery
 from service.settings import Settings
@@ -181,7 +181,7 @@ def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) 
 def test_teacher_scores_every_entity_of_the_kb(linker, small_kg, test_mentions, tmp_path: Path) -> None:
     """The teacher row on a small JSONL KG: real teacher weights, features cached under features_dir,
     exact ranks among every KB entity; and the encode timings of teacher and student."""
-    from service.evaluation_teacher import encode_timing, teacher_exhaustive
+    from service.offline.evaluation_teacher import encode_timing, teacher_exhaustive
 
     kg = tmp_path / "kg.jsonl"
     kg.write_text("".join(json.dumps({"id": e.id, "name": e.name, "description": e.description,

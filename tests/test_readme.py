@@ -21,3 +21,29 @@ def test_readme_commands_are_makefile_targets() -> None:
     used = set(re.findall(r"^make ([a-z-]+)", readme, re.MULTILINE))
     assert {"serve", "test"} <= used
     assert used <= targets, f"README names make targets that do not exist: {used - targets}"
+
+
+HEADLINE_REPORTS = {"WikiMEL test": "wikimel-test", "WikiMEL dev": "wikimel-dev", "RichpediaMEL dev": "richpedia-dev",
+                    "WikiDiverse dev": "wikidiverse-dev"}
+
+
+def test_headline_figures_match_the_reports() -> None:
+    """The README's short results table quotes reports/eval-*.json (the full tables live in reports/README.md)."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    assert "(reports/README.md)" in readme and (ROOT / "reports" / "README.md").exists()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0] in HEADLINE_REPORTS and len(cells) == 5:
+            rows[cells[0]] = cells
+    assert set(rows) == set(HEADLINE_REPORTS), f"headline rows missing: {set(HEADLINE_REPORTS) - set(rows)}"
+    for split, (_, mentions, h1, mrr, teacher) in rows.items():
+        report = json.loads((ROOT / "reports" / f"eval-{HEADLINE_REPORTS[split]}.json").read_text())
+        served, exhaustive = report["systems"]["retrieval+ot+name+kg"], report["systems"]["teacher_exhaustive"]
+        t_h1, t_mrr = teacher.split(" / ")
+        assert int(mentions.replace(",", "")) == report["n_mentions"], split
+        for quoted, measured in ((h1, served["h@1"]), (mrr, served["mrr"]), (t_h1, exhaustive["h@1"]),
+                                 (t_mrr, exhaustive["mrr"])):
+            assert abs(float(quoted) - measured) <= 0.0005 + 1e-9, f"{split}: README {quoted}, report {measured}"

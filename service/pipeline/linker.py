@@ -58,7 +58,7 @@ def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str |
 def load_checked_index(settings: Settings, runtime: EncoderRuntime, folder: Path) -> tuple[KGIndex, str | None]:
     """The index at folder, refused (KGSourceMismatch) when it was built from another KG than the configured
     one, before the costlier file checks; also the warning to show when such an index is served on purpose."""
-    from service.indexing import require_configured_source
+    from service.index_source import require_configured_source
 
     warning = require_configured_source(settings, folder)
     return load_index(folder, encoder_signature=runtime.spec.signature()), warning
@@ -102,7 +102,7 @@ class Linker:
     @classmethod
     def from_settings(cls, settings: Settings) -> Linker:
         """Export the encoders if needed, load and verify the index, return a ready Linker."""
-        from service.indexing import export_encoders
+        from service.encoders import export_encoders
 
         runtime = export_encoders(settings)
         if settings.rerank.torch_threads:

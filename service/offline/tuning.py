@@ -1,9 +1,9 @@
-"""Choose the rerank score weights on dev splits: one pass through the served pipeline per split collects every
-score of every reranked candidate (retrieval, OT, the name terms and the KG-consistency terms), then a listwise
-softmax (cross-entropy of the gold among the candidates, each split weighing the same) fits the weights.
-Prints H@1 and MRR per split with the current and the fitted weights, and the settings to use.
+"""Choose the rerank score weights on dev splits (`el tune-weights`): one pass through the served pipeline per split
+collects every score of every reranked candidate (retrieval, OT, the name terms and the KG-consistency terms), then a
+listwise softmax (cross-entropy of the gold among the candidates, each split weighing the same) fits the weights.
+`el tune-weights` prints H@1 and MRR per split with the current and the fitted weights, and the settings to use.
 
-    .venv/bin/python scripts/tune_weights.py --split dev --ot-weight 1.0 wikimel richpedia wikidiverse
+    .venv/bin/el tune-weights --split dev --ot-weight 1.0 wikimel richpedia wikidiverse
 
 The retrieval weight stays 1.0 (only ratios matter; a free temperature absorbs the scale); `--ot-weight 1.0`
 fixes the OT weight too, so that retrieval + OT stays OT-MEL's overall score and only the other terms are fitted.
@@ -11,10 +11,8 @@ fixes the OT weight too, so that retrieval + OT stays OT-MEL's overall score and
 
 from __future__ import annotations
 
-import argparse
-import json
+import logging
 import math
-import sys
 
 import numpy as np
 import torch
@@ -22,9 +20,11 @@ from tqdm import tqdm
 
 from kg_index.build import load_entity_image
 from kg_index.readers import read_mentions
+from models.rank_metrics import rank_metrics
 from service.pipeline.linker import RERANK_TERMS, Linker
 from service.pipeline.types import LinkQuery
-from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 FIELDS = ("retrieval_score", *RERANK_TERMS)  # score columns, in this order
 WEIGHTS = ("retrieval_weight", *RERANK_TERMS.values())
@@ -88,31 +88,24 @@ def metrics(scores: np.ndarray, gold: np.ndarray, w: tuple[float, ...]) -> dict[
     # Ties go to the earlier candidate (retrieval order), as the served stable sort does.
     earlier = np.arange(final.shape[1])[None, :] < gold[:, None]
     ahead = (final > g[:, None]) | ((final == g[:, None]) & earlier)
-    rank = np.where(gold >= 0, 1 + ahead.sum(1), 0)
-    rr = np.where(rank > 0, 1.0 / np.maximum(rank, 1), 0.0)
-    return {"h@1": float(np.mean(rank == 1)), "mrr": float(rr.mean())}
+    return rank_metrics(np.where(gold >= 0, 1 + ahead.sum(1), 0))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("datasets", nargs="*", default=["wikimel"])
-    ap.add_argument("--split", default="dev")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--ot-weight", type=float, default=None, help="fix the OT weight instead of fitting it")
-    args = ap.parse_args()
-    linker = Linker.from_settings(Settings())
-    data = {ds: collect(linker, ds, args.split, args.limit) for ds in args.datasets}
-    for ds, (scores, gold) in data.items():
-        print(f"{ds}: recall@{scores.shape[1]} of the retrieval {np.mean(gold >= 0):.4f}")
+def tune(linker: Linker, datasets: list[str], split: str = "dev", *, limit: int | None = None,
+         ot_weight: float | None = None) -> dict:
+    """{"candidates": reranked candidates per mention, "recall": the share of mentions whose gold is among them, per
+    dataset, "rows": H@1 and MRR per dataset with the current and the fitted weights, "settings": the fitted weights
+    as EL_RERANK__ variables}."""
+    data = {ds: collect(linker, ds, split, limit) for ds in datasets}
+    recall = {ds: float(np.mean(gold >= 0)) for ds, (_, gold) in data.items()}
     current = np.array([getattr(linker.rerank, w) for w in WEIGHTS])
-    fitted = fit(data, {} if args.ot_weight is None else {1: args.ot_weight}).round(3)
+    fitted = fit(data, {} if ot_weight is None else {1: ot_weight}).round(3)
+    rows = []
     for label, w in (("current", current), ("fitted", fitted)):
         per = {ds: {k: round(v, 4) for k, v in metrics(s, g, tuple(w)).items()} for ds, (s, g) in data.items()}
-        print(json.dumps({"weights": label, **dict(zip(WEIGHTS, w.tolist())),
-                          "mean_mrr": round(float(np.mean([m["mrr"] for m in per.values()])), 4), **per}))
-    print(" ".join(f"EL_RERANK__{k.upper()}={v:g}" for k, v in zip(WEIGHTS, fitted) if k != "retrieval_weight"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        rows.append({"weights": label, **dict(zip(WEIGHTS, w.tolist())),
+                     "mean_mrr": round(float(np.mean([m["mrr"] for m in per.values()])), 4), **per})
+    logger.info("fitted on %s %s: mean MRR %.4f (current weights %.4f)", "+".join(datasets), split,
+                rows[1]["mean_mrr"], rows[0]["mean_mrr"])
+    settings = " ".join(f"EL_RERANK__{k.upper()}={v:g}" for k, v in zip(WEIGHTS, fitted) if k != "retrieval_weight")
+    return {"candidates": linker.settings.rerank.candidates, "recall": recall, "rows": rows, "settings": settings}

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from kg_index.readers import read_mentions
 from kg_index.records import Mention
-from service.bench import machine_info
+from models.rank_metrics import rank_metrics
+from service.offline.bench import machine_info
 from service.pipeline.linker import RERANK_TERMS, Linker
 from service.pipeline.types import LinkQuery
 
@@ -37,11 +38,8 @@ class SystemScores:
     ranks: list[int]  # 1-based rank of the gold entity, 0 when not in the list
 
     def summary(self) -> dict[str, float | int]:
-        r = np.asarray(self.ranks)
         out: dict[str, float | int] = {"n_mentions": self.n_mentions, "kb_size": self.kb_size}
-        for k in KS:
-            out[f"h@{k}"] = round(float(np.mean((r > 0) & (r <= k))), 4) if len(r) else 0.0
-        out["mrr"] = round(float(np.mean(np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0))), 4) if len(r) else 0.0
+        out.update({name: round(v, 4) for name, v in rank_metrics(self.ranks, KS).items()})
         return out
 
 
@@ -103,7 +101,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
         systems[name]["ms_per_mention"] = round(ms, 3)
     extra: dict = {}
     if index.heads and teacher:
-        from service.evaluation_teacher import encode_timing, teacher_exhaustive
+        from service.offline.evaluation_teacher import encode_timing, teacher_exhaustive
 
         out = teacher_exhaustive(linker, data_dir, dataset, split, mentions)
         if out is not None:

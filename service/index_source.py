@@ -1,20 +1,13 @@
-"""Build the configured index: export encoders if needed, read the KG, encode, write the folder.
-
-Also the one check that an index was built from the configured KG (`check_index_source`), shared by
-`el build-index --if-missing`, the service's start-up and its index reloads.
-"""
+"""The one check that an index was built from the configured KG (`check_index_source`), shared by
+`el build-index --if-missing`, the service's start-up and its index reloads (online code: the Linker uses it)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from kg_index.build import build_index
 from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest
-from kg_index.readers import read_kg
-from kg_index.source import SourceCheck, check_source, kg_source
-from models.export import ensure_exported
-from models.runtime import EncoderRuntime
+from kg_index.source import SourceCheck, check_source
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,30 +18,6 @@ REBUILD_HINT = ("rebuild it (make index, or el build-index --if-missing) or set 
 
 class KGSourceMismatch(IndexIntegrityError):
     """The index was built from another KG than the configured one. The message names both."""
-
-
-def export_encoders(settings: Settings) -> EncoderRuntime:
-    enc = settings.encoder
-    ensure_exported(enc.onnx_dir, text=enc.text_backbone, image=enc.image_backbone, clip_path=enc.clip_path,
-                    max_tokens=enc.max_tokens, image_size=enc.image_size, heads=enc.student_weights(),
-                    quantize=enc.quantize_int8)
-    return EncoderRuntime(enc.onnx_dir, device=enc.device, threads=enc.intra_op_threads)
-
-
-def build_configured_index(settings: Settings, *, out_dir: Path | None = None, progress: bool = True) -> Manifest:
-    ix = settings.index
-    runtime = export_encoders(settings)
-    # Fingerprinted before reading: a file edited in between then differs from the record, so the next
-    # check rebuilds rather than trusting a stale index.
-    source = kg_source(ix.kg, settings.data_dir, ix.limit)
-    entities = read_kg(ix.kg, settings.data_dir)
-    if ix.limit:
-        entities = entities[: ix.limit]
-    return build_index(
-        entities, runtime, out_dir or ix.dir, kg=ix.kg, local_dim=ix.local_dim, image_global_dim=ix.image_global_dim,
-        name_weight=ix.name_view_weight, image_weight=ix.image_weight, faiss_factory=ix.faiss_factory,
-        batch_size=ix.build_batch_size, progress=progress, source=source,
-    )
 
 
 def check_index_source(settings: Settings, manifest: Manifest) -> SourceCheck:
