@@ -19,7 +19,7 @@ from rapidfuzz import fuzz, utils
 
 from kg_index.load import KGIndex
 from models.features import SEG_FIRST, Features
-from service.pipeline.sinkhorn import OTProblem, solve, uniform_marginals
+from models.sinkhorn import OTProblem, solve, uniform_marginals
 from service.pipeline.types import OTStats
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.features import SEG_FIRST, SEG_SECOND, Features
+from models.sinkhorn import OTProblem, solve, uniform_marginals
 from service.pipeline.rerank import RerankConfig, context_name_similarity, name_similarity, ot_rerank
-from service.pipeline.sinkhorn import OTProblem, solve, uniform_marginals
 from service.pipeline.types import LinkQuery
 
 D, T, P = 8, 12, 4
