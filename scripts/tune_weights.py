@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from kg_index.build import load_entity_image
 from kg_index.readers import read_mentions
-from service.pipeline.linker import RERANK_TERMS, Linker
+from service.pipeline.linker import Linker
+from service.pipeline.terms import TERMS
 from service.pipeline.types import LinkQuery
 from service.settings import Settings
 
-FIELDS = ("retrieval_score", *RERANK_TERMS)  # score columns, in this order
-WEIGHTS = ("retrieval_weight", *RERANK_TERMS.values())
+FIELDS = ("retrieval_score", *(t.field for t in TERMS))  # score columns, in this order
+WEIGHTS = ("retrieval_weight", *(t.weight for t in TERMS))
 
 
 def collect(linker: Linker, dataset: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
