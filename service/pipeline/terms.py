@@ -28,14 +28,6 @@ SOURCES = ("cross", "strings", "kg")
 
 
 @dataclass(frozen=True)
-class Group:
-    """Terms that the evaluation adds together: one ablation row each, in GROUPS order."""
-
-    key: str  # the system name's suffix: retrieval+ot, retrieval+ot+name, ...
-    adds: str  # what the row adds (README)
-
-
-@dataclass(frozen=True)
 class Term:
     field: str  # the Candidate / EntityScore field (response JSON) that carries the value
     weight: str  # the RerankSettings field (EL_RERANK__<WEIGHT>) and RerankConfig attribute that weighs it
@@ -44,11 +36,8 @@ class Term:
     doc: str  # what it says (README table, response schema)
 
 
-GROUPS = (
-    Group("ot", "the OT cross terms: OT-MEL's overall score"),
-    Group("name", "the two name terms"),
-    Group("kg", "the four KG-consistency terms: the served default"),
-)
+# The evaluation's groups of terms, in the order its ablation rows add them: retrieval+ot, retrieval+ot+name, ...
+GROUPS = ("ot", "name", "kg")
 
 TERMS = (
     Term("rerank_score", "ot_weight", "cross", "ot",
@@ -88,14 +77,15 @@ def ablations() -> dict[str, dict[str, float]]:
     The last one zeroes nothing: it is the served score."""
     out = {}
     for i in range(1, len(GROUPS) + 1):
-        kept = {g.key for g in GROUPS[:i]}
-        name = "+".join(["retrieval", *(g.key for g in GROUPS[:i])])
+        kept = set(GROUPS[:i])
+        name = "+".join(["retrieval", *GROUPS[:i]])
         out[name] = {t.weight: 0.0 for t in TERMS if t.group not in kept}
     return out
 
 
 def render_table() -> str:
     """The README's table of score terms."""
-    lines = ["| field | weight | group | what it says |", "|---|---|---|---|"]
-    lines += [f"| `{t.field}` | `EL_RERANK__{t.weight.upper()}` | {t.group} | {t.doc} |" for t in TERMS]
+    row_of = {g: "+".join(["retrieval", *GROUPS[: i + 1]]) for i, g in enumerate(GROUPS)}
+    lines = ["| field | weight | first eval row with it | what it says |", "|---|---|---|---|"]
+    lines += [f"| `{t.field}` | `EL_RERANK__{t.weight.upper()}` | `{row_of[t.group]}` | {t.doc} |" for t in TERMS]
     return "\n".join(lines)
