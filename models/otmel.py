@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.sinkhorn import OTProblem, solve, uniform_marginals
+
 Assignment = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-_NEG = -1e4  # finite log(0) for masked entries: keeps logsumexp over all-masked rows NaN-free
+_NEG = -1e4  # masked logit for the softmaxes (attention, soft pooling): exp underflows to 0, all-masked rows stay NaN-free
 
 
 @dataclass
@@ -86,20 +88,18 @@ def plain_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def sinkhorn_assignment(eps: float, iters: int) -> Assignment:
-    """Teacher: entropic OT plan on the detached cost 1 - sim, uniform marginals over valid entries."""
+    """Teacher: entropic OT plan on the detached cost 1 - sim, uniform marginals over valid entries, after exactly
+    `iters` Sinkhorn iterations (OT-MEL's fixed count: the project's solver without early stopping)."""
 
     def assign(sim: torch.Tensor, mask_r: torch.Tensor, mask_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            valid = mask_r.unsqueeze(-1) & mask_c.unsqueeze(-2)  # [..., N, M]
-            logk = torch.where(valid, (sim.detach().float() - 1.0) / eps, torch.full_like(sim, _NEG, dtype=torch.float32))
-            log_a = torch.where(mask_r, -torch.log(mask_r.sum(-1, keepdim=True).clamp_min(1).float()), torch.tensor(_NEG))
-            log_b = torch.where(mask_c, -torch.log(mask_c.sum(-1, keepdim=True).clamp_min(1).float()), torch.tensor(_NEG))
-            f = torch.zeros_like(log_a)
-            g = torch.zeros_like(log_b)
-            for _ in range(iters):
-                f = log_a - torch.logsumexp(logk + g.unsqueeze(-2), dim=-1)
-                g = log_b - torch.logsumexp(logk + f.unsqueeze(-1), dim=-2)
-            plan = torch.exp(logk + f.unsqueeze(-1) + g.unsqueeze(-2)) * valid
+            n, m = sim.shape[-2:]
+            flat = sim.detach().float().reshape(-1, n, m)  # the solver takes [B, N, M]
+            a = uniform_marginals(mask_r.expand(sim.shape[:-1]).reshape(-1, n), dtype=torch.float32)
+            b = uniform_marginals(mask_c.expand(*sim.shape[:-2], m).reshape(-1, m), dtype=torch.float32)
+            res = solve(OTProblem(cost=1.0 - flat, a=a, b=b, eps=eps), max_iter=iters, chunk_size=None,
+                        early_stop=False)
+            plan = res.plan.reshape(sim.shape)
             rows = plan / plan.sum(-1, keepdim=True).clamp_min(1e-30)
             cols = plan / plan.sum(-2, keepdim=True).clamp_min(1e-30)
         return rows.to(sim.dtype), cols.to(sim.dtype)

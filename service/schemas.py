@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from service.pipeline.terms import TERMS
 
 
 class LinkRequest(BaseModel):
@@ -27,18 +29,17 @@ class BatchLinkRequest(BaseModel):
     items: list[BatchItem] = Field(..., min_length=1)
 
 
-class EntityScore(BaseModel):
-    id: str
-    name: str
-    score: float
-    retrieval_score: float
-    rerank_score: float | None = None
-    name_score: float | None = None
-    context_name_score: float | None = None
-    name_tokens_score: float | None = None
-    before_birth_score: float | None = None
-    after_death_score: float | None = None
-    description_overlap_score: float | None = None
+# One ranked entity: id, name, final score, retrieval score, then one field per rerank term
+# (service/pipeline/terms.py: TERMS, in that order; null when reranking is off).
+EntityScore = create_model(
+    "EntityScore",
+    __module__=__name__,
+    id=(str, ...),
+    name=(str, ...),
+    score=(float, ...),
+    retrieval_score=(float, ...),
+    **{t.field: (float | None, Field(None, description=t.doc)) for t in TERMS},  # type: ignore[call-overload]
+)
 
 
 class LinkResponse(BaseModel):

@@ -1,6 +1,7 @@
-"""Render the EL_ settings table for the README from the Settings class (keeps the docs true).
+"""Render the EL_ settings table for the README from the Settings class, and the table of rerank score terms
+from their registry (service/pipeline/terms.py): keeps the docs true.
 
-    python -m service.settings_doc --write README.md   # rewrites the block between the markers
+    python -m service.settings_doc --write README.md   # rewrites the blocks between the markers
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from service.pipeline.terms import render_table
 from service.settings import Settings
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
+TERMS_BEGIN, TERMS_END = "<!-- terms:begin -->", "<!-- terms:end -->"
 
 
 def setting_rows(model: type[BaseModel] = Settings, prefix: str = "EL_") -> Iterator[tuple[str, str, str]]:
@@ -38,10 +41,16 @@ def render() -> str:
     return "\n".join([BEGIN, *lines, END])
 
 
+def render_terms() -> str:
+    return f"{TERMS_BEGIN}\n{render_table()}\n{TERMS_END}"
+
+
 def rewrite(readme: Path) -> bool:
     text = readme.read_text()
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
     new = pattern.sub(lambda _: render(), text) if pattern.search(text) else text.replace("SETTINGS_PLACEHOLDER", render())
+    pattern = re.compile(re.escape(TERMS_BEGIN) + r".*?" + re.escape(TERMS_END), re.DOTALL)
+    new = pattern.sub(lambda _: render_terms(), new)
     changed = new != text
     readme.write_text(new)
     return changed

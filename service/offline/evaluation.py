@@ -23,7 +23,8 @@ from kg_index.readers import read_mentions
 from kg_index.records import Mention
 from models.rank_metrics import rank_metrics
 from service.offline.bench import machine_info
-from service.pipeline.linker import RERANK_TERMS, Linker
+from service.pipeline.linker import Linker
+from service.pipeline.terms import TERMS, ablations
 from service.pipeline.types import LinkQuery
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,9 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
     exact = exact_name_ranks(mentions, index.ids, [e.name for e in index.entities])
     systems["exact_name"] = SystemScores(len(mentions), kb_size, exact).summary()
     systems["exact_name"]["ms_per_mention"] = round((time.perf_counter() - t0) * 1000 / max(len(mentions), 1), 3)
-    no_kg = {"name_tokens_weight": 0.0, "before_birth_weight": 0.0, "after_death_weight": 0.0,
-             "description_overlap_weight": 0.0}
-    variants = {
-        "retrieval": (linker, False),
-        "retrieval+ot": (linker.with_weights(name_weight=0.0, context_name_weight=0.0, **no_kg), True),
-        "retrieval+ot+name": (linker.with_weights(**no_kg), True),
-        "retrieval+ot+name+kg": (linker, True),
-    }
+    # retrieval alone, then one row per group of terms added (retrieval+ot, ...; the last one is the served score)
+    variants = {"retrieval": (linker, False), **{name: (linker.with_weights(**zeroed), True)
+                                                 for name, zeroed in ablations().items()}}
     for name, (lk, rerank) in variants.items():
         ranks, ms = _linker_ranks(lk, mentions, rerank=rerank, k=k, batch=batch, desc=name, load_image=load_entity_image)
         systems[name] = SystemScores(len(mentions), kb_size, ranks).summary()
@@ -116,7 +112,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
         "mention_encoder": "int8" if linker.runtime.spec.int8_mentions else "fp32", **extra,
         "index_version": index.version, "model_version": linker.model_version,
         "rerank": {"candidates": k, "eps": linker.rerank.eps, "retrieval_weight": linker.rerank.retrieval_weight,
-                   **{w: getattr(linker.rerank, w) for w in RERANK_TERMS.values()}},
+                   **{t.weight: getattr(linker.rerank, t.weight) for t in TERMS}},
         "systems": systems,
         "machine": machine_info(linker.runtime.providers),  # ms_per_mention compares only within one machine
     }

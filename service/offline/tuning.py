@@ -21,13 +21,14 @@ from tqdm import tqdm
 from kg_index.build import load_entity_image
 from kg_index.readers import read_mentions
 from models.rank_metrics import rank_metrics
-from service.pipeline.linker import RERANK_TERMS, Linker
+from service.pipeline.linker import Linker
+from service.pipeline.terms import TERMS
 from service.pipeline.types import LinkQuery
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("retrieval_score", *RERANK_TERMS)  # score columns, in this order
-WEIGHTS = ("retrieval_weight", *RERANK_TERMS.values())
+FIELDS = ("retrieval_score", *(t.field for t in TERMS))  # score columns, in this order
+WEIGHTS = ("retrieval_weight", *(t.weight for t in TERMS))
 
 
 def collect(linker: Linker, dataset: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

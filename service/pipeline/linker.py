@@ -12,47 +12,61 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kg_index.load import KGIndex, load_index
-from models.features import Featurizer, StudentFeaturizer
+from models.features import Features, Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.kg_terms import KGTerms
-from service.pipeline.rerank import (
-    RerankConfig,
-    context_name_similarity,
-    name_similarity,
-    ot_rerank,
-    pick_device,
-    student_rerank,
-)
+from service.pipeline.rerank import CrossScorer, RerankConfig, ot_rerank, pick_device, student_rerank
 from service.pipeline.respond import build_results
 from service.pipeline.retrieve import retrieve
+from service.pipeline.strings import string_terms
+from service.pipeline.terms import mix
 from service.pipeline.types import LinkQuery, LinkResult, OTStats
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One index with what is bound to it: how mentions are encoded, which cross scorer compares them with the
+    candidates (both follow from the index's features: the student's or zero-shot) and the KG terms' statistics."""
+
     index: KGIndex
     featurizer: Featurizer | StudentFeaturizer
+    cross: CrossScorer
     kg_terms: KGTerms
     source_warning: str | None = None  # served although built from another KG (EL_INDEX__ALLOW_SOURCE_MISMATCH)
 
+    def score_terms(self, queries: list[LinkQuery], feats: Features, rows: np.ndarray, cfg: RerankConfig,
+                    device: torch.device) -> tuple[dict[str, np.ndarray], list[OTStats]]:
+        """Every rerank term (terms.TERMS) for the candidate rows [B, K], by field, and the solver's stats."""
+        cross, stats = self.cross(self.index, feats, rows, cfg, device)
+        names = [[self.index.entities[r].name for r in row if r >= 0] for row in rows]
+        mentions, contexts = [q.mention for q in queries], [q.context for q in queries]
+        values = {"rerank_score": cross, **string_terms(mentions, contexts, names, rows.shape),
+                  **self.kg_terms.score(mentions, contexts, rows)}
+        return values, stats
+
 
 def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None) -> Snapshot:
-    """Mentions are encoded the way the index encoded its entities: the student's encoders or zero-shot."""
+    """Mentions are encoded the way the index encoded its entities, the student's encoders or zero-shot, and
+    compared with the cross scorer of those features; chosen here, once per index."""
     terms = KGTerms(index.entities)
     if index.heads:
-        return Snapshot(index, StudentFeaturizer(runtime, "mention"), terms, source_warning)
+        return Snapshot(index, StudentFeaturizer(runtime, "mention"), student_rerank, terms, source_warning)
     assert index.projections is not None
-    return Snapshot(index, Featurizer(runtime, index.projections), terms, source_warning)
+    return Snapshot(index, Featurizer(runtime, index.projections), ot_rerank, terms, source_warning)
 
 
 def load_checked_index(settings: Settings, runtime: EncoderRuntime, folder: Path) -> tuple[KGIndex, str | None]:
@@ -71,30 +85,13 @@ class BatchOutcome:
     timings_ms: dict[str, float]
 
 
-def rerank_config(settings: Settings) -> RerankConfig:
-    """The settings' rerank knobs that the rerank stage reads (every RerankConfig field, by name)."""
-    return RerankConfig(**{f.name: getattr(settings.rerank, f.name) for f in fields(RerankConfig)})
-
-
-# Each rerank term: the Candidate field that carries it and the RerankConfig weight that mixes it in.
-RERANK_TERMS = {
-    "rerank_score": "ot_weight",
-    "name_score": "name_weight",
-    "context_name_score": "context_name_weight",
-    "name_tokens_score": "name_tokens_weight",
-    "before_birth_score": "before_birth_weight",
-    "after_death_score": "after_death_weight",
-    "description_overlap_score": "description_overlap_weight",
-}
-
-
 class Linker:
     def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex,
                  source_warning: str | None = None) -> None:
         self.settings = settings
         self.runtime = runtime
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
-        self.rerank = rerank_config(settings)
+        self.rerank = RerankConfig.from_settings(settings.rerank)
         self.device = pick_device(settings.rerank.device)
         self._snapshot = make_snapshot(runtime, index, source_warning)
         self._swap_lock = threading.Lock()
@@ -167,18 +164,9 @@ class Linker:
         final = retrieval.copy()
         if do_rerank:
             check_deadline(deadline)
-            cross = student_rerank if snap.index.heads else ot_rerank
-            terms["rerank_score"], stats = cross(snap.index, feats, rows, cfg, self.device)
-            cand_names = [[snap.index.entities[r].name for r in row if r >= 0] for row in rows]
-            mentions = [q.mention for q in queries]
-            terms["name_score"] = _pad(name_similarity(mentions, cand_names), retrieval.shape)
-            terms["context_name_score"] = _pad(
-                context_name_similarity([f"{q.mention} {q.context}" for q in queries], cand_names), retrieval.shape)
-            kg = snap.kg_terms.score(mentions, [q.context for q in queries], rows)
-            terms.update({f"{name}_score": values for name, values in kg.items()})
-            final = cfg.retrieval_weight * retrieval
-            for field, weight in RERANK_TERMS.items():
-                final = final + getattr(cfg, weight) * terms[field]
+            values, stats = snap.score_terms(queries, feats, rows, cfg, self.device)
+            terms.update(values)
+            final = mix(cfg, retrieval, values)
             timings["rerank"], t = _lap(t)
 
         results = build_results(snap.index, queries, rows, terms, final,
@@ -194,13 +182,6 @@ class Linker:
         other = copy.copy(self)
         other.rerank = replace(self.rerank, **weights)
         return other
-
-
-def _pad(scores: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Per-candidate scores [B, <= K] (rows cut at their last candidate) -> [B, K], zeros after."""
-    out = np.zeros(shape, np.float32)
-    out[:, : scores.shape[1]] = scores
-    return out
 
 
 def _lap(t: float) -> tuple[float, float]:

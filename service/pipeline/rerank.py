@@ -1,46 +1,54 @@
-"""Rerank stage: optimal-transport matching of local features between a mention and each candidate.
+"""Rerank stage: the cross scorers, optimal-transport matching of local features between a mention and each
+candidate. One of them is chosen per index, when its snapshot is made (linker.make_snapshot):
 
-Text unit: the mention's tokens (`mention [SEP] sentence`) against the candidate's name tokens.
-Visual unit: the mention's image patches against the candidate's, when both have an image.
-Each unit's score is the transport-weighted cosine  sum_ij P_ij cos(x_i, y_j)  of the entropic OT plan
-(cost 1 - cos, uniform marginals over real tokens/patches); the OT score averages the units present.
-Final score = w_r * retrieval + w_ot * OT + w_name * surface-form similarity + w_ctx * name-in-context
-(weights from settings).
+- zero-shot features (`ot_rerank`): text unit, the mention's tokens (`mention [SEP] sentence`) against the
+  candidate's name tokens; visual unit, the mention's image patches against the candidate's, when both have an
+  image. Each unit's score is the transport-weighted cosine  sum_ij P_ij cos(x_i, y_j)  of the entropic OT plan
+  (cost 1 - cos, uniform marginals over real tokens/patches); the OT score averages the units present.
+- the trained student's features (`student_rerank`): OT-MEL's cross terms (g2l_text + g2l_visual) / 6.
+
+The cross score is the `rerank_score` term; the final score mixes it with the retrieval score and the other
+terms (service/pipeline/terms.py), weighted by the settings through `RerankConfig`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import fields, make_dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from rapidfuzz import fuzz, utils
 
 from kg_index.load import KGIndex
 from models.features import SEG_FIRST, Features
-from service.pipeline.sinkhorn import OTProblem, solve, uniform_marginals
+from models.sinkhorn import OTProblem, solve, uniform_marginals
+from service.pipeline.terms import TERMS
 from service.pipeline.types import OTStats
+
+if TYPE_CHECKING:
+    from service.settings import RerankSettings
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 64  # problems per Sinkhorn chunk: keeps the working set in cache (about 4x on CPU)
 
 
-@dataclass(frozen=True)
-class RerankConfig:
-    eps: float = 0.05
-    max_iter: int = 50
-    tol: float = 1e-4
-    retrieval_weight: float = 1.0
-    ot_weight: float = 0.5
-    name_weight: float = 0.1
-    context_name_weight: float = 0.075
-    name_tokens_weight: float = 0.0
-    before_birth_weight: float = 0.0
-    after_death_weight: float = 0.0
-    description_overlap_weight: float = 0.0
-    device: str = "auto"
+def _from_settings(cls: type, rerank: RerankSettings) -> RerankConfig:
+    """Every field from the setting of the same name: the config has no defaults of its own."""
+    return cls(**{f.name: getattr(rerank, f.name) for f in fields(cls)})
+
+
+# What the rerank stage reads from the settings: the solver's knobs and one weight per score term (TERMS), all
+# copied from RerankSettings by name (`RerankConfig.from_settings(settings.rerank)`), no defaults.
+RerankConfig = make_dataclass(
+    "RerankConfig",
+    [("eps", float), ("max_iter", int), ("tol", float), ("retrieval_weight", float),
+     *((t.weight, float) for t in TERMS), ("device", str)],
+    frozen=True,
+    namespace={"from_settings": classmethod(_from_settings), "__module__": __name__},
+)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -49,31 +57,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "cuda":
         logger.warning("CUDA requested for Sinkhorn but torch sees no GPU; using the CPU")
     return torch.device("cpu")
-
-
-def _per_candidate(texts: list[str], names: list[list[str]], scorer) -> np.ndarray:
-    """scorer(text, name) / 100 on normalised strings for every candidate name of every text [B, max names]."""
-    width = max((len(n) for n in names), default=0)
-    out = np.zeros((len(texts), width), np.float32)
-    for i, (t, row) in enumerate(zip(texts, names)):
-        text = utils.default_process(t)
-        for j, n in enumerate(row):
-            out[i, j] = scorer(text, utils.default_process(n)) / 100.0
-    return out
-
-
-def name_similarity(mentions: list[str], names: list[list[str]]) -> np.ndarray:
-    """Surface-form similarity in [0, 1] (rapidfuzz WRatio) of each mention and its candidates' names."""
-    return _per_candidate(mentions, names, fuzz.WRatio)
-
-
-def context_name_similarity(texts: list[str], names: list[list[str]]) -> np.ndarray:
-    """How completely each candidate's name is spelled out in the mention and its sentence, in [0, 1]
-    (rapidfuzz token_set_ratio: 1 when one token set holds the other, mostly every name token in the text).
-
-    Why: a mention is often a fragment ("Luxembourg", "Rice") of a sentence that names the entity in full
-    ("Susan Elizabeth Rice is an American diplomat"); the surface-form score alone cannot see that."""
-    return _per_candidate(texts, names, fuzz.token_set_ratio)
 
 
 def _ot_scores(q: torch.Tensor, q_mask: torch.Tensor, e: torch.Tensor, e_mask: torch.Tensor,
@@ -93,6 +76,10 @@ def _ot_scores(q: torch.Tensor, q_mask: torch.Tensor, e: torch.Tensor, e_mask: t
     err = float(res.marginal_error.max()) if res.marginal_error.numel() else 0.0
     stats = OTStats(b * k, res.iterations, int(res.converged.sum()), err)
     return score, stats
+
+
+# A cross scorer: (index, features, candidate rows [B, K], config, device) -> (scores [B, K], solver stats).
+CrossScorer = Callable[[KGIndex, Features, np.ndarray, "RerankConfig", torch.device], tuple[np.ndarray, list[OTStats]]]
 
 
 def ot_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConfig,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from PIL import Image
+
+from service.pipeline.terms import TERMS
 
 
 @dataclass
@@ -18,19 +20,14 @@ class LinkQuery:
     id: str | None = None
 
 
-@dataclass
-class Candidate:
-    id: str
-    name: str
-    score: float
-    retrieval_score: float
-    rerank_score: float | None = None  # OT score; None when reranking is off
-    name_score: float | None = None  # surface form vs the candidate's name
-    context_name_score: float | None = None  # the candidate's name spelled out in the mention and sentence
-    name_tokens_score: float | None = None  # KG-consistency terms (service.pipeline.kg_terms)
-    before_birth_score: float | None = None
-    after_death_score: float | None = None
-    description_overlap_score: float | None = None
+# One ranked entity: its final score, its retrieval score, and one field per rerank term (terms.TERMS, in that
+# order; None when reranking is off), e.g. rerank_score, name_score, ..., description_overlap_score.
+Candidate = make_dataclass(
+    "Candidate",
+    [("id", str), ("name", str), ("score", float), ("retrieval_score", float),
+     *((t.field, float | None, field(default=None)) for t in TERMS)],
+    namespace={"__module__": __name__},
+)
 
 
 @dataclass

@@ -93,6 +93,40 @@ def test_sinkhorn_plan_is_detached() -> None:
     assert not rows.requires_grad and not cols.requires_grad
 
 
+def _release_sinkhorn_assignment(eps: float, iters: int) -> Assignment:
+    """A copy of the teacher's assignment before it moved onto models/sinkhorn.py (its own fixed-iteration loop,
+    log(0) = -1e4): the reference that the shared solver's fixed-iteration mode must reproduce."""
+    neg = -1e4
+
+    def assign(sim: torch.Tensor, mask_r: torch.Tensor, mask_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = mask_r.unsqueeze(-1) & mask_c.unsqueeze(-2)
+        logk = torch.where(valid, (sim.float() - 1.0) / eps, torch.full_like(sim, neg, dtype=torch.float32))
+        log_a = torch.where(mask_r, -torch.log(mask_r.sum(-1, keepdim=True).clamp_min(1).float()), torch.tensor(neg))
+        log_b = torch.where(mask_c, -torch.log(mask_c.sum(-1, keepdim=True).clamp_min(1).float()), torch.tensor(neg))
+        f, g = torch.zeros_like(log_a), torch.zeros_like(log_b)
+        for _ in range(iters):
+            f = log_a - torch.logsumexp(logk + g.unsqueeze(-2), dim=-1)
+            g = log_b - torch.logsumexp(logk + f.unsqueeze(-1), dim=-2)
+        plan = torch.exp(logk + f.unsqueeze(-1) + g.unsqueeze(-2)) * valid
+        return plan / plan.sum(-1, keepdim=True).clamp_min(1e-30), plan / plan.sum(-2, keepdim=True).clamp_min(1e-30)
+
+    return assign
+
+
+@pytest.mark.parametrize(("eps", "iters"), [(0.05, 10), (0.05, 3), (0.05, 0), (0.01, 50), (0.1, 1), (0.02, 200)])
+def test_sinkhorn_reproduces_the_release_fixed_iteration_loop(eps: float, iters: int) -> None:
+    """The teacher's numbers do not move: same rows/cols as the old loop (unconverged counts included), on 4-D
+    (pairwise) inputs with padding and items without valid rows or columns."""
+    torch.manual_seed(7)
+    sim = _unit(6, 3, 13, 16) @ _unit(6, 3, 11, 16).transpose(-1, -2)
+    mask_r, mask_c = torch.rand(6, 3, 13) > 0.3, torch.rand(6, 3, 11) > 0.3
+    mask_r[0, 0], mask_c[1, 1] = False, False
+    want = _release_sinkhorn_assignment(eps, iters)(sim, mask_r, mask_c)
+    got = sinkhorn_assignment(eps, iters)(sim, mask_r, mask_c)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=0)
+
+
 def test_attention_is_masked_softmax() -> None:
     torch.manual_seed(4)
     t = 0.1

@@ -61,15 +61,15 @@ def test_scores_per_candidate() -> None:
     terms = KGTerms(kb)
     rows = np.array([[0, 1, 2, -1], [3, 1, -1, -1]])
     got = terms.score(["Wilson", "Eton"], ["Wilson at Eton College, Italy 1944", ""], rows)
-    np.testing.assert_array_equal(got["name_tokens"][0], [1, 1, 0, 0])  # "Wilsonia" only resembles the mention
-    np.testing.assert_array_equal(got["after_death"][0], [1, 0, 0, 0])  # Q3 has no dates
-    assert not got["before_birth"].any()
-    overlap = got["description_overlap"][0]
+    np.testing.assert_array_equal(got["name_tokens_score"][0], [1, 1, 0, 0])  # "Wilsonia" only resembles the mention
+    np.testing.assert_array_equal(got["after_death_score"][0], [1, 0, 0, 0])  # Q3 has no dates
+    assert not got["before_birth_score"].any()
+    overlap = got["description_overlap_score"][0]
     assert overlap[1] > 0 and overlap[0] == overlap[2] == overlap[3] == 0  # "eton", "college" in Q2 only
     assert 0 < overlap[1] < 1
     # No sentence: nothing dated, nothing to overlap; padding rows stay 0.
-    assert not got["after_death"][1].any() and not got["description_overlap"][1].any()
-    np.testing.assert_array_equal(got["name_tokens"][1], [1, 0, 0, 0])
+    assert not got["after_death_score"][1].any() and not got["description_overlap_score"][1].any()
+    np.testing.assert_array_equal(got["name_tokens_score"][1], [1, 0, 0, 0])
 
 
 def test_rarer_shared_words_weigh_more() -> None:
@@ -77,5 +77,5 @@ def test_rarer_shared_words_weigh_more() -> None:
     kb.append(_meta("Q98", "A", "Occupation: actor. Alma mater: Juilliard School."))
     kb.append(_meta("Q99", "B", "Occupation: actor."))
     terms = KGTerms(kb)
-    got = terms.score(["X", "X"], ["an actor from Juilliard", "an actor"], np.array([[20], [21]]))["description_overlap"]
+    got = terms.score(["X", "X"], ["an actor from Juilliard", "an actor"], np.array([[20], [21]]))["description_overlap_score"]
     assert got[0, 0] > got[1, 0] > 0

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from models.features import SEG_FIRST, SEG_SECOND, Features
-from service.pipeline.rerank import RerankConfig, context_name_similarity, name_similarity, ot_rerank
-from service.pipeline.sinkhorn import OTProblem, solve, uniform_marginals
+from models.sinkhorn import OTProblem, solve, uniform_marginals
+from service.pipeline.rerank import RerankConfig, ot_rerank
+from service.pipeline.strings import context_name_similarity, name_similarity
 from service.pipeline.types import LinkQuery
+from service.settings import RerankSettings
 
 D, T, P = 8, 12, 4
 
@@ -66,7 +68,7 @@ def _reference_text_score(q: Features, i: int, index: FakeIndex, row: int, cfg: 
 
 
 def test_ot_scores_match_untrimmed_reference_and_pad_missing_rows() -> None:
-    index, cfg = _fake(), RerankConfig()
+    index, cfg = _fake(), RerankConfig.from_settings(RerankSettings())
     q = _query(2)
     rows = np.array([[0, 2, 3, -1], [4, 5, 0, -1]])
     scores, stats = ot_rerank(index, q, rows, cfg, torch.device("cpu"))
@@ -80,7 +82,7 @@ def test_ot_scores_match_untrimmed_reference_and_pad_missing_rows() -> None:
 
 
 def test_same_scores_alone_or_in_a_batch() -> None:
-    index, cfg = _fake(), RerankConfig()
+    index, cfg = _fake(), RerankConfig.from_settings(RerankSettings())
     q = _query(3, seed=5)
     rows = np.array([[0, 1, 2], [3, 4, 5], [5, 0, 2]])
     batch, _ = ot_rerank(index, q, rows, cfg, torch.device("cpu"))
@@ -92,7 +94,7 @@ def test_same_scores_alone_or_in_a_batch() -> None:
 
 
 def test_visual_unit_applies_only_when_both_sides_have_an_image() -> None:
-    index, cfg = _fake(), RerankConfig()
+    index, cfg = _fake(), RerankConfig.from_settings(RerankSettings())
     rows = np.array([[0, 1]])  # only row 1 has an image
     text_only, stats_t = ot_rerank(index, _query(1, image=False), rows, cfg, torch.device("cpu"))
     with_img, stats_i = ot_rerank(index, _query(1, image=True), rows, cfg, torch.device("cpu"))

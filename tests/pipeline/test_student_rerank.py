@@ -10,6 +10,7 @@ import torch
 
 from models.otmel import cross_g2l, sinkhorn_assignment
 from service.pipeline.rerank import student_rerank
+from service.pipeline.terms import TERMS
 from service.pipeline.types import LinkQuery
 
 pytestmark = [pytest.mark.onnx, pytest.mark.slow]
@@ -65,9 +66,7 @@ def test_cross_terms_match_the_model(linker, test_mentions) -> None:
 
 
 def test_overall_weights_rank_by_the_model_score(linker, test_mentions) -> None:
-    lk = linker.with_weights(retrieval_weight=1.0, ot_weight=1.0, name_weight=0.0, context_name_weight=0.0,
-                             name_tokens_weight=0.0, before_birth_weight=0.0, after_death_weight=0.0,
-                             description_overlap_weight=0.0)
+    lk = linker.with_weights(**{t.weight: 0.0 for t in TERMS} | {"retrieval_weight": 1.0, "ot_weight": 1.0})
     m = test_mentions[0]
     r = lk.link(LinkQuery(m.mention, m.context, None, top_k=5))
     scores = [c.score for c in r.entities]
@@ -84,9 +83,6 @@ def test_final_score_is_the_weighted_sum_of_the_reported_terms(linker, test_ment
             assert 0.0 <= c.name_score <= 1.0 and 0.0 <= c.context_name_score <= 1.0
             assert {c.name_tokens_score, c.before_birth_score, c.after_death_score} <= {0.0, 1.0}
             assert 0.0 <= c.description_overlap_score < 1.0
-            expect = (cfg.retrieval_weight * c.retrieval_score + cfg.ot_weight * c.rerank_score
-                      + cfg.name_weight * c.name_score + cfg.context_name_weight * c.context_name_score
-                      + cfg.name_tokens_weight * c.name_tokens_score
-                      + cfg.before_birth_weight * c.before_birth_score + cfg.after_death_weight * c.after_death_score
-                      + cfg.description_overlap_weight * c.description_overlap_score)
+            expect = cfg.retrieval_weight * c.retrieval_score + sum(
+                getattr(cfg, t.weight) * getattr(c, t.field) for t in TERMS)
             assert c.score == pytest.approx(expect, abs=1e-5)

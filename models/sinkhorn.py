@@ -1,4 +1,6 @@
-"""Batched, log-domain entropic optimal transport (Sinkhorn-Knopp) in pure torch.
+"""Batched, log-domain entropic optimal transport (Sinkhorn-Knopp) in pure torch: the one solver of the project,
+used by the served reranker (service/pipeline/rerank.py, early stopping) and by the OT-MEL teacher
+(models/otmel.py, a fixed number of iterations). It lives in models/ because models/ may not import service/.
 
 Problem, solver and result are separate (ott-jax style): build an :class:`OTProblem`, call
 :func:`solve`, read the :class:`OTResult`. The result always carries ``converged``, the iteration
@@ -15,6 +17,10 @@ Conventions
 - Early stopping is per problem: an item whose row-marginal error reaches ``tol`` is frozen (its
   potentials stop updating), so its result does not depend on the other problems in its batch or
   chunk, nor on ``chunk_size``. A chunk stops when all its items are frozen or at ``max_iter``.
+- ``early_stop=False`` is OT-MEL's fixed-iteration Sinkhorn (the teacher's assignment): every problem with
+  mass runs exactly ``max_iter`` iterations, from the potentials (0, 0) of the *unshifted* problem, so the
+  plan after a given count is the plain iteration's (u <- log a - LSE(log K + v), v <- log b - LSE(log K^T + u)).
+  ``tol`` then only decides ``converged`` in the report.
 - fp32 and fp64 are computed in their own dtype; half precision (fp16/bf16) is computed in fp32 and
   the plan is cast back to the input dtype (``marginal_error`` is measured before that cast).
 """
@@ -90,12 +96,14 @@ def uniform_marginals(mask: torch.Tensor, *, dtype: torch.dtype | None = None) -
     return weights / counts
 
 
-def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_size: int | None = 256) -> OTResult:
+def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_size: int | None = 256,
+          early_stop: bool = True) -> OTResult:
     """Solve each problem of the batch with log-domain Sinkhorn.
 
     ``chunk_size`` problems are processed at a time (None: the whole batch at once); a small working
     set stays in cache, which is several times faster on CPU for many small problems. Results do not
     depend on ``chunk_size`` or on batch neighbours (converged items are frozen, see module doc).
+    ``early_stop=False``: exactly ``max_iter`` iterations for every problem with mass (see module doc).
     """
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
@@ -129,6 +137,7 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
             float(problem.eps),
             max_iter,
             tol,
+            early_stop,
         )
         plans.append(plan)
         errors.append(err)
@@ -153,7 +162,7 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
 
 
 def _solve_chunk(
-    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float, early_stop: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One chunk: cost [C, N, M], a [C, N], b [C, M] -> (plan [C, N, M], marginal_error [C], iterations)."""
     row_mask = a > 0  # [C, N]
@@ -163,14 +172,17 @@ def _solve_chunk(
 
     # Shift each row, then each column, by its minimum over real entries. Under the marginal
     # constraints this adds a constant to <P, C>, so the plan and the meaning of eps are unchanged
-    # (the iterates are the same up to a change of variables of u, v); it only keeps the log-domain
-    # quantities near 0, where fp32 is precise (e.g. a constant cost of 1e4 at eps 0.005 is exact).
+    # (from matching starts the iterates are the same up to a change of variables of u, v, see below); it
+    # only keeps the log-domain quantities near 0, where fp32 is precise (e.g. a constant cost of 1e4 at
+    # eps 0.005 is exact).
     inf = torch.full((), float("inf"), dtype=cost.dtype, device=cost.device)
     real_cost = torch.where(pair_mask, cost, inf)  # padding ignored whatever its value (inf, NaN)
     row_min = real_cost.amin(dim=-1, keepdim=True)
-    real_cost = real_cost - torch.where(torch.isfinite(row_min), row_min, zero)
+    row_shift = torch.where(torch.isfinite(row_min), row_min, zero)  # [C, N, 1]
+    real_cost = real_cost - row_shift
     col_min = real_cost.amin(dim=-2, keepdim=True)
-    real_cost = real_cost - torch.where(torch.isfinite(col_min), col_min, zero)
+    col_shift = torch.where(torch.isfinite(col_min), col_min, zero)  # [C, 1, M]
+    real_cost = real_cost - col_shift
     # log kernel; padding entries get a finite -1e30 (keeps every LSE finite, no -inf - -inf).
     # The clamp keeps an inf cost on a real entry finite too (it becomes "as good as padding").
     log_k = torch.where(pair_mask, (-real_cost / eps).clamp(min=_NEG), _NEG)
@@ -180,30 +192,41 @@ def _solve_chunk(
     log_b = torch.where(col_mask, torch.log(torch.where(col_mask, b, 1.0)), zero)
 
     # Scaled dual potentials u = f / eps, v = g / eps; the plan is exp(u_i + log_k_ij + v_j).
-    u = torch.zeros_like(a)
-    v = torch.zeros_like(b)
+    # Early stopping starts from (0, 0) of the shifted problem. Fixed iterations start from (0, 0) of the
+    # unshifted one, i.e. minus the shifts here, so that a fixed count (even 0) gives the plain iteration's
+    # plan, as in OT-MEL's release. (Only v's start matters from the first u-update on.)
+    if early_stop:
+        u, v = torch.zeros_like(a), torch.zeros_like(b)
+    else:
+        u = torch.where(row_mask, -row_shift[:, :, 0] / eps, zero)
+        v = torch.where(col_mask, -col_shift[:, 0, :] / eps, zero)
     # Items without mass on both sides are done before starting (all-padding -> zero plan).
     active = row_mask.any(dim=-1) & col_mask.any(dim=-1)  # [C]
     lse_row = _lse_last(log_k, v)  # [C, N]
     its = 0
-    while its < max_iter and bool(active.any()):
+    running = bool(active.any())
+    while its < max_iter and running:
         act = active[:, None]
         u = torch.where(act, torch.where(row_mask, log_a - lse_row, zero), u)
         lse_col = _lse_last(log_k_t, u)  # [C, M]
         v = torch.where(act, torch.where(col_mask, log_b - lse_col, zero), v)
         its += 1
-        # After the v-update columns match b exactly; the row sums are exp(u + lse_row), and this
-        # lse_row is reused by the next u-update, so the convergence check costs nothing extra.
         lse_row = _lse_last(log_k, v)
-        row_err = (torch.exp(u + lse_row) - a).abs().amax(dim=-1)  # padding rows: exp(~-1e30) - 0 = 0
-        active = active & (row_err > tol)  # freeze converged items: result independent of neighbours
+        if early_stop:
+            # After the v-update columns match b exactly; the row sums are exp(u + lse_row), and this
+            # lse_row is reused by the next u-update, so the convergence check costs nothing extra.
+            row_err = (torch.exp(u + lse_row) - a).abs().amax(dim=-1)  # padding rows: exp(~-1e30) - 0 = 0
+            active = active & (row_err > tol)  # freeze converged items: result independent of neighbours
+            running = bool(active.any())
 
     plan = torch.where(pair_mask, torch.exp(u[:, :, None] + log_k + v[:, None, :]), zero)
     # Marginal error of this plan, computed in the log domain exactly as the loop's stopping test
     # (lse_row is current: u, v have not changed since). Summing `plan` instead would differ by float
     # rounding (~1e-7 in fp32) and could flag an item the loop stopped on as not converged.
     row_err = (torch.exp(u + lse_row) - a).abs().amax(dim=-1)
-    col_err = (torch.exp(v + _lse_last(log_k_t, u)) - b).abs().amax(dim=-1)
+    if its == 0:
+        lse_col = _lse_last(log_k_t, u)  # else the loop's last lse_col is current: u has not changed since
+    col_err = (torch.exp(v + lse_col) - b).abs().amax(dim=-1)
     return plan, torch.maximum(row_err, col_err), its
 
 

@@ -1,4 +1,5 @@
-"""Property tests for the batched log-domain Sinkhorn solver (POT / geomloss style, always asserted)."""
+"""Property tests for the batched log-domain Sinkhorn solver (POT / geomloss style, always asserted), in both modes:
+early stopping (the served reranker) and a fixed number of iterations (the OT-MEL teacher)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from service.pipeline.sinkhorn import (
+from models.sinkhorn import (
     OTProblem,
     OTResult,
     solve,
@@ -425,3 +426,67 @@ def test_solver_argument_validation() -> None:
         solve(problem, max_iter=-1)
     with pytest.raises(ValueError):
         solve(problem, tol=-1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed iterations (early_stop=False): the teacher's mode
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain_log_sinkhorn(problem: OTProblem, iters: int) -> torch.Tensor:
+    """Reference: the plain log-domain iteration from (0, 0) on the unshifted cost, fp64, no early stop."""
+    log_k = -problem.cost.double() / problem.eps
+    log_a, log_b = problem.a.double().log(), problem.b.double().log()
+    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    for _ in range(iters):
+        u = log_a - torch.logsumexp(log_k + v[:, None, :], dim=-1)
+        v = log_b - torch.logsumexp(log_k + u[:, :, None], dim=-2)
+    return torch.exp(u[:, :, None] + log_k + v[:, None, :])
+
+
+@pytest.mark.parametrize("iters", [0, 1, 3, 10])
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_fixed_iterations_give_the_plain_iterations_plan(iters: int, offset: float) -> None:
+    """Unconverged plans after a fixed count equal the textbook iteration's, despite the solver's row and column
+    shifts (`offset` adds per-row and per-column constants to the cost, which the shifts remove)."""
+    problem = _random_problem(4, 9, 6, eps=0.05, seed=41, dtype=torch.float64)
+    gen = _gen(42)
+    cost = problem.cost + offset * (torch.rand(4, 9, 1, generator=gen, dtype=torch.float64)
+                                    + torch.rand(4, 1, 6, generator=gen, dtype=torch.float64))
+    problem = OTProblem(cost, problem.a, problem.b, problem.eps)
+    result = solve(problem, max_iter=iters, tol=1e-4, early_stop=False)
+    torch.testing.assert_close(result.plan, _plain_log_sinkhorn(problem, iters), atol=1e-10, rtol=1e-8)
+    assert result.iterations == iters
+
+
+def test_fixed_iterations_ignore_tol_and_still_report_convergence() -> None:
+    problem = _random_problem(5, 10, 12, eps=0.05, seed=43)
+    early = solve(problem, max_iter=200, tol=1e-2)
+    fixed = solve(problem, max_iter=200, tol=1e-2, early_stop=False)
+    assert early.iterations < 200 and fixed.iterations == 200  # tol stops one mode, not the other
+    assert torch.equal(fixed.converged, fixed.marginal_error <= 1e-2) and fixed.converged.all()
+    assert (fixed.marginal_error < early.marginal_error).all()  # the extra iterations went on converging
+    short = solve(problem, max_iter=2, tol=1e-6, early_stop=False)
+    assert short.iterations == 2 and not short.converged.any()
+    row_err = (short.plan.sum(-1) - problem.a).abs().amax(-1)
+    col_err = (short.plan.sum(-2) - problem.b).abs().amax(-1)
+    torch.testing.assert_close(short.marginal_error, torch.maximum(row_err, col_err), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_fixed_iterations_independent_of_chunks_neighbours_and_padding(chunk_size: int | None) -> None:
+    problem = _random_problem(6, 8, 7, eps=0.05, seed=44)
+    a, b = problem.a.clone(), problem.b.clone()
+    a[0, 5:] = 0.0  # padding rows and columns, renormalised
+    b[1, 4:] = 0.0
+    a[2] = 0.0  # an item without mass
+    a, b = a / a.sum(-1, keepdim=True).clamp(min=1e-30), b / b.sum(-1, keepdim=True)
+    cost = problem.cost.clone()
+    cost[0, 5:] = float("nan")  # padding cost is ignored
+    problem = OTProblem(cost, a, b, problem.eps)
+    whole = solve(problem, max_iter=10, early_stop=False, chunk_size=chunk_size)
+    assert torch.isfinite(whole.plan).all() and whole.iterations == 10
+    assert torch.all(whole.plan[2] == 0) and torch.all(whole.plan[0, 5:] == 0) and torch.all(whole.plan[1, :, 4:] == 0)
+    for i in (0, 1, 3):
+        alone = solve(OTProblem(cost[i:i + 1], a[i:i + 1], b[i:i + 1], problem.eps), max_iter=10, early_stop=False)
+        torch.testing.assert_close(whole.plan[i], alone.plan[0], atol=1e-6, rtol=0)
