@@ -54,6 +54,7 @@ def test_build_index_over_a_users_jsonl_kg_and_link(tmp_path: Path, onnx_dir: Pa
     assert again.returncode == 0 and load_index(out).version == index.version  # nothing rebuilt
 
 
+@pytest.mark.slow
 def test_bad_jsonl_line_fails_the_build_naming_the_line(tmp_path: Path, onnx_dir: Path) -> None:
     kg = tmp_path / "kg.jsonl"
     kg.write_text('{"id": "a", "name": "A"}\n{"id": "b"\n')
