@@ -485,6 +485,21 @@ def test_api_keys(tmp_path: Path) -> None:
         assert ok.status_code == 200
 
 
+def test_index_reload_swaps_or_refuses(app: tuple[TestClient, FakeLinker], tmp_path: Path) -> None:
+    client, fake = app
+    folder = tmp_path / "other-index"
+    folder.mkdir()
+    (folder / "entities.json").write_text(json.dumps([["E1", "Ada Lovelace", "Mathematician."]]))
+    r = client.post("/v1/admin/reload", json={"index_dir": str(folder)})
+    assert r.status_code == 200, r.text
+    assert r.json()["previous_version"] == "fake-index@1" and r.json()["entities"] == 1
+    assert client.post("/v1/link", json={"mention": "Ada Lovelace"}).json()["entities"][0]["id"] == "E1"
+    msg = assert_error(client.post("/v1/admin/reload", json={"index_dir": str(tmp_path / "nope")}), 422,
+                       "invalid_index")
+    assert msg.startswith(f"index refused, still serving {r.json()['index_version']}"), msg
+    assert fake.index.version == r.json()["index_version"]
+
+
 # ------------------------------------------------------------------------------------------- job lifecycle
 
 
