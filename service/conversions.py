@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from service.errors import InvalidInput
 from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
 from service.pipeline.types import LinkQuery, LinkResult
-from service.schemas import EntityScore, LinkRequest, LinkResponse
+from service.schemas import BatchItem, EntityScore, LinkRequest, LinkResponse
 from service.settings import Settings
 
 __all__ = ["first_error", "to_queries", "to_query", "to_response"]
@@ -44,9 +44,9 @@ def to_query(req: LinkRequest, settings: Settings, *, image_bytes: bytes | None 
     return LinkQuery(mention=mention, context=context, image=image, top_k=top_k, id=item_id)
 
 
-def to_queries(reqs: list[LinkRequest], settings: Settings) -> list[LinkQuery]:
-    """Decode a batch in input order; the first bad item fails the whole batch (its error names it)."""
-    return [to_query(r, settings, item_id=getattr(r, "id", None)) for r in reqs]
+def to_queries(items: list[BatchItem], settings: Settings) -> list[LinkQuery]:
+    """Decode a batch in input order, each query carrying its item's id; the first bad item fails the batch."""
+    return [to_query(item, settings, item_id=item.id) for item in items]
 
 
 def to_response(r: LinkResult) -> LinkResponse:

@@ -242,7 +242,8 @@ def test_models_never_import_kg_index() -> None:
 
 
 @pytest.mark.parametrize("exceptions", [FAISS_EXCEPTIONS, ONNXRUNTIME_EXCEPTIONS, SERVICE_FROM_LIBRARY_EXCEPTIONS,
-                                        KG_INDEX_FROM_MODELS_EXCEPTIONS, NO_HTTP_EXCEPTIONS])
+                                        KG_INDEX_FROM_MODELS_EXCEPTIONS, NO_HTTP_EXCEPTIONS],
+                         ids=["faiss", "onnxruntime", "service-from-library", "kg_index-from-models", "no-http"])
 def test_every_exception_names_a_file_and_a_reason(exceptions: dict[str, str]) -> None:
     """A stale exception (the file is gone) or one without a reason is itself a failure."""
     for rel, reason in exceptions.items():
