@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from service.admission import Admission
 from service.errors import NotReady
+from service.jobs.manager import JobManager
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 from service.settings import Settings
-
-if TYPE_CHECKING:  # the jobs package imports the routes, which import this module
-    from service.jobs.manager import JobManager
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """Shared fixtures: the real encoders exported to ONNX once per session, and a small index built
-from a slice of the real benchmark KG (the gold entities of a few WikiMEL test mentions plus others)."""
+from a slice of the real benchmark KG (the gold entities of a few WikiMEL test mentions plus others).
+
+Every test that uses one of these (directly or through another fixture, e.g. a real server) must be marked
+`slow`: collection fails otherwise, so `make test-fast` (`-m "not slow"`) never exports encoders or reads the
+benchmark data. Fast API tests use the deterministic fake backend in tests/fakes.py instead.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,28 @@ def require_data() -> Path:
     if not (d / "WikiMEL").is_dir():
         pytest.skip(f"benchmark data not found at {d} (set EL_DATA_DIR; README: Benchmark data)")
     return d
+
+
+# The session fixtures below that load the real encoders or read the benchmark data (minutes on a cold session).
+REAL_FIXTURES = frozenset({"mel_dir", "zeroshot_onnx_dir", "onnx_dir", "zeroshot_runtime", "runtime", "test_mentions",
+                           "small_kg", "small_index", "settings", "linker"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that uses a real-encoder fixture of this module without the `slow` marker."""
+    unmarked = []
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("slow") is not None:
+            continue
+        # Only this module's fixtures count: a test module may define its own (fake) `settings`.
+        used = sorted(name for name in REAL_FIXTURES & set(item.fixturenames)
+                      if (defs := info.name2fixturedefs.get(name)) and defs[-1].func.__module__ == __name__)
+        if used:
+            unmarked.append(f"{item.nodeid} uses {', '.join(used)}")
+    if unmarked:
+        raise pytest.UsageError("mark these tests @pytest.mark.slow (they need the real encoders or the benchmark "
+                                "data):\n  " + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")

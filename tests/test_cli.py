@@ -132,6 +132,7 @@ def test_if_missing_rebuilds_when_the_configured_kg_changed(tmp_path: Path, onnx
     assert len(lines) == 1 and "records no KG source" in lines[0] and lines[0].endswith("; building the index")
 
 
+@pytest.mark.slow
 def test_bad_jsonl_line_fails_the_build_naming_the_line(tmp_path: Path, onnx_dir: Path) -> None:
     kg = tmp_path / "kg.jsonl"
     kg.write_text('{"id": "a", "name": "A"}\n{"id": "b"\n')

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from service.conversions import first_error
 from service.errors import DuplicateItemId, InvalidInput, TooManyItems
 from service.schemas import JobCreateRequest, JobItem
 
@@ -57,7 +58,7 @@ def parse_json(data: bytes, *, max_items: int) -> Submission:
     try:
         body = JobCreateRequest.model_validate_json(data)
     except ValidationError as exc:
-        raise InvalidInput(_first_error(exc)) from None
+        raise InvalidInput(first_error(exc)) from None
     if len(body.items) > max_items:
         raise TooManyItems(f"a job holds at most {max_items} items (got {len(body.items)})")
     out = _Collector(max_items)
@@ -75,12 +76,7 @@ def parse_jsonl(lines: Iterable[bytes], *, max_items: int) -> Submission:
         try:
             item = JobItem.model_validate_json(line)
         except ValidationError as exc:
-            raise InvalidInput(f"line {n}: {_first_error(exc)}") from None
+            raise InvalidInput(f"line {n}: {first_error(exc)}") from None
         out.add(item, f"line {n}")
     return out.finish()
 
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-    return f"{where}: {err.get('msg', 'invalid')}"

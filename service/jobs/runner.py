@@ -1,7 +1,8 @@
 """The job worker: one thread that claims the oldest queued job and runs it in chunks through the Linker.
 
-Per chunk: decode each item with the same decode stage as /v1/link (a bad item gets its own error code
-and fails alone), one `Linker.link_batch` call, then one transaction with the outcomes and the progress.
+Per chunk: decode each item with the same decode stage as /v1/link (`service.conversions.to_query`; a bad
+item gets its own error code and fails alone), one `Linker.link_batch` call, then one transaction with the
+outcomes and the progress.
 The commit only lands while the job is still running under our lease, so a cancel stops output at the
 next chunk boundary. A second thread renews the lease (heartbeat) while a chunk computes. On shutdown
 the worker finishes its chunk and hands the job back to the queue (attempt refunded); after a crash the
@@ -22,12 +23,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.conversions import to_query, to_response
 from service.errors import ELError
 from service.jobs.store import ItemOutcome, JobRecord, JobStore, PendingItem
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery, LinkResult
-from service.routes.link import to_query, to_response
 from service.schemas import JobItem
 from service.settings import Settings
 

@@ -6,8 +6,9 @@ applied per call (reliability cases C2, C3, D1, D2, D3 and the "Image rules"):
 
 - a byte cap before base64 decoding and again before opening the image;
 - an allowlist of formats passed to `Image.open` (identifiable but disallowed formats answer 415);
-- a pixel cap checked against the header size right after `Image.open`, before any pixel is decoded,
-  with Pillow's `DecompressionBombWarning` turned into an error for the duration of the call;
+- a pixel cap checked against the header size right after `Image.open`, before any pixel is decoded; the cap
+  is never above Pillow's `MAX_IMAGE_PIXELS`, so every image Pillow would only warn about is refused by it
+  (no process-wide warning filters are touched: decoding runs in worker threads);
 - `draft()` for JPEGs so large photos decode at a reduced scale;
 - animated images rejected; truncated or corrupt data rejected.
 """
@@ -22,7 +23,6 @@ import re
 import struct
 import threading
 import unicodedata
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -273,43 +273,45 @@ def decode_image(data: bytes, limits: LimitSettings, *, target_size: int = 224) 
     cap = _pixel_cap(limits)
     _check_png_header(data, cap)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    # No warnings.catch_warnings() here: it swaps process-wide filters and is not thread-safe, and decoding runs
+    # in worker threads. Pillow only warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS, our cap is
+    # never above that (_pixel_cap), and the header check right after open refuses every such image before a
+    # pixel is decoded. The warning is still caught below, for a process run with warnings as errors.
+    try:
+        img = Image.open(io.BytesIO(data), formats=allowed)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(f"image dimensions exceed the limit of {cap} pixels") from None
+    except UnidentifiedImageError:
+        sniffed = _sniff_format(data)
+        if sniffed is not None and sniffed not in allowed:
+            logger.debug("rejected image format %s", sniffed)
+            raise UnsupportedImageFormat(
+                f"image format {sniffed} is not supported; send one of {', '.join(allowed)}"
+            ) from None
+        raise InvalidImage("image data is not a recognised image or its header is corrupt") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error):
+        raise InvalidImage("image header is corrupt") from None
+
+    with img:
+        width, height = img.size
+        if width * height > cap:
+            raise _too_large(width, height, cap)
+        # MPO (multi-picture JPEG from cameras/phones) is a JPEG whose first frame is the photo.
+        is_jpeg = img.format in ("JPEG", "MPO")
+        if not is_jpeg and getattr(img, "n_frames", 1) > 1:
+            raise InvalidImage("animated images are not supported; send a single frame")
         try:
-            img = Image.open(io.BytesIO(data), formats=allowed)
+            if is_jpeg:
+                img.draft("RGB", (target_size, target_size))
+            DECODE_COUNTS.add(image_decodes=1)
+            img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageTooLarge(f"image dimensions exceed the limit of {cap} pixels") from None
-        except UnidentifiedImageError:
-            sniffed = _sniff_format(data)
-            if sniffed is not None and sniffed not in allowed:
-                logger.debug("rejected image format %s", sniffed)
-                raise UnsupportedImageFormat(
-                    f"image format {sniffed} is not supported; send one of {', '.join(allowed)}"
-                ) from None
-            raise InvalidImage("image data is not a recognised image or its header is corrupt") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error):
-            raise InvalidImage("image header is corrupt") from None
-
-        with img:
-            width, height = img.size
-            if width * height > cap:
-                raise _too_large(width, height, cap)
-            # MPO (multi-picture JPEG from cameras/phones) is a JPEG whose first frame is the photo.
-            is_jpeg = img.format in ("JPEG", "MPO")
-            if not is_jpeg and getattr(img, "n_frames", 1) > 1:
-                raise InvalidImage("animated images are not supported; send a single frame")
-            try:
-                if is_jpeg:
-                    img.draft("RGB", (target_size, target_size))
-                DECODE_COUNTS.add(image_decodes=1)
-                img.load()
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise ImageTooLarge(f"image dimensions exceed the limit of {cap} pixels") from None
-            except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
-                logger.debug("image decode failed: %s", type(exc).__name__)
-                raise InvalidImage("image data is truncated or corrupt") from None
-            DECODE_COUNTS.add(pixels=img.size[0] * img.size[1])
-            out = _to_rgb(_exif_transpose(img))
-            if out is img:  # detach the result from the file object being closed
-                out = img.copy()
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
+            logger.debug("image decode failed: %s", type(exc).__name__)
+            raise InvalidImage("image data is truncated or corrupt") from None
+        DECODE_COUNTS.add(pixels=img.size[0] * img.size[1])
+        out = _to_rgb(_exif_transpose(img))
+        if out is img:  # detach the result from the file object being closed
+            out = img.copy()
     return out

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 
-from service.errors import InvalidInput, TooManyItems, UnsupportedMediaType
-from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
+from service.conversions import first_error, to_queries, to_query, to_response
+from service.errors import ImageTooLarge, InvalidInput, TooManyItems, UnsupportedMediaType
 from service.pipeline.linker import BatchOutcome
-from service.pipeline.types import LinkQuery, LinkResult
+from service.pipeline.types import LinkQuery
 from service.schemas import (
     BatchLinkRequest,
     BatchLinkResponse,
     BatchResult,
-    EntityScore,
     ErrorResponse,
     LinkRequest,
     LinkResponse,
@@ -40,39 +40,24 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def to_query(req: LinkRequest, settings: Settings, *, image_bytes: bytes | None = None, item_id: str | None = None) -> LinkQuery:
-    """Decode stage for one request: validated text, capped top_k, safely decoded image."""
-    lim = settings.limits
-    mention = clean_text(req.mention, field="mention", max_chars=lim.max_text_chars, required=True)
-    context = clean_text(req.context, field="context", max_chars=lim.max_text_chars)
-    top_k = req.top_k or settings.top_k
-    if top_k > lim.max_top_k:
-        raise InvalidInput(f"top_k must be at most {lim.max_top_k}")
-    if image_bytes is None and req.image:
-        image_bytes = base64_image_bytes(req.image, max_bytes=lim.max_image_bytes)
-    image = decode_image(image_bytes, lim, target_size=settings.encoder.image_size) if image_bytes else None
-    return LinkQuery(mention=mention, context=context, image=image, top_k=top_k, id=item_id)
-
-
-def to_response(r: LinkResult) -> LinkResponse:
-    return LinkResponse(
-        mention=r.mention, nil=r.nil, index_version=r.index_version, model_version=r.model_version,
-        timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
-        entities=[EntityScore(**c.__dict__) for c in r.entities],
-    )
-
-
-async def run_linker(state: AppState, queries: list[LinkQuery], source: str,
+async def run_linker(state: AppState, decode: Callable[[], list[LinkQuery]], source: str,
                      request: Request | None = None) -> BatchOutcome:
-    """Admission (queue, deadline, disconnect while queued), then the pipeline in a worker thread."""
+    """Admission (queue, deadline, disconnect while queued), then decode and the pipeline in a worker thread.
+
+    `decode` (text rules, base64 and image decoding) runs inside the admitted work, not on the event loop:
+    a full server refuses before any decoding work, so a bad request to a full server gets 429, not its 4xx.
+    """
     linker = state.require_linker()
     adm = state.admission
     deadline = adm.deadline()
     gone = (lambda: client_gone(request)) if request is not None else None
-    outcome = await adm.run(lambda: linker.link_batch(queries, deadline=deadline), deadline=deadline,
-                            disconnected=gone)
+
+    def work() -> BatchOutcome:
+        return linker.link_batch(decode(), deadline=deadline)
+
+    outcome = await adm.run(work, deadline=deadline, disconnected=gone)
     state.metrics.observe_batch(outcome.timings_ms, outcome.ot_stats)
-    state.metrics.mentions.labels(source).inc(len(queries))
+    state.metrics.mentions.labels(source).inc(len(outcome.results))
     return outcome
 
 
@@ -89,7 +74,7 @@ async def _parse_link_request(request: Request, settings: Settings) -> tuple[Lin
         try:
             return LinkRequest.model_validate_json(await request.body()), None
         except ValidationError as exc:
-            raise InvalidInput(_first_error(exc)) from None
+            raise InvalidInput(first_error(exc)) from None
     if ctype == "multipart/form-data":
         lim = settings.limits
         form = await request.form(max_files=1, max_fields=8, max_part_size=lim.max_image_bytes)
@@ -98,22 +83,14 @@ async def _parse_link_request(request: Request, settings: Settings) -> tuple[Lin
         if image is not None and not isinstance(image, str):
             image_bytes = await image.read(lim.max_image_bytes + 1)
             if len(image_bytes) > lim.max_image_bytes:
-                from service.errors import ImageTooLarge
-
                 raise ImageTooLarge(f"image exceeds {lim.max_image_bytes} bytes")
         fields = {k: v for k, v in form.items() if k in ("mention", "context", "top_k") and isinstance(v, str)}
         try:
             req = LinkRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})
         except ValidationError as exc:
-            raise InvalidInput(_first_error(exc)) from None
+            raise InvalidInput(first_error(exc)) from None
         return req, image_bytes
     raise UnsupportedMediaType("send application/json or multipart/form-data")
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 @router.post(
@@ -130,8 +107,7 @@ async def link(request: Request) -> LinkResponse:
     state: AppState = request.app.state.el
     state.require_linker()
     req, image_bytes = await _parse_link_request(request, state.settings)
-    query = to_query(req, state.settings, image_bytes=image_bytes)
-    outcome = await run_linker(state, [query], "link", request)
+    outcome = await run_linker(state, lambda: [to_query(req, state.settings, image_bytes=image_bytes)], "link", request)
     return to_response(outcome.results[0])
 
 
@@ -150,8 +126,7 @@ async def link_batch(body: BatchLinkRequest, request: Request) -> BatchLinkRespo
     if len(body.items) > cap:
         raise TooManyItems(f"at most {cap} items per batch (got {len(body.items)}); use /v1/jobs for more")
     state.require_linker()
-    queries = [to_query(item, state.settings, item_id=item.id) for item in body.items]
-    outcome = await run_linker(state, queries, "batch", request)
+    outcome = await run_linker(state, lambda: to_queries(body.items, state.settings), "batch", request)
     results = [BatchResult(**to_response(r).model_dump(), id=r.id) for r in outcome.results]
     first = outcome.results[0]
     return BatchLinkResponse(results=results, index_version=first.index_version, model_version=first.model_version,

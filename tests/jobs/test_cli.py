@@ -11,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 from tests.jobs.helpers import db_rows, many
 from tests.service.conftest import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.onnx]  # real servers over the real encoders (tests/jobs/conftest.py)
 
 
 def write_jsonl(path: Path, items: list[dict]) -> Path:

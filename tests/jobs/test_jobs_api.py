@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.jobs.helpers import db_rows, finished, many, metric, result_lines, submit, wait_idle, wait_job
 from tests.service.conftest import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.onnx]  # real servers over the real encoders (tests/jobs/conftest.py)
 
 
 def test_submit_poll_and_stream_results_in_input_order(api: httpx.Client, job_items: list[dict]) -> None:

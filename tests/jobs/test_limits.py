@@ -12,6 +12,8 @@ import pytest
 
 from tests.jobs.helpers import db_rows, finished, many, result_lines, start_server, submit, wait_idle, wait_job
 
+pytestmark = [pytest.mark.slow, pytest.mark.onnx]  # real servers over the real encoders (tests/jobs/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:

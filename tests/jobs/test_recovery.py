@@ -7,8 +7,13 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.jobs.helpers import db_rows, finished, many, result_lines, submit, wait_job
 from tests.service.conftest import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.onnx]  # real servers over the real encoders (tests/jobs/conftest.py)
+
 
 # Each chunk of 2 sleeps 150 ms in the encode stage: a 30-item job takes over 2 s, time to kill it mid-way.
 CRAWL = {"EL_STAGE_DELAY_MS": "150", "EL_JOBS__CHUNK_SIZE": "2"}

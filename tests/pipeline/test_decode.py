@@ -16,7 +16,10 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -263,6 +266,37 @@ def test_d2_bomb_png_rejected(bomb_png: Path) -> None:
     # Raising our cap above 144 MP does not let Pillow's decompression-bomb warning through.
     out, _ = _counted(decode_image, data, LimitSettings(max_image_pixels=500_000_000))
     assert isinstance(out, ImageTooLarge), out
+
+
+def test_bomb_refusal_does_not_touch_warning_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding runs in worker threads, so the refusal must not rely on `warnings.catch_warnings` (it swaps the
+    process-wide filters: two overlapping calls can leave them changed). With Pillow's threshold lowered so that a
+    small JPEG falls in its warn-only band (threshold < pixels <= 2 x threshold), concurrent decodes are each
+    refused from the header whatever the warning filter says, and no call enters catch_warnings."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)
+    data = _encode(_rgb((50, 50)), "JPEG")  # 2,500 pixels: Pillow warns, does not raise
+    entered: list[int] = []
+    real = warnings.catch_warnings
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    for action in ("ignore", "always", "error"):
+        with real(record=True) as seen:
+            warnings.simplefilter(action, Image.DecompressionBombWarning)
+            filters = list(warnings.filters)
+            monkeypatch.setattr(warnings, "catch_warnings", spy)
+            with ThreadPoolExecutor(8) as pool:
+                outs = list(pool.map(lambda _: _counted(decode_image, data, LIMITS), range(32)))
+            monkeypatch.setattr(warnings, "catch_warnings", real)
+            assert warnings.filters == filters, action
+        if action == "always":  # the image is in Pillow's warn-only band: it warned, and we refused anyway
+            assert seen and all(w.category is Image.DecompressionBombWarning for w in seen), seen
+        for out, work in outs:
+            assert isinstance(out, ImageTooLarge), (action, out)
+            assert work == NOTHING_DECODED, (action, work)
+    assert entered == []
 
 
 _RSS_SCRIPT = """

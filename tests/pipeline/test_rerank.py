@@ -126,6 +126,7 @@ def test_context_name_similarity_sees_the_full_name_in_the_sentence() -> None:
 # --- the real Linker on the small real index (session fixtures in tests/conftest.py) ---
 
 
+@pytest.mark.slow
 def test_linker_links_exact_name_mentions_and_is_batch_invariant(linker, test_mentions) -> None:
     names = {e.id: e.name for e in linker.index.entities}
     easy = [m for m in test_mentions if names.get(m.answer, "").lower() == m.mention.lower()][:8]
@@ -142,6 +143,7 @@ def test_linker_links_exact_name_mentions_and_is_batch_invariant(linker, test_me
     assert set(batch.timings_ms) >= {"encode", "retrieve", "rerank", "total"}
 
 
+@pytest.mark.slow
 def test_rerank_off_returns_retrieval_order(linker, test_mentions) -> None:
     m = test_mentions[0]
     out = linker.link_batch([LinkQuery(m.mention, m.context, None, top_k=10)], rerank=False).results[0]
