@@ -110,6 +110,11 @@ class FakeLinker:
     def index(self) -> FakeIndex:
         return self._index
 
+    @property
+    def source_warning(self) -> str | None:
+        """The fake KG is always the configured one (the real check: service/index_source.py)."""
+        return None
+
     def warm_up(self) -> None:
         self._warm = True
 
