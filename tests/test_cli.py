@@ -48,7 +48,7 @@ def test_build_index_over_a_users_jsonl_kg_and_link(tmp_path: Path, onnx_dir: Pa
     assert index.ids == ["acme", "anvil", "road", "coyote"]
     assert index.manifest.kg == str(kg)
 
-    linker = Linker.from_settings(Settings(encoder={"onnx_dir": onnx_dir}, index={"dir": out}))
+    linker = Linker.from_settings(Settings(encoder={"onnx_dir": onnx_dir}, index={"dir": out, "kg": str(kg)}))
     top = linker.link(LinkQuery("Wile E. Coyote", "The coyote ordered another anvil.", None, top_k=2))
     assert top.entities[0].id == "coyote"
     again = subprocess.run([sys.executable, "-m", "service", "build-index", "--if-missing"], cwd=ROOT, env=env,
