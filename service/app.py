@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
+from starlette.types import Scope
 
 from kg_index.manifest import IndexIntegrityError
 from service.admission import Admission
@@ -49,6 +51,15 @@ def _load(state: AppState, factory: LinkerFactory) -> None:
     state.ready = True
     state.metrics.ready.set(1)
     logger.info("ready: index %s, model %s", linker.index.version, linker.model_version)
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method of every route whose path matches (Starlette's own 405 names only the first such route's)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.from_settings) -> FastAPI:
@@ -102,12 +113,15 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
         return JSONResponse({"error": {"code": "invalid_input", "message": msg}}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # an unparseable body (FastAPI's JSON, Starlette's multipart): invalid input
             return JSONResponse({"error": {"code": "invalid_input", "message": str(exc.detail)}}, status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,6 @@
-"""Async batch jobs: POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/results, DELETE /v1/jobs/{id}.
+"""Async batch jobs: POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/results,
+POST /v1/jobs/{id}/cancel (stop it, keep what it produced) and DELETE /v1/jobs/{id} (cancel, then delete the
+job with its items and results).
 
 A job is persisted before the 202. Results stream as JSONL in input order, one line per input id, once
 the job is finished (succeeded, failed or cancelled); before that the results route answers 409
@@ -147,8 +149,8 @@ async def get_job(job_id: str, request: Request) -> JobStatus:
     return job_status(await _live_job(_manager(request).store, job_id))
 
 
-@router.delete("/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS,
-               summary="Cancel a job (no-op once finished); compute stops at the next chunk")
+@router.post("/jobs/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS,
+             summary="Cancel a job (no-op once finished); compute stops at the next chunk, results so far stay readable")
 async def cancel_job(job_id: str, request: Request) -> JobStatus:
     store = _manager(request).store
     await _live_job(store, job_id)
@@ -156,6 +158,17 @@ async def cancel_job(job_id: str, request: Request) -> JobStatus:
     if job is None:  # swept in between
         raise JobNotFound(f"no job {job_id!r}")
     return job_status(job)
+
+
+@router.delete("/jobs/{job_id}", status_code=204, response_class=Response,
+               responses={204: {"description": "Deleted: the job, its items and its results are gone (then 404)"},
+                          **_ERRORS},
+               summary="Delete a job and its results; a queued or running job is cancelled first")
+async def delete_job(job_id: str, request: Request) -> Response:
+    # An expired job not yet swept is deleted too (its 410 only says the results are gone).
+    if not await run_in_threadpool(_manager(request).store.delete, job_id):
+        raise JobNotFound(f"no job {job_id!r}")
+    return Response(status_code=204)
 
 
 @router.get(
