@@ -87,11 +87,13 @@ async def _read_submission(request: Request, jm: JobManager) -> Submission:
         # The body cap (EL_JOBS__MAX_BODY_BYTES) bounds the file part; it is spooled to disk, not held in memory.
         form = await request.form(max_files=1, max_fields=4, max_part_size=1024 * 1024)
         try:
-            files = [v for v in form.values() if isinstance(v, UploadFile)]
-            if not files:
+            if unknown := sorted(set(form.keys()) - {"file"}):  # as documented: one part, named file
+                raise InvalidInput(f"{unknown[0]}: unknown form field; send one file part named file")
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
                 raise InvalidInput("multipart upload needs a file part holding JSONL (e.g. -F file=@items.jsonl)")
-            files[0].file.seek(0)
-            return await run_in_threadpool(parse_jsonl, files[0].file, max_items=max_items)
+            file.file.seek(0)
+            return await run_in_threadpool(parse_jsonl, file.file, max_items=max_items)
         finally:
             await form.close()
     raise UnsupportedMediaType("send application/json {\"items\": [...]}, application/x-ndjson (JSONL) "
