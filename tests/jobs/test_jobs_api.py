@@ -209,7 +209,7 @@ def test_bad_submissions_are_refused_before_anything_is_stored(api: httpx.Client
     assert api.post("/v1/jobs", files={"x": (None, "not a file")}).status_code == 422
     r = api.post("/v1/jobs", files={"file": ("a.jsonl", b'{"id": "a", "mention": "x"}\n'), "note": (None, "hi")})
     assert r.status_code == 422 and r.json()["error"]["message"] == "note: unknown form field; send one file part named file"
-    r = api.post("/v1/jobs", data={"file": '{"id": "a", "mention": "x"}'})  # a plain field, not a file part
+    r = api.post("/v1/jobs", files={"file": (None, '{"id": "a", "mention": "x"}')})  # a plain field, not a file part
     assert r.status_code == 422 and r.json()["error"]["message"].startswith("multipart upload needs a file part")
     line = (json.dumps({"id": "0", "mention": "m" * 1000}) + "\n").encode()
     big = line * (2 * 1024 * 1024 // len(line) + 1)  # over this server's 2 MB job body cap
