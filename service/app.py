@@ -12,8 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import compile_path
 
 from kg_index.manifest import IndexIntegrityError
+from service import openapi
 from service.admission import Admission
 from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.errors import ELError
@@ -30,6 +32,7 @@ from service.state import AppState
 logger = logging.getLogger(__name__)
 
 LinkerFactory = Callable[[Settings], Linker]
+_HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
 
 
 def _load(state: AppState, factory: LinkerFactory) -> None:
@@ -49,6 +52,18 @@ def _load(state: AppState, factory: LinkerFactory) -> None:
     state.ready = True
     state.metrics.ready.set(1)
     logger.info("ready: index %s, model %s", linker.index.version, linker.model_version)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the document gives the paths that match (Starlette's own 405 names only the first matching
+    route's methods); empty for an undocumented path. HEAD comes with GET, as Starlette serves it."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.from_settings) -> FastAPI:
@@ -102,12 +117,15 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
         return JSONResponse({"error": {"code": "invalid_input", "message": msg}}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # an unparseable body (FastAPI's JSON, Starlette's multipart): invalid input
             return JSONResponse({"error": {"code": "invalid_input", "message": str(exc.detail)}}, status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (methods := allowed_methods(request.app, request.url.path)):
+            headers["Allow"] = ", ".join(methods)
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -119,6 +137,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     app.include_router(entities.router)
     app.include_router(job_routes.router)
     app.include_router(admin_routes.router)
+    openapi.install(app, settings)  # the document states the limits of these settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
                        path_limits={"/v1/jobs": settings.jobs.max_body_bytes})
     # Outside the body cap: a request without a key is refused before its body is read.

@@ -136,18 +136,22 @@ def _link_file(settings: Settings, args: argparse.Namespace) -> int:
 
             job = client.wait(job_id, poll_s=args.poll, on_progress=show)
         lines = client.download(job_id, out)
+        if args.delete:  # the results are safe on disk: free the server's copy now instead of at expiry
+            client.delete(job_id)
     except JobClientError as exc:
         print(f"el link-file: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        how = (f"; to stop it: curl -X POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel (keeps its results) or "
+               f"curl -X DELETE {url.rstrip('/')}/v1/jobs/{job_id} (deletes it)") if job_id else ""
         print(f"\ninterrupted; job {job_id or '(not yet submitted)'} keeps running on the server; run the same "
-              "command again to resume", file=sys.stderr)
+              f"command again to resume{how}", file=sys.stderr)
         return 130
     finally:
         client.close()
     p = job["progress"]
     print(f"job {job_id} {job['state']}: {p['done']}/{p['total']} items, {p['failed']} failed; "
-          f"wrote {lines} lines to {out}", file=sys.stderr)
+          f"wrote {lines} lines to {out}{'; deleted the job on the server' if args.delete else ''}", file=sys.stderr)
     return 0 if job["state"] == "succeeded" else 1
 
 
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     lf.add_argument("--poll", type=float, default=1.0, help="seconds between progress polls")
     lf.add_argument("--give-up-after", type=float, default=600.0,
                     help="seconds to keep retrying while the server is unreachable or busy")
+    lf.add_argument("--delete", action="store_true",
+                    help="delete the job and its results on the server once the results are written")
     lf.add_argument("--quiet", action="store_true", help="no progress bar")
     lf.set_defaults(fn=_link_file)
     args = parser.parse_args(argv)

@@ -92,6 +92,19 @@ class JobClient:
             raise JobClientError(f"job {job_id}: HTTP {resp.status_code} {_error_text(resp)}")
         return resp.json()
 
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/jobs/{id}/cancel: the worker stops at its next chunk; results so far stay readable."""
+        resp = self._request("POST", f"/v1/jobs/{job_id}/cancel")
+        if resp.status_code != 200:
+            raise JobClientError(f"cancel job {job_id}: HTTP {resp.status_code} {_error_text(resp)}")
+        return resp.json()
+
+    def delete(self, job_id: str) -> None:
+        """DELETE /v1/jobs/{id}: the job (cancelled first if it still runs), its items and results are deleted."""
+        resp = self._request("DELETE", f"/v1/jobs/{job_id}")
+        if resp.status_code != 204:
+            raise JobClientError(f"delete job {job_id}: HTTP {resp.status_code} {_error_text(resp)}")
+
     def wait(self, job_id: str, *, poll_s: float = 1.0, on_progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
         while True:

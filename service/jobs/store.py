@@ -245,6 +245,23 @@ class JobStore:
                       (now, now + self.result_ttl_s, job_id))
             return _get(c, job_id)
 
+    def delete(self, job_id: str) -> bool:
+        """Delete a job with its items and results; False when there is no such job. A queued or running job
+        is cancelled and marked expired in the first transaction, so its worker's next commit finds it no
+        longer running and writes nothing; the rows then go in batches (a crash midway leaves an expired job
+        that the next sweep finishes deleting)."""
+        now = self.clock()
+        with self._write() as c:
+            job = _get(c, job_id)
+            if job is None:
+                return False
+            c.execute("UPDATE jobs SET state = CASE WHEN state IN ('queued', 'running') THEN 'cancelled' ELSE state END, "
+                      "finished_at = COALESCE(finished_at, ?), expires_at = ?, lease_owner = NULL, "
+                      "lease_expires_at = NULL WHERE id = ?", (now, now, job_id))
+        self._purge(job_id, now)
+        logger.info("job %s deleted (was %s)", job_id, job.state)
+        return True
+
     def iter_outcomes(self, job_id: str, *, page: int = 1000) -> Iterator[tuple[int, str, str | None, str | None]]:
         """(seq, item_id, result, error) for every item in input order; result and error are None when the
         item never ran. Read in pages, each its own statement, so no read transaction spans a slow client."""
@@ -364,19 +381,26 @@ class JobStore:
         ids = [r[0] for r in self._conn().execute("SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?",
                                                    (now,)).fetchall()]
         for job_id in ids:
-            for table in ("results", "items"):
-                while True:
-                    with self._write() as c:
-                        n = c.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
-                                      "WHERE job_id = ? LIMIT ?)", (job_id, _DELETE_BATCH)).rowcount
-                    if n < _DELETE_BATCH:
-                        break
-            with self._write() as c:
-                c.execute("DELETE FROM jobs WHERE id = ? AND expires_at IS NOT NULL AND expires_at <= ?", (job_id, now))
+            self._purge(job_id, now, vacuum=False)
         if ids:
             self._conn().execute("PRAGMA incremental_vacuum").fetchall()  # runs to completion only when stepped
             logger.info("swept %d expired job(s)", len(ids))
         return len(ids)
+
+    def _purge(self, job_id: str, now: float, *, vacuum: bool = True) -> None:
+        """Delete an expired job's results and items in batches, then the job row itself (last, so an
+        interrupted purge is found again by the sweep)."""
+        for table in ("results", "items"):
+            while True:
+                with self._write() as c:
+                    n = c.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                                  "WHERE job_id = ? LIMIT ?)", (job_id, _DELETE_BATCH)).rowcount
+                if n < _DELETE_BATCH:
+                    break
+        with self._write() as c:
+            c.execute("DELETE FROM jobs WHERE id = ? AND expires_at IS NOT NULL AND expires_at <= ?", (job_id, now))
+        if vacuum:
+            self._conn().execute("PRAGMA incremental_vacuum").fetchall()
 
 
 def _record(row: sqlite3.Row) -> JobRecord:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import logging
 import re
@@ -33,7 +34,7 @@ from service.settings import LimitSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODE_COUNTS", "DecodeCounts", "base64_image_bytes", "clean_text", "decode_image"]
+__all__ = ["DECODE_COUNTS", "DecodeCounts", "base64_image_bytes", "clean_text", "decode_image", "text_pattern"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,32 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _RAW_SLACK = 4
 
 
+def _char_class(codes: list[int]) -> str:
+    """A regex character class body (ranges of \\uXXXX escapes, valid in Python and ECMA-262 regexes)."""
+    out, i = [], 0
+    while i < len(codes):
+        j = i
+        while j + 1 < len(codes) and codes[j + 1] == codes[j] + 1:
+            j += 1
+        out.append(f"\\u{codes[i]:04x}" + (f"-\\u{codes[j]:04x}" if j > i else ""))
+        i = j + 1
+    return "".join(out)
+
+
+@functools.cache
+def text_pattern(*, required: bool) -> str:
+    """The JSON-schema `pattern` of a text field that `clean_text` accepts: no control character (other than
+    tab, newline, carriage return); when required, at least one character that is not
+    whitespace (as `str.split` sees it), so that the cleaned text is not empty. Built from the same rules."""
+    # Lone surrogates are refused too but left out here: the validators behind JSON-schema tools cannot compile
+    # a surrogate range, and no UTF-8 text holds one (only a JSON \uD800 escape can).
+    bad = [c for c in range(0x110000) if _CONTROL_RE.match(chr(c))]
+    if not required:
+        return f"^[^{_char_class(bad)}]*$"
+    blank = sorted(set(bad) | {c for c in range(0x110000) if chr(c).isspace()})
+    return f"^[^{_char_class(bad)}]*[^{_char_class(blank)}][^{_char_class(bad)}]*$"
+
+
 def clean_text(value: str | None, *, field: str, max_chars: int, required: bool = False) -> str:
     """Validate and normalise one text field.
 
@@ -102,7 +129,9 @@ def clean_text(value: str | None, *, field: str, max_chars: int, required: bool 
     text = " ".join(unicodedata.normalize("NFC", value).split())
     if required and not text:
         raise InvalidInput(f"{field} must not be empty")
-    if len(text) > max_chars:
+    # Measured before and after NFC (which can lengthen a few scripts' text): within the cap either way passes,
+    # so any string of at most max_chars characters (the documented maxLength) is accepted.
+    if len(text) > max_chars and len(" ".join(value.split())) > max_chars:
         raise TextTooLong(f"{field} is longer than {max_chars} characters ({len(text)})")
     return text
 

@@ -1,4 +1,6 @@
-"""Async batch jobs: POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/results, DELETE /v1/jobs/{id}.
+"""Async batch jobs: POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/results,
+POST /v1/jobs/{id}/cancel (stop it, keep what it produced) and DELETE /v1/jobs/{id} (cancel, then delete the
+job with its items and results).
 
 A job is persisted before the 202. Results stream as JSONL in input order, one line per input id, once
 the job is finished (succeeded, failed or cancelled); before that the results route answers 409
@@ -85,11 +87,13 @@ async def _read_submission(request: Request, jm: JobManager) -> Submission:
         # The body cap (EL_JOBS__MAX_BODY_BYTES) bounds the file part; it is spooled to disk, not held in memory.
         form = await request.form(max_files=1, max_fields=4, max_part_size=1024 * 1024)
         try:
-            files = [v for v in form.values() if isinstance(v, UploadFile)]
-            if not files:
+            if unknown := sorted(set(form.keys()) - {"file"}):  # as documented: one part, named file
+                raise InvalidInput(f"{unknown[0]}: unknown form field; send one file part named file")
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
                 raise InvalidInput("multipart upload needs a file part holding JSONL (e.g. -F file=@items.jsonl)")
-            files[0].file.seek(0)
-            return await run_in_threadpool(parse_jsonl, files[0].file, max_items=max_items)
+            file.file.seek(0)
+            return await run_in_threadpool(parse_jsonl, file.file, max_items=max_items)
         finally:
             await form.close()
     raise UnsupportedMediaType("send application/json {\"items\": [...]}, application/x-ndjson (JSONL) "
@@ -147,8 +151,8 @@ async def get_job(job_id: str, request: Request) -> JobStatus:
     return job_status(await _live_job(_manager(request).store, job_id))
 
 
-@router.delete("/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS,
-               summary="Cancel a job (no-op once finished); compute stops at the next chunk")
+@router.post("/jobs/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS,
+             summary="Cancel a job (no-op once finished); compute stops at the next chunk, results so far stay readable")
 async def cancel_job(job_id: str, request: Request) -> JobStatus:
     store = _manager(request).store
     await _live_job(store, job_id)
@@ -156,6 +160,17 @@ async def cancel_job(job_id: str, request: Request) -> JobStatus:
     if job is None:  # swept in between
         raise JobNotFound(f"no job {job_id!r}")
     return job_status(job)
+
+
+@router.delete("/jobs/{job_id}", status_code=204, response_class=Response,
+               responses={204: {"description": "Deleted: the job, its items and its results are gone (then 404)"},
+                          **_ERRORS},
+               summary="Delete a job and its results; a queued or running job is cancelled first")
+async def delete_job(job_id: str, request: Request) -> Response:
+    # An expired job not yet swept is deleted too (its 410 only says the results are gone).
+    if not await run_in_threadpool(_manager(request).store.delete, job_id):
+        raise JobNotFound(f"no job {job_id!r}")
+    return Response(status_code=204)
 
 
 @router.get(

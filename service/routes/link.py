@@ -84,6 +84,8 @@ async def _parse_link_request(request: Request, settings: Settings) -> tuple[Lin
             image_bytes = await image.read(lim.max_image_bytes + 1)
             if len(image_bytes) > lim.max_image_bytes:
                 raise ImageTooLarge(f"image exceeds {lim.max_image_bytes} bytes")
+        if unknown := sorted(set(form.keys()) - {"mention", "context", "top_k", "image"}):  # as JSON's extra=forbid
+            raise InvalidInput(f"{unknown[0]}: unknown form field; send mention, context, top_k, image")
         fields = {k: v for k, v in form.items() if k in ("mention", "context", "top_k") and isinstance(v, str)}
         try:
             req = LinkRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})

@@ -47,6 +47,20 @@ def test_link_file_writes_one_line_per_item_in_input_order(jobs_server: Server, 
     assert all(line["result"]["entities"] for line in lines)
 
 
+def test_link_file_delete_removes_the_job_once_its_results_are_written(jobs_server: Server, jobs_store_dir: Path,
+                                                                       tmp_path: Path, job_items: list[dict]) -> None:
+    items = many(job_items, 6, "cli-delete")
+    out = tmp_path / "results.jsonl"
+    r = subprocess.run([*cli(write_jsonl(tmp_path / "in.jsonl", items), out, jobs_server), "--delete"], check=False,
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"job (\w+) succeeded: 6/6 items, 0 failed; wrote 6 lines to .*; deleted the job on the server", r.stderr)
+    assert m, r.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [i["id"] for i in items]
+    assert db_rows(jobs_store_dir, "SELECT count(*) FROM jobs WHERE id = ?", m.group(1)) == [(0,)]
+    assert db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", m.group(1)) == [(0,)]
+
+
 def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store_dir: Path, tmp_path: Path,
                                                  job_items: list[dict]) -> None:
     items = many(job_items, 480, "cli")  # >= 4.8 s of work (120 chunks x 40 ms): Ctrl-C lands mid-job even on a loaded machine
@@ -68,6 +82,7 @@ def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store
     assert proc.returncode == 130 and "run the same command again to resume" in err, err
     assert not out.exists()
     job_id = m.group(1)
+    assert f"curl -X POST {jobs_server.base_url}/v1/jobs/{job_id}/cancel" in err, err
 
     r = subprocess.run(cli(src, out, jobs_server), check=False, cwd=ROOT, env=cli_env(), capture_output=True,
                        text=True, timeout=120)

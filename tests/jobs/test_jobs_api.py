@@ -130,7 +130,7 @@ def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_store_dir
     # The online API keeps answering while the worker is busy: the link is answered before the job is done.
     assert api.post("/v1/link", json={"mention": "Berlin"}).status_code == 200
     assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
-    r = api.delete(f"/v1/jobs/{job_id}")
+    r = api.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
     stored = db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", job_id)[0][0]
     time.sleep(1.0)  # several chunks' worth: nothing more may land
@@ -142,7 +142,42 @@ def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_store_dir
     assert sum("result" in line for line in lines) == stored
     assert {line["error"]["code"] for line in lines if "error" in line} == {"cancelled"}
     assert metric(api, "el_jobs", state="cancelled") == cancelled_before + 1
-    assert api.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"  # idempotent
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"  # idempotent
+
+
+def test_delete_a_running_job_cancels_it_then_removes_it_and_its_results(
+        api: httpx.Client, jobs_store_dir: Path, job_items: list[dict]) -> None:
+    items = many(job_items, 160, "delete")
+    wait_idle(api)
+    job_id = submit(api, items, key="to-delete").json()["job_id"]
+    wait_job(api, job_id, lambda j: j["state"] == "running" and j["progress"]["done"] >= 8, what="progress")
+    r = api.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 204 and r.content == b"", r.text
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/results"):
+        r = api.get(path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (path, r.text)
+    assert job_id not in {j["job_id"] for j in api.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]}
+    time.sleep(1.0)  # several chunks' worth: the worker must not write results for (or recreate) the deleted job
+    for table, col in (("jobs", "id"), ("items", "job_id"), ("results", "job_id")):
+        assert db_rows(jobs_store_dir, f"SELECT count(*) FROM {table} WHERE {col} = ?", job_id) == [(0,)], table
+    # A second delete changes nothing and says so; cancelling a deleted job is a 404 too.
+    r = api.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+    # The worker survived: the next job runs to the end, and the key of the deleted job is free again.
+    again = submit(api, job_items[:2], key="to-delete")
+    assert again.status_code == 202 and again.json()["job_id"] != job_id
+    assert wait_job(api, again.json()["job_id"], finished)["state"] == "succeeded"
+
+
+def test_delete_a_finished_job_removes_its_results(api: httpx.Client, jobs_store_dir: Path,
+                                                   job_items: list[dict]) -> None:
+    job_id = submit(api, job_items[:2]).json()["job_id"]
+    wait_job(api, job_id, finished)
+    assert len(result_lines(api, job_id)) == 2
+    assert api.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert api.get(f"/v1/jobs/{job_id}/results").status_code == 404
+    assert db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", job_id) == [(0,)]
 
 
 def test_list_jobs_newest_first_with_state_filter(api: httpx.Client, job_items: list[dict]) -> None:
@@ -175,6 +210,10 @@ def test_bad_submissions_are_refused_before_anything_is_stored(api: httpx.Client
     assert submit(api, []).status_code == 422
     assert api.post("/v1/jobs", content=b"a,b", headers={"Content-Type": "text/csv"}).status_code == 415
     assert api.post("/v1/jobs", files={"x": (None, "not a file")}).status_code == 422
+    r = api.post("/v1/jobs", files={"file": ("a.jsonl", b'{"id": "a", "mention": "x"}\n'), "note": (None, "hi")})
+    assert r.status_code == 422 and r.json()["error"]["message"] == "note: unknown form field; send one file part named file"
+    r = api.post("/v1/jobs", files={"file": (None, '{"id": "a", "mention": "x"}')})  # a plain field, not a file part
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("multipart upload needs a file part")
     line = (json.dumps({"id": "0", "mention": "m" * 1000}) + "\n").encode()
     big = line * (2 * 1024 * 1024 // len(line) + 1)  # over this server's 2 MB job body cap
     r = api.post("/v1/jobs", content=big, headers={"Content-Type": "application/x-ndjson"})
@@ -187,3 +226,4 @@ def test_bad_submissions_are_refused_before_anything_is_stored(api: httpx.Client
         r = api.get(path)
         assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
     assert api.delete("/v1/jobs/nope").json()["error"]["code"] == "job_not_found"
+    assert api.post("/v1/jobs/nope/cancel").json()["error"]["code"] == "job_not_found"

@@ -66,5 +66,5 @@ def test_a_full_job_queue_answers_429_with_retry_after(client: httpx.Client, job
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "job_queue_full" and r.headers["retry-after"] == "7"
     for job_id in (running, queued.json()["job_id"]):
-        assert client.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"
     assert submit(client, job_items[1:2]).status_code == 202  # room again

@@ -206,6 +206,39 @@ def test_cancel_stops_further_commits_and_is_a_no_op_once_finished(store: JobSto
     assert store.cancel(other.id).state == "succeeded"
 
 
+def test_delete_of_a_running_job_removes_every_row_and_stops_its_worker(store: JobStore) -> None:
+    job, _ = create(store, 3, key="k")
+    store.claim("w", lease_s=10, max_attempts=3)
+    assert store.commit_chunk(job.id, "w", [ok(0, "m0")], lease_s=10)
+    assert store.delete(job.id)
+    assert store.get(job.id) is None
+    for table in ("jobs", "items", "results"):
+        with sqlite3.connect(store.path) as c:
+            col = "id" if table == "jobs" else "job_id"
+            assert c.execute(f"SELECT count(*) FROM {table} WHERE {col} = ?", (job.id,)).fetchone()[0] == 0
+    # The worker that was running it finds nothing to write to and nothing to finish or hand back.
+    assert not store.commit_chunk(job.id, "w", [ok(1, "m1")], lease_s=10)
+    assert not store.heartbeat(job.id, "w", lease_s=10) and not store.is_ours(job.id, "w")
+    assert not store.finish(job.id, "w") and not store.release(job.id, "w")
+    assert store.pending(job.id, from_seq=0, limit=10) == [] and rows(store, "results", job.id) == 0
+    assert not store.delete(job.id)  # a second delete finds nothing
+    again, created = create(store, 3, key="k")  # the key is free again
+    assert created and again.id != job.id
+
+
+def test_delete_of_a_finished_or_queued_job_leaves_other_jobs_alone(store: JobStore) -> None:
+    done, _ = create(store, 2)
+    store.claim("w", lease_s=10, max_attempts=3)
+    store.commit_chunk(done.id, "w", [ok(0, "m0"), ok(1, "m1")], lease_s=10)
+    store.finish(done.id, "w")
+    queued, _ = create(store, 2)
+    keep, _ = create(store, 2)
+    assert store.delete(done.id) and store.delete(queued.id)
+    assert store.get(done.id) is None and store.get(queued.id) is None
+    assert store.get(keep.id).state == "queued" and rows(store, "items", keep.id) == 2
+    assert store.claim("w", lease_s=10, max_attempts=3).id == keep.id
+
+
 def test_expiry_then_sweep_removes_every_row(store: JobStore, clock: Clock) -> None:
     job, _ = create(store, 3, key="k")
     keep, _ = create(store, 1)

@@ -327,6 +327,8 @@ def test_bad_multipart(client: httpx.Client) -> None:
         r = client.post("/v1/link", content=body, headers={"content-type": ctype})
         assert 400 <= r.status_code < 500, r.text
         assert set(r.json()["error"]) == {"code", "message"}
+    r = client.post("/v1/link", files={"mention": (None, "ok"), "lang": (None, "en")})  # as JSON's extra=forbid
+    assert_error(r, 422, "invalid_input", "lang: unknown form field; send mention, context, top_k, image")
     files = [("image", ("a.jpg", b"x", "image/jpeg")), ("image", ("b.jpg", b"x", "image/jpeg"))]
     r = client.post("/v1/link", data={"mention": "ok"}, files=files)
     assert 400 <= r.status_code < 500, r.text
