@@ -539,7 +539,7 @@ def test_job_submit_poll_results_and_poison_items(client: TestClient) -> None:
     assert single["entities"] == by_id["i0"]["result"]["entities"]
 
 
-def test_job_idempotency_not_finished_cancel_and_unknown(tmp_path: Path) -> None:
+def test_job_idempotency_not_finished_cancel_delete_and_unknown(tmp_path: Path) -> None:
     gate = threading.Event()
     with serve(tmp_path, gate=gate, jobs={"chunk_size": 1}) as (client, fake):
         items = [{"id": f"i{n}", "mention": "Plato"} for n in range(4)]
@@ -554,7 +554,7 @@ def test_job_idempotency_not_finished_cancel_and_unknown(tmp_path: Path) -> None
         r = client.get(f"/v1/jobs/{job_id}/results")
         assert_error(r, 409, "job_not_finished")
         assert r.headers["retry-after"] == "2"
-        cancelled = client.delete(f"/v1/jobs/{job_id}")
+        cancelled = client.post(f"/v1/jobs/{job_id}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
         gate.set()
         lines = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
@@ -562,6 +562,10 @@ def test_job_idempotency_not_finished_cancel_and_unknown(tmp_path: Path) -> None
         assert lines == [{"id": i["id"], "error": {"code": "cancelled", "message": "the job was cancelled before "
                                                   "this item ran"}} for i in items]
         eventually(lambda: client.get("/metrics").status_code == 200 and fake.started == 1, "the worker to stop")
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 204  # DELETE deletes: job and results
+        assert_error(client.get(f"/v1/jobs/{job_id}"), 404, "job_not_found")
+        assert_error(client.get(f"/v1/jobs/{job_id}/results"), 404, "job_not_found")
+        assert_error(client.delete(f"/v1/jobs/{job_id}"), 404, "job_not_found")
         assert_error(client.get("/v1/jobs/nope"), 404, "job_not_found")
         assert_error(client.post("/v1/jobs", json={"items": []}), 422, "invalid_input")
         assert_error(client.post("/v1/jobs", json={"items": [{"id": "a", "mention": "x"}] * 2}), 422,
