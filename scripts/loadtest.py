@@ -54,7 +54,10 @@ class Report:
     sent: int = 0
     served: int = 0
     served_rps: float = 0.0
-    served_fraction: float = 0.0
+    served_fraction: float = 0.0  # served_rps / capacity_rps (capacity measured before the overload)
+    # served_rps / the lower of the capacities measured before and after: on a machine whose background load
+    # changes during the run, the capacity on both sides of the overload bounds what it could serve.
+    served_fraction_bracketed: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     served_latency_ms: dict[str, float] = field(default_factory=dict)
@@ -255,6 +258,8 @@ async def run(args: argparse.Namespace) -> Report:
     finally:
         client.close()
     report.served_fraction = round(report.served_rps / report.capacity_rps, 3)
+    floor = min(report.capacity_rps, report.capacity_after_rps or report.capacity_rps)
+    report.served_fraction_bracketed = round(report.served_rps / floor, 3)
     report.total_requests = args.max_requests - budget.left
     report.goals = {
         "served_at_least_90pct_of_capacity": report.served_fraction >= 0.9,

