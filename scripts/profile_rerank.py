@@ -37,9 +37,9 @@ STAGES = ("encode", "retrieve", "rerank", "rerank_gather", "rerank_sinkhorn", "r
 
 def _wrap_old_code(acc: dict[str, float]) -> None:
     """Time the sub-stages of code that does not report them itself, by wrapping the functions that do the work."""
-    import models.otmel as otmel
     import service.pipeline.linker as linker_mod
-    import service.pipeline.rerank as rerank
+    from models import otmel
+    from service.pipeline import rerank
 
     def add(stage: str, ms: float) -> None:
         acc[stage] = acc.get(stage, 0.0) + ms

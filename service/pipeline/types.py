@@ -8,7 +8,6 @@ from PIL import Image
 
 from service.pipeline.terms import TERMS
 
-
 # The pipeline's stages in the Linker's timings_ms and in /metrics' el_stage_latency_seconds{stage}. "rerank" is the
 # rerank stage's total; RERANK_STAGES are its parts (their sum is about "rerank"; the rest is mixing the terms):
 # reading the candidates' stored features (memory-mapped), the Sinkhorn solves, the rest of the cross terms

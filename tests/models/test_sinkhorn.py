@@ -550,7 +550,7 @@ def test_kernel_domain_independent_of_neighbours_and_chunks(domain: str, check_e
     if domain == "kernel":
         members, batch = members[:-1], OTProblem(batch.cost[:-1], batch.a[:-1], batch.b[:-1], eps)
     for max_iter, tol in [(200, 1e-4), (200, 1e-6), (7, 1e-6)]:
-        kw = dict(max_iter=max_iter, tol=tol, domain=domain, check_every=check_every)
+        kw = {"max_iter": max_iter, "tol": tol, "domain": domain, "check_every": check_every}
         for chunk_size in (None, 1, 2, 4):
             together = solve(batch, chunk_size=chunk_size, **kw)
             for j, member in enumerate(members):
