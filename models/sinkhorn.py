@@ -155,8 +155,9 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
     if domain == "log":
         plan, marginal_error, iterations = _solve_chunks(_solve_chunk, (cost, a, b), eps, *loop)
     else:
-        kernel, lo = _kernel(cost, a, b, eps)
-        safe = _kernel_safe(kernel, lo, a, b) if domain == "auto" else None
+        pair = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+        kernel, lo = _kernel(cost, pair, eps)
+        safe = _kernel_safe(kernel, lo, pair) if domain == "auto" else None
         n_safe = bsz if safe is None else int(safe.sum())
         if n_safe == bsz:
             plan, marginal_error, iterations = _solve_chunks(_solve_chunk_kernel, (kernel, a, b, lo), eps, *loop)
@@ -199,22 +200,22 @@ def kernel_safe(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float
     accurate as the log domain. The reranker's 1 - cosine costs (span <= 2) at eps 0.05 give 40. A problem with
     an infinite or NaN real cost goes to the log domain; one without mass counts as safe (its plan is zero).
     """
-    return _kernel_safe(*_kernel(cost, a, b, eps), a, b)
+    pair = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    return _kernel_safe(*_kernel(cost, pair, eps), pair)
 
 
-def _kernel(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel(cost: torch.Tensor, pair: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel [B, N, M] = exp(-(cost - lo) / eps), exactly 0 on padding; lo [B] the smallest real cost, 0 for a
     problem without real entries). Shifting a problem's cost by a constant changes neither its plan nor eps's
     meaning; it puts the kernel's largest real entry at 1 (no overflow, and underflow only past the span)."""
-    pair = (a > 0)[:, :, None] & (b > 0)[:, None, :]
     masked = torch.where(pair, cost, float("inf"))  # padding ignored whatever its value (inf, NaN)
     lo = masked.amin(dim=(1, 2))
     lo = torch.where(torch.isinf(lo) & (lo > 0), 0.0, lo)  # no real entry: any shift will do
-    return torch.exp((lo[:, None, None] - masked) / eps), lo  # padding: exp(-inf) = 0
+    # exp(lo / eps - masked / eps) in one fused pass before the exp; padding: exp(-inf) = 0.
+    return torch.exp(torch.add((lo / eps)[:, None, None], masked, alpha=-1.0 / eps)), lo
 
 
-def _kernel_safe(kernel: torch.Tensor, lo: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    pair = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+def _kernel_safe(kernel: torch.Tensor, lo: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
     smallest = torch.where(pair, kernel, 1.0).amin(dim=(1, 2))  # exp(-span / eps); 0 after an inf cost; NaN
     limit = math.exp(-KERNEL_SPAN.get(kernel.dtype, KERNEL_SPAN[torch.float32]))
     return torch.isfinite(lo) & (smallest >= limit)
