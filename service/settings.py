@@ -80,7 +80,7 @@ class RerankSettings(BaseModel):
     after_death_weight: float = Field(-0.041, description="Weight (a penalty: negative) of the after-death term (1 when the sentence's years all start after the year following the candidate's death).")
     description_overlap_weight: float = Field(0.037, description="Weight of the description-overlap term (IDF mass of the sentence's words in the candidate's description).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Sinkhorn device: CUDA when torch sees a GPU.")
-    torch_threads: int = Field(1, ge=0, description="torch threads for Sinkhorn on CPU; 0 leaves torch's default.")
+    torch_threads: int = Field(1, ge=0, description="torch threads on CPU (Sinkhorn, pooling, exact retrieval of Flat indexes); 0 leaves torch's default. 1: with about one request in flight per core, more threads fight each other and ONNX Runtime for cores.")
 
 
 class LimitSettings(BaseModel):

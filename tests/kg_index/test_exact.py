@@ -41,12 +41,31 @@ def test_same_rows_and_scores_as_faiss_flat(n: int, d: int, b: int, k: int) -> N
     np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
 
 
-def test_ties_give_a_valid_top_k() -> None:
-    x = np.repeat(_unit(np.random.default_rng(0), 3, 16), 4, axis=0)  # every vector four times
-    q = x[[0, 5]]
-    scores, rows = ExactSearch.for_index(_flat(x)).search(q, 4)  # owns the index
-    assert set(rows[0]) == {0, 1, 2, 3} and set(rows[1]) == {4, 5, 6, 7}
-    np.testing.assert_allclose(scores, 1.0, atol=1e-5)
+@pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
+def test_duplicates_in_faiss_order(copies: int, k: int) -> None:
+    """Duplicate entities score exactly alike: within the top k they come as FAISS's heap orders them, the larger
+    row first, so the same duplicate wins."""
+    rng = np.random.default_rng(copies)
+    base = _unit(rng, 5, 16)
+    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 30, 16)])
+    index = _flat(x)
+    q = np.repeat(base[[2]], 2, axis=0)  # the duplicated vector itself: its copies are the best hits
+    want_scores, want_rows = index.search(q, k)
+    scores, rows = ExactSearch.for_index(_flat(x)).search(q, k)  # owns the index it is given
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+
+
+def test_a_tie_past_the_margin_is_ordered_whole() -> None:
+    """A tie group longer than k + TIE_MARGIN: the k largest rows of the whole group, larger first."""
+    from kg_index.exact import TIE_MARGIN
+
+    base = _unit(np.random.default_rng(3), 3, 16)
+    copies = 3 * TIE_MARGIN
+    x = np.concatenate([base, np.repeat(base[[1]], copies, axis=0), _unit(np.random.default_rng(4), 20, 16)])
+    _, rows = ExactSearch.for_index(_flat(x)).search(base[[1]], 5)
+    group = [1, *range(3, 3 + copies)]
+    assert rows[0].tolist() == sorted(group, reverse=True)[:5]
 
 
 def test_flat_vectors_is_a_view_of_the_index_and_only_for_flat_ip() -> None:
