@@ -11,15 +11,18 @@ Conventions
 - Shapes: ``cost`` [B, N, M], ``a`` [B, N], ``b`` [B, M]. Zero-mass entries of ``a``/``b`` are padding:
   their rows/columns of the plan are exactly zero and their cost values are ignored (even inf/NaN).
 - The cost is never rescaled, so ``eps`` is in the cost's units; the reranker passes ``1 - cosine``
-  in [0, 2], where eps = 0.05 converges in about 15-20 iterations. Internally each row and column is
-  shifted by its minimum, which leaves the plan unchanged (see ``_shift``) and helps fp32.
+  in [0, 2], where eps = 0.05 converges in about 15-20 iterations. Internally the cost is shifted, which
+  leaves the plan unchanged and helps fp32: the log domain shifts each row and column by its minimum (see
+  ``_shift``), the kernel domain the whole problem by its smallest real cost (see ``_kernel``).
   ``OTResult.cost`` uses the cost as given.
 - Domains (``domain``): "log" iterates dual potentials with logsumexp and is stable at any eps (the kernel
   exp(-cost / eps) underflows in fp32 once cost span / eps passes ~87, e.g. eps <= 0.02 on costs in [0, 2]).
   "kernel" iterates scalings u <- a / (K v), v <- b / (K^T u) with batched matrix products: no exp or log in
   the loop, about 10x faster on CPU. "auto" (the default) picks per problem: the kernel domain where
-  :func:`kernel_safe` says the problem's dtype holds it (span / eps <= KERNEL_SPAN), else the log domain; both
-  give the same plan up to float rounding, so an item's result does not depend on which domain its neighbours got.
+  :func:`kernel_safe` says the problem's dtype holds it (span / eps <= KERNEL_SPAN), else the log domain. Both
+  converge to the same plan (early stopping leaves them apart by up to ``tol``: the log domain starts from the
+  potentials (0, 0) of its row/column-shifted problem, the kernel domain from those of the problem as given),
+  and an item's domain depends on that item alone.
 - Early stopping is per problem: an item whose row-marginal error reaches ``tol`` at a check (every
   ``check_every`` iterations) is frozen (its potentials stop updating), so its result does not depend on the
   other problems in its batch or chunk, nor on ``chunk_size``. A chunk stops when all its items are frozen or at
