@@ -132,13 +132,17 @@ def transport_context(target: torch.Tensor, source: torch.Tensor, rows: torch.Te
 
 def cross_g2l(m_local: torch.Tensor, m_mask: torch.Tensor, m_glob: torch.Tensor,
               e_local: torch.Tensor, e_mask: torch.Tensor, e_glob: torch.Tensor,
-              assign: Assignment, *, pairwise: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              assign: Assignment, *, pairwise: bool = True,
+              fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global-to-local term between mentions and entities, both directions, averaged.
 
     pairwise=True:  m_* [B, N, d] / [B, N] / [B, d], e_* [C, M, d] / [C, M] / [C, d] -> g2l [B, C]
     pairwise=False: aligned pairs, both sides [B, ...] -> g2l [B]
     Mention tokens receive entity values through the assignment, are pooled into a mention context vector
     and compared with the entity's global vector; the same the other way round. Also returns rows, cols.
+
+    fast=True (serving, aligned pairs, no autograd): the same values up to float rounding from `pooled_context`,
+    chunk by chunk; the teacher and training keep the direct form (fast=False).
     """
     if pairwise:
         b, c = m_local.shape[0], e_local.shape[0]
@@ -146,10 +150,86 @@ def cross_g2l(m_local: torch.Tensor, m_mask: torch.Tensor, m_glob: torch.Tensor,
         e_local, e_mask, e_glob = e_local[None], e_mask[None].expand(b, c, -1), e_glob[None]
     sim = m_local @ e_local.transpose(-1, -2)  # [..., N, M] cosines
     rows, cols = assign(sim, m_mask, e_mask)
-    m_ctx = F.normalize(masked_mean(transport_context(m_local, e_local, rows), m_mask), dim=-1)
-    e_ctx = F.normalize(masked_mean(transport_context(e_local, m_local, cols.transpose(-1, -2)), e_mask), dim=-1)
+    if fast and not pairwise and m_local.ndim == 3:
+        m_ctx = pooled_context(m_local, e_local, rows, m_mask)
+        e_ctx = pooled_context(e_local, m_local, cols.transpose(-1, -2), e_mask)
+    else:
+        m_ctx = F.normalize(masked_mean(transport_context(m_local, e_local, rows), m_mask), dim=-1)
+        e_ctx = F.normalize(masked_mean(transport_context(e_local, m_local, cols.transpose(-1, -2)), e_mask), dim=-1)
     g2l = ((e_glob * m_ctx).sum(-1) + (m_glob * e_ctx).sum(-1)) / 2
     return g2l, rows, cols
+
+
+POOL_CHUNK = 128  # pairs per pooling chunk: x [128, <=49, 96] fp32 is <= 2.4 MB, about one core's L2
+
+
+def pooled_context(target: torch.Tensor, source: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+                   *, chunk: int = POOL_CHUNK) -> torch.Tensor:
+    """F.normalize(masked_mean(transport_context(target, source, rows), mask)) for aligned pairs [B], chunk by chunk
+    (cache-resident): target [B, N, d], source [B, M, d], rows [B, N, M], mask [B, N] -> [B, d]. See `_pool`."""
+    weight = _weights(mask, target.dtype)
+    out = [_pool(torch.baddbmm(target[sl], rows[sl], source[sl]), weight[sl])
+           for sl in (slice(i, i + chunk) for i in range(0, target.shape[0], chunk))]
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def candidate_g2l(m_local: torch.Tensor, m_mask: torch.Tensor, m_glob: torch.Tensor, e_local: torch.Tensor,
+                  e_mask: torch.Tensor, e_glob: torch.Tensor, assign: Assignment, *,
+                  chunk: int = POOL_CHUNK) -> torch.Tensor:
+    """cross_g2l of each mention against its own K candidates (the served reranker's layout), fast:
+    m_* [B, N, d] / [B, N] / [B, d], e_* [B, K, M, d] / [B, K, M] / [B, K, d] -> g2l [B, K], the values of
+    cross_g2l(pairwise=False) over the B*K aligned pairs up to float rounding (no autograd use intended).
+
+    A mention's tokens meet all its candidates' in one GEMM ([N, d] x [d, K*M], far more efficient than B*K tiny
+    products): the similarities, and the entity side's transported values cols^T @ m_local. Pooling follows
+    `_pool` (3 passes over the transported features instead of about a dozen), a few mentions at a time so
+    that each chunk stays in cache. The plans come from `assign` on all B*K problems at once.
+    """
+    b, k, m, d = e_local.shape
+    n = m_local.shape[1]
+    e_flat = e_local.reshape(b, k * m, d)
+    sim = torch.bmm(m_local, e_flat.transpose(1, 2)).view(b, n, k, m).transpose(1, 2).reshape(b * k, n, m)
+    rows, cols = assign(sim, m_mask[:, None].expand(b, k, n).reshape(b * k, n), e_mask.reshape(b * k, m))
+    e_pairs = e_local.reshape(b * k, m, d)
+    w_m = _weights(m_mask, m_local.dtype)[:, None].expand(b, k, n).reshape(b * k, n)
+    w_e = _weights(e_mask.reshape(b * k, m), e_local.dtype)
+    step = max(1, chunk // max(k, 1))  # mentions per chunk
+    m_ctx, e_ctx = [], []
+    for i in range(0, b, step):
+        j = min(i + step, b)
+        p = slice(i * k, j * k)
+        # Mention side: x = m_local + rows @ e_local for each pair (m_local shared by a mention's K pairs).
+        x = torch.bmm(rows[p], e_pairs[p]).view(j - i, k, n, d).add_(m_local[i:j, None])
+        m_ctx.append(_pool(x.view(-1, n, d), w_m[p]))
+        # Entity side: x = e_local + cols^T @ m_local, one GEMM per mention over its K candidates.
+        cols_t = cols[p].view(j - i, k, n, m).transpose(2, 3).reshape(j - i, k * m, n)
+        x = torch.baddbmm(e_flat[i:j], cols_t, m_local[i:j])
+        e_ctx.append(_pool(x.view(-1, m, d), w_e[p]))
+    mc = torch.cat(m_ctx).view(b, k, d)
+    ec = torch.cat(e_ctx).view(b, k, d)
+    return ((e_glob * mc).sum(-1) + (m_glob[:, None] * ec).sum(-1)) / 2
+
+
+def _weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """masked_mean's weights: mask / count (0 where masked; an all-masked row stays 0)."""
+    w = mask.to(dtype)
+    return w / w.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def _pool(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.normalize(sum_i weight_i * plain_norm(x)_i) for x [C, R, d], weight [C, R] -> [C, d], in 3 passes over x.
+
+    With mean_i and var_i of x_i over d (var_i = |x_i|^2 / d - mean_i^2) and s_i = sqrt(var_i + 1e-5) (plain_norm's):
+        sum_i w_i (x_i - mean_i) / s_i  =  sum_i (w_i / s_i) x_i  -  sum_i (w_i mean_i / s_i)
+    x is read by a mean, a norm (vectorised one-pass reductions; torch's var_mean is a far slower Welford loop
+    on CPU) and a batched row-vector product, instead of materialising plain_norm(x).
+    """
+    d = x.shape[-1]
+    mean = x.mean(-1)
+    var = (torch.linalg.vector_norm(x, dim=-1).square() / d - mean.square()).clamp_min(0.0)
+    c = weight / torch.sqrt(var + 1e-5)  # [C, R]
+    pooled = torch.bmm(c[:, None, :], x)[:, 0] - (c * mean).sum(-1, keepdim=True)
+    return F.normalize(pooled, dim=-1)
 
 
 class SoftPool(nn.Module):

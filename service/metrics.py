@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from service.pipeline.decode import DECODE_COUNTS
-from service.pipeline.types import OTStats
+from service.pipeline.types import STAGES, OTStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -20,8 +20,11 @@ class Metrics:
         r = self.registry
         self.requests = Counter("el_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self.latency = Histogram("el_request_latency_seconds", "HTTP latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.stage = Histogram("el_stage_latency_seconds", "Pipeline stage latency per batch", ["stage"],
-                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("el_stage_latency_seconds", "Pipeline stage latency per batch: encode, retrieve, rerank "
+                               "(total) and its parts rerank_gather, rerank_sinkhorn, rerank_pool, rerank_strings, "
+                               "rerank_kg; respond; total", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        for stage in STAGES:  # every stage listed from the first scrape, at 0 until a batch has run
+            self.stage.labels(stage)
         self.sinkhorn_iterations = Histogram("el_sinkhorn_iterations", "Sinkhorn iterations per rerank call",
                                              buckets=(1, 2, 5, 10, 20, 30, 50, 100, 200, 500), registry=r)
         self.sinkhorn_problems = Counter("el_sinkhorn_problems", "OT problems solved", ["converged"], registry=r)

@@ -64,9 +64,13 @@ class RerankSettings(BaseModel):
 
     enabled: bool = Field(True, description="Rerank retrieved candidates with OT (off: retrieval order).")
     candidates: int = Field(32, ge=1, le=512, description="How many retrieved candidates are reranked.")
-    eps: float = Field(0.05, gt=0.0, le=10.0, description="Entropic regulariser of Sinkhorn (log domain: stable down to 0.005).")
+    eps: float = Field(0.05, gt=0.0, le=10.0, description="Entropic regulariser of Sinkhorn (log domain: stable down to 0.005; the kernel domain needs eps >= cost span / 50, i.e. 0.04 for 1 - cosine).")
     max_iter: int = Field(50, ge=1, le=10_000, description="Sinkhorn iteration cap.")
     tol: float = Field(1e-4, gt=0.0, description="Marginal error at which Sinkhorn stops.")
+    sinkhorn_domain: Literal["auto", "log", "kernel"] = Field(
+        "auto", description="Sinkhorn's arithmetic: 'kernel' (scalings and batched matrix products, several times "
+                            "faster), 'log' (logsumexp, stable at any eps), or 'auto': per problem, the kernel domain "
+                            "where fp32 holds it (cost span / eps <= 50), else the log domain. Same plans either way.")
     retrieval_weight: float = Field(1.0, description="Weight of the retrieval score in the final score.")
     ot_weight: float = Field(1.0, description="Weight of the OT (cross-term) score in the final score; 1.0 with retrieval 1.0 is OT-MEL's overall score.")
     name_weight: float = Field(0.049, description="Weight of the surface-form similarity (mention vs name) in the final score.")
@@ -76,7 +80,7 @@ class RerankSettings(BaseModel):
     after_death_weight: float = Field(-0.041, description="Weight (a penalty: negative) of the after-death term (1 when the sentence's years all start after the year following the candidate's death).")
     description_overlap_weight: float = Field(0.037, description="Weight of the description-overlap term (IDF mass of the sentence's words in the candidate's description).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Sinkhorn device: CUDA when torch sees a GPU.")
-    torch_threads: int = Field(1, ge=0, description="torch threads for Sinkhorn on CPU; 0 leaves torch's default.")
+    torch_threads: int = Field(1, ge=0, description="torch threads on CPU (Sinkhorn, pooling, exact retrieval of Flat indexes); 0 leaves torch's default. 1: with about one request in flight per core, more threads fight each other and ONNX Runtime for cores.")
 
 
 class LimitSettings(BaseModel):

@@ -19,6 +19,7 @@ encoders. The KG still rules some of them out, and these terms let the reranker 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -63,31 +64,86 @@ def after_death(spans: list[tuple[int, int]], end: int | None) -> bool:
 
 
 class KGTerms:
-    """The terms for one index; its description-word IDF is counted once, when the index is swapped in."""
+    """The terms for one index. Everything about the entities is read once, when the index is swapped in: the
+    description words' IDF, each name's and description's distinct words (ids in flat arrays), the lifespans as
+    arrays. Scoring a batch is then a few array operations over its (candidate, word) pairs instead of
+    re-tokenising every candidate's name and description."""
 
     def __init__(self, entities: list[EntityMeta]) -> None:
         self.entities = entities
+        desc = [tokens(e.description) for e in entities]
         df: Counter[str] = Counter()
-        for e in entities:
-            df.update(tokens(e.description))
+        for words in desc:
+            df.update(words)
         n = len(entities)
         self.idf = {t: math.log((n + 1) / (c + 1)) for t, c in df.items()}  # >= 0: a word in every description is 0
+        self._vocab = {t: i for i, t in enumerate(self.idf)}
+        self._idf = np.fromiter(self.idf.values(), np.float64, len(self.idf))
+        self._desc_ids, self._desc_ptr = _flat_ids(desc, self._vocab)
+        names = [tokens(e.name) for e in entities]
+        self._name_vocab: dict[str, int] = {}
+        for name in names:
+            for t in name:
+                self._name_vocab.setdefault(t, len(self._name_vocab))
+        self._name_ids, self._name_ptr = _flat_ids(names, self._name_vocab)
+        nan = float("nan")
+        self._start = np.array([nan if e.start_year is None else e.start_year for e in entities], np.float64)
+        self._end = np.array([nan if e.end_year is None else e.end_year for e in entities], np.float64)
         logger.info("KG terms: %d description words over %d entities", len(self.idf), len(entities))
 
     def score(self, mentions: list[str], contexts: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Each term for every candidate row [B, K] (zeros where rows < 0), by its response field."""
         out = {f: np.zeros(rows.shape, np.float32) for f in fields_of("kg")}
-        for i, (mention, context) in enumerate(zip(mentions, contexts)):
-            said = tokens(mention)
-            words = tokens(context) - said
-            spans = dated_spans(context)
-            for j, row in enumerate(rows[i]):
-                if row < 0:
-                    continue
-                e = self.entities[row]
-                out["name_tokens_score"][i, j] = float(bool(said) and said <= tokens(e.name))
-                out["before_birth_score"][i, j] = float(before_birth(spans, e.start_year))
-                out["after_death_score"][i, j] = float(after_death(spans, e.end_year))
-                mass = sum(self.idf.get(w, 0.0) for w in words & tokens(e.description))
-                out["description_overlap_score"][i, j] = 1.0 - math.exp(-mass / _OVERLAP_SCALE)
+        real = rows >= 0
+        if not real.any():
+            return out
+        safe = np.where(real, rows, 0)
+        pair = np.flatnonzero(real.reshape(-1))  # the real candidates, flat; mention of each: pair // K
+        cand, mention_of = rows.reshape(-1)[pair], pair // rows.shape[1]
+        said = [tokens(m) for m in mentions]
+
+        # Name tokens: how many of the mention's tokens the name has; 1 when all (and the mention has some).
+        found = self._matches(said, self._name_vocab, self._name_ids, self._name_ptr, cand, mention_of, None)
+        need = np.array([len(t) for t in said])[mention_of]
+        out["name_tokens_score"].reshape(-1)[pair] = (need > 0) & (found == need)
+
+        # Dates, all candidates at once: the latest year any date reaches and the earliest it starts, per sentence
+        # (NaN when undated, and NaN years of undated entities: every comparison with NaN is False, i.e. 0).
+        spans = [dated_spans(c) for c in contexts]
+        last = np.array([max((hi for _, hi in sp), default=np.nan) for sp in spans], np.float64)[:, None]
+        first = np.array([min((lo for lo, _ in sp), default=np.nan) for sp in spans], np.float64)[:, None]
+        out["before_birth_score"][:] = real & (last < self._start[safe])
+        out["after_death_score"][:] = real & (first > self._end[safe] + 1)
+
+        # Description overlap: the IDF mass of the sentence's other words found in each candidate's description.
+        words = [tokens(c) - m for m, c in zip(said, contexts)]
+        mass = self._matches(words, self._vocab, self._desc_ids, self._desc_ptr, cand, mention_of, self._idf)
+        out["description_overlap_score"].reshape(-1)[pair] = 1.0 - np.exp(-mass / _OVERLAP_SCALE)
         return out
+
+    @staticmethod
+    def _matches(texts: list[set[str]], vocab: dict[str, int], ids: np.ndarray, ptr: np.ndarray, cand: np.ndarray,
+                 mention_of: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        """For each (mention, candidate) pair: how many (weight None) or what weight of the candidate's words
+        (ids[ptr[c]:ptr[c + 1]]) are among its mention's words texts[mention], over the flat (pair, word) list."""
+        v = len(vocab)
+        keys = np.array(sorted({i * v + vocab[w] for i, text in enumerate(texts) for w in text if w in vocab}),
+                        np.int64)
+        if not len(keys):
+            return np.zeros(len(cand))
+        starts, lengths = ptr[cand], ptr[cand + 1] - ptr[cand]
+        owner = np.repeat(np.arange(len(cand)), lengths)  # which pair each candidate word belongs to
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        word = ids[starts[owner] + within]
+        query = mention_of[owner] * v + word
+        hit = keys[np.minimum(np.searchsorted(keys, query), len(keys) - 1)] == query
+        return np.bincount(owner, weights=hit if weight is None else np.where(hit, weight[word], 0.0),
+                           minlength=len(cand))
+
+
+def _flat_ids(texts: list[set[str]], vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's distinct words as vocab ids, concatenated, and the offsets of each text's ids [N + 1]."""
+    per_text = [[vocab[w] for w in text if w in vocab] for text in texts]
+    ptr = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum([len(i) for i in per_text], out=ptr[1:])
+    return np.fromiter(itertools.chain.from_iterable(per_text), np.int32, int(ptr[-1])), ptr

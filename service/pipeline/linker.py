@@ -23,12 +23,19 @@ from models.features import Features, Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.kg_terms import KGTerms
-from service.pipeline.rerank import CrossScorer, RerankConfig, ot_rerank, pick_device, student_rerank
+from service.pipeline.rerank import (
+    CrossScorer,
+    RerankConfig,
+    ot_rerank,
+    pick_device,
+    student_rerank,
+    timed,
+)
 from service.pipeline.respond import build_results
 from service.pipeline.retrieve import retrieve
 from service.pipeline.strings import string_terms
 from service.pipeline.terms import mix
-from service.pipeline.types import LinkQuery, LinkResult, OTStats
+from service.pipeline.types import RERANK_STAGES, LinkQuery, LinkResult, OTStats
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,14 +56,19 @@ class Snapshot:
     source_warning: str | None = None  # served although built from another KG (EL_INDEX__ALLOW_SOURCE_MISMATCH)
 
     def score_terms(self, queries: list[LinkQuery], feats: Features, rows: np.ndarray, cfg: RerankConfig,
-                    device: torch.device) -> tuple[dict[str, np.ndarray], list[OTStats]]:
-        """Every rerank term (terms.TERMS) for the candidate rows [B, K], by field, and the solver's stats."""
-        cross, stats = self.cross(self.index, feats, rows, cfg, device)
-        names = [[self.index.entities[r].name for r in row if r >= 0] for row in rows]
+                    device: torch.device, timings: dict[str, float] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], list[OTStats]]:
+        """Every rerank term (terms.TERMS) for the candidate rows [B, K], by field, and the solver's stats.
+
+        With `timings`, the time of each sub-stage (rerank.RERANK_STAGES) is added to it, in ms."""
+        cross, stats = self.cross(self.index, feats, rows, cfg, device, timings)
         mentions, contexts = [q.mention for q in queries], [q.context for q in queries]
-        values = {"rerank_score": cross, **string_terms(mentions, contexts, names, rows.shape),
-                  **self.kg_terms.score(mentions, contexts, rows)}
-        return values, stats
+        with timed(timings, "rerank_strings"):
+            names = [[self.index.entities[r].name for r in row if r >= 0] for row in rows]
+            strings = string_terms(mentions, contexts, names, rows.shape)
+        with timed(timings, "rerank_kg"):
+            kg = self.kg_terms.score(mentions, contexts, rows)
+        return {"rerank_score": cross, **strings, **kg}, stats
 
 
 def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None) -> Snapshot:
@@ -164,10 +176,12 @@ class Linker:
         final = retrieval.copy()
         if do_rerank:
             check_deadline(deadline)
-            values, stats = snap.score_terms(queries, feats, rows, cfg, self.device)
+            sub = dict.fromkeys(RERANK_STAGES, 0.0)
+            values, stats = snap.score_terms(queries, feats, rows, cfg, self.device, sub)
             terms.update(values)
             final = mix(cfg, retrieval, values)
-            timings["rerank"], t = _lap(t)
+            timings["rerank"], t = _lap(t)  # the total; its parts follow
+            timings.update(sub)
 
         results = build_results(snap.index, queries, rows, terms, final,
                                 nil_threshold=s.nil_threshold, model_version=self.model_version)

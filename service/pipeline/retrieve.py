@@ -1,4 +1,5 @@
-"""Retrieve stage: FAISS top-k over the KG index's global vectors."""
+"""Retrieve stage: exact top-k over the KG index's global vectors (a matmul for Flat indexes, FAISS for IVF/HNSW;
+see KGIndex.search and kg_index/exact.py)."""
 
 from __future__ import annotations
 

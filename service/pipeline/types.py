@@ -8,6 +8,14 @@ from PIL import Image
 
 from service.pipeline.terms import TERMS
 
+# The pipeline's stages in the Linker's timings_ms and in /metrics' el_stage_latency_seconds{stage}. "rerank" is the
+# rerank stage's total; RERANK_STAGES are its parts (their sum is about "rerank"; the rest is mixing the terms):
+# reading the candidates' stored features (memory-mapped), the Sinkhorn solves, the rest of the cross terms
+# (similarities, transport contexts, pooling), the string terms and the KG terms. On CUDA, torch's asynchronous
+# kernels make the split approximate (the total stays exact: results are copied back before it ends).
+RERANK_STAGES = ("rerank_gather", "rerank_sinkhorn", "rerank_pool", "rerank_strings", "rerank_kg")
+STAGES = ("encode", "retrieve", "rerank", *RERANK_STAGES, "respond", "total")
+
 
 @dataclass
 class LinkQuery:

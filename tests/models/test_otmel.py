@@ -8,7 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.otmel import Assignment, OTMELModel, attention_assignment, cross_g2l, row_kl, sinkhorn_assignment
+from models.otmel import (
+    Assignment,
+    OTMELModel,
+    attention_assignment,
+    candidate_g2l,
+    cross_g2l,
+    masked_mean,
+    pooled_context,
+    row_kl,
+    sinkhorn_assignment,
+    transport_context,
+)
 from models.student import OTMELStudent
 from models.teacher import OTMELTeacher
 
@@ -169,6 +180,41 @@ def test_cross_g2l_pairwise_equals_aligned_and_ignores_padding(name: str) -> Non
     e_pad[~e_mask] = 5 * torch.randn(int((~e_mask).sum()), d)
     g2l_p, _, _ = cross_g2l(m_pad, m_mask, m_glob, e_pad, e_mask, e_glob, assign)
     torch.testing.assert_close(g2l_p, g2l, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 128])
+def test_pooled_context_is_the_direct_form(chunk: int) -> None:
+    torch.manual_seed(8)
+    b, n, m, d = 7, 6, 5, 16
+    mask, _ = _masks(b, n, m)
+    target, source = _unit(b, n, d) * mask[..., None], _unit(b, m, d)
+    rows = torch.softmax(3 * torch.randn(b, n, m), -1) * mask[..., None]
+    want = F.normalize(masked_mean(transport_context(target, source, rows), mask), dim=-1)
+    torch.testing.assert_close(pooled_context(target, source, rows, mask, chunk=chunk), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ASSIGNMENTS))
+@pytest.mark.parametrize("chunk", [1, 5, 128])
+def test_fast_paths_equal_cross_g2l(name: str, chunk: int) -> None:
+    """The serving paths (cross_g2l fast=True, candidate_g2l over each mention's own candidates) give cross_g2l's
+    values on the aligned pairs, padding and a candidate without tokens included."""
+    torch.manual_seed(9)
+    assign: Assignment = ASSIGNMENTS[name]
+    b, k, n, m, d = 3, 4, 6, 5, 16
+    m_mask, _ = _masks(b, n, m)
+    e_mask = _masks(b * k, n, m)[1]
+    e_mask[5] = False  # a missing candidate: no tokens
+    m_local, e_local = _unit(b, n, d) * m_mask[..., None], _unit(b * k, m, d) * e_mask[..., None]
+    m_glob, e_glob = _unit(b, d), _unit(b * k, d)
+    qi = torch.arange(b).repeat_interleave(k)
+    want, _, _ = cross_g2l(m_local[qi], m_mask[qi], m_glob[qi], e_local, e_mask, e_glob, assign, pairwise=False)
+    fast, _, _ = cross_g2l(m_local[qi], m_mask[qi], m_glob[qi], e_local, e_mask, e_glob, assign, pairwise=False,
+                           fast=True)
+    torch.testing.assert_close(fast, want, atol=1e-5, rtol=0)
+    got = candidate_g2l(m_local, m_mask, m_glob, e_local.view(b, k, m, d), e_mask.view(b, k, m),
+                        e_glob.view(b, k, d), assign, chunk=chunk)
+    assert got.shape == (b, k)
+    torch.testing.assert_close(got.reshape(-1), want, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- heads and scores

@@ -490,3 +490,134 @@ def test_fixed_iterations_independent_of_chunks_neighbours_and_padding(chunk_siz
     for i in (0, 1, 3):
         alone = solve(OTProblem(cost[i:i + 1], a[i:i + 1], b[i:i + 1], problem.eps), max_iter=10, early_stop=False)
         torch.testing.assert_close(whole.plan[i], alone.plan[0], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Domains: the kernel (standard) domain gives the log domain's plan; "auto" picks per problem
+# --------------------------------------------------------------------------------------------------
+
+
+def _cosine_problem(bsz: int, n: int, m: int, eps: float, seed: int, pad: bool = True) -> OTProblem:
+    """The reranker's problems: cost 1 - cos, uniform marginals over real tokens, padded tails of random length."""
+    gen = _gen(seed)
+    cost = _cosine_cost(torch.randn(bsz, n, 16, generator=gen), torch.randn(bsz, m, 16, generator=gen))
+    rows = torch.arange(n)[None] < torch.randint(1, n + 1, (bsz, 1), generator=gen) if pad else torch.ones(bsz, n) > 0
+    cols = torch.arange(m)[None] < torch.randint(1, m + 1, (bsz, 1), generator=gen) if pad else torch.ones(bsz, m) > 0
+    return OTProblem(cost, uniform_marginals(rows), uniform_marginals(cols), eps)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_kernel_domain_gives_the_log_domains_plan(eps: float, check_every: int) -> None:
+    problem = _cosine_problem(40, 32, 39, eps, seed=51)
+    log = solve(problem, max_iter=300, tol=1e-6, domain="log", check_every=check_every)
+    ker = solve(problem, max_iter=300, tol=1e-6, domain="kernel", check_every=check_every)
+    _assert_all_finite(ker)
+    assert ker.converged.all() and log.converged.all()
+    torch.testing.assert_close(ker.plan, log.plan, atol=2e-6, rtol=0)
+    _assert_marginals(ker, problem, atol=2e-6)
+    # The kernel domain starts from the potentials (0, 0) of the problem as given, the log domain from those of its
+    # row/column-shifted copy: other iterates, about as many of them.
+    assert abs(ker.iterations - log.iterations) <= max(check_every, 0.1 * log.iterations)
+
+
+@pytest.mark.parametrize("iters", [1, 3, 10])
+def test_kernel_domain_fixed_iterations_give_the_plain_iterations_plan(iters: int) -> None:
+    problem = _random_problem(4, 9, 6, eps=0.05, seed=41, dtype=torch.float64)
+    gen = _gen(42)
+    cost = problem.cost + 3.0 * (torch.rand(4, 9, 1, generator=gen, dtype=torch.float64)
+                                 + torch.rand(4, 1, 6, generator=gen, dtype=torch.float64))
+    problem = OTProblem(cost, problem.a, problem.b, problem.eps)
+    result = solve(problem, max_iter=iters, early_stop=False, domain="kernel")
+    torch.testing.assert_close(result.plan, _plain_log_sinkhorn(problem, iters), atol=1e-10, rtol=1e-8)
+    assert result.iterations == iters
+
+
+@pytest.mark.parametrize("domain", ["kernel", "auto"])
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_kernel_domain_independent_of_neighbours_and_chunks(domain: str, check_every: int) -> None:
+    """Frozen items leave the kernel domain's working set: what stays behind must not change them. Neighbours
+    that converge at very different iterations, and (auto) neighbours that go to the log domain."""
+    eps = 0.05
+    target = _cosine_problem(1, 9, 13, eps, seed=61, pad=False)
+    easy = OTProblem(torch.full((1, 9, 13), 0.3), target.a, target.b, eps)
+    others = [_cosine_problem(1, 9, 13, eps, seed=s) for s in (62, 63)]
+    sharp = OTProblem(0.7 * target.cost.flip(1), target.a, target.b, eps)  # span > 1: slow, still kernel-safe
+    # Log domain under auto (span / eps = 400 / 0.05): a cost scaled far beyond the kernel's range.
+    wide = OTProblem(20.0 * _cosine_problem(1, 9, 13, eps, seed=64, pad=False).cost, target.a, target.b, eps)
+    members = [easy, others[0], target, sharp, others[1], wide]
+    batch = OTProblem(*(torch.cat([getattr(p, f) for p in members]) for f in ("cost", "a", "b")), eps)
+    if domain == "kernel":
+        members, batch = members[:-1], OTProblem(batch.cost[:-1], batch.a[:-1], batch.b[:-1], eps)
+    for max_iter, tol in [(200, 1e-4), (200, 1e-6), (7, 1e-6)]:
+        kw = {"max_iter": max_iter, "tol": tol, "domain": domain, "check_every": check_every}
+        for chunk_size in (None, 1, 2, 4):
+            together = solve(batch, chunk_size=chunk_size, **kw)
+            for j, member in enumerate(members):
+                alone = solve(member, **kw)
+                torch.testing.assert_close(together.plan[j], alone.plan[0], atol=1e-6, rtol=0)
+                assert together.converged[j] == alone.converged[0]
+                torch.testing.assert_close(together.marginal_error[j], alone.marginal_error[0], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("scatter", [False, True], ids=["padding_at_end", "padding_scattered"])
+def test_kernel_domain_padding_is_inert(scatter: bool) -> None:
+    gen = _gen(17)
+    n, m, n_pad, m_pad, eps = 6, 7, 10, 12, 0.05
+    real = _random_problem(1, n, m, eps=eps, seed=23)
+    junk = torch.tensor([float("inf"), float("nan"), -float("inf"), 1e6, -5.0])
+    cost = junk[torch.randint(0, len(junk), (1, n_pad, m_pad), generator=gen)]
+    rows = torch.randperm(n_pad, generator=gen)[:n].sort().values if scatter else torch.arange(n)
+    cols = torch.randperm(m_pad, generator=gen)[:m].sort().values if scatter else torch.arange(m)
+    cost[0, rows[:, None], cols[None, :]] = real.cost[0]
+    a, b = torch.zeros(1, n_pad), torch.zeros(1, m_pad)
+    a[0, rows], b[0, cols] = real.a[0], real.b[0]
+    out = solve(OTProblem(cost, a, b, eps), max_iter=300, domain="kernel")
+    ref = solve(real, max_iter=300, domain="kernel")
+    _assert_all_finite(out)
+    torch.testing.assert_close(out.plan[0, rows[:, None], cols[None, :]], ref.plan[0], atol=1e-6, rtol=1e-5)
+    on_real = torch.zeros(1, n_pad, m_pad, dtype=torch.bool)
+    on_real[0, rows[:, None], cols[None, :]] = True
+    assert torch.equal(out.plan[~on_real], torch.zeros(int((~on_real).sum())))
+    assert out.iterations == ref.iterations and torch.equal(out.converged, ref.converged)
+
+
+def test_kernel_safe_and_auto_choice() -> None:
+    from models.sinkhorn import KERNEL_SPAN, kernel_safe
+
+    p = _cosine_problem(6, 8, 9, 0.05, seed=71)
+    assert kernel_safe(p.cost, p.a, p.b, 0.05).all()  # span <= 2: 2 / 0.05 = 40 <= 50
+    full = _cosine_problem(6, 32, 39, 0.05, seed=72, pad=False)  # spans well above 50 * 0.01
+    assert not kernel_safe(full.cost, full.a, full.b, 0.01).any()
+    assert kernel_safe(full.cost.double(), full.a.double(), full.b.double(), 0.01).all()  # fp64's range is wider
+    assert KERNEL_SPAN[torch.float32] * 0.05 >= 2.0  # the reranker's costs at its eps
+    cost = p.cost.clone()
+    cost[0, 0, 0] = float("inf")  # an infinite real cost: log domain
+    cost[1][p.a[1] == 0] = 1e9  # huge cost on padding only: ignored
+    safe = kernel_safe(cost, p.a, p.b, 0.05)
+    assert not safe[0] and safe[1:].all()
+    # Auto equals the log domain at low eps (every problem there) and the kernel domain where safe.
+    for eps in (0.005, 0.05):
+        q = OTProblem(p.cost, p.a, p.b, eps)
+        auto, log = solve(q, max_iter=500), solve(q, max_iter=500, domain="log")
+        torch.testing.assert_close(auto.plan, log.plan, atol=1e-5, rtol=0)
+    q = OTProblem(p.cost, p.a, p.b, 0.05)
+    torch.testing.assert_close(solve(q).plan, solve(q, domain="kernel").plan, atol=0, rtol=0)
+
+
+def test_kernel_domain_gradients() -> None:
+    problem = _random_problem(2, 4, 5, eps=0.1, seed=9, dtype=torch.float64)
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)  # with padding
+
+    def plan_of(c: torch.Tensor) -> torch.Tensor:
+        return solve(OTProblem(c, a, problem.b, 0.1), max_iter=4, tol=0.0, domain="kernel").plan
+
+    assert torch.autograd.gradcheck(plan_of, (problem.cost.clone().requires_grad_(True),))
+
+
+def test_domain_and_check_every_validation() -> None:
+    problem = _random_problem(1, 2, 2, eps=0.1)
+    with pytest.raises(ValueError):
+        solve(problem, domain="exp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        solve(problem, check_every=0)

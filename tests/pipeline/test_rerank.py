@@ -141,6 +141,12 @@ def test_linker_links_exact_name_mentions_and_is_batch_invariant(linker, test_me
         scores = [c.score for c in r.entities]
         assert scores == sorted(scores, reverse=True)
     assert set(batch.timings_ms) >= {"encode", "retrieve", "rerank", "total"}
+    # The rerank stage's parts: each timed, together within the stage's total (which also mixes the terms).
+    from service.pipeline.types import RERANK_STAGES
+
+    parts = [batch.timings_ms[s] for s in RERANK_STAGES]
+    assert all(p >= 0 for p in parts) and batch.timings_ms["rerank_sinkhorn"] > 0
+    assert sum(parts) <= batch.timings_ms["rerank"] * 1.01 + 0.05
 
 
 @pytest.mark.slow

@@ -363,6 +363,8 @@ def test_metrics_move(client: httpx.Client, q42_jpeg: bytes) -> None:
     assert delta("el_request_latency_seconds_count", route="/v1/link") == 2
     assert delta("el_stage_latency_seconds_count", stage="encode") == 2  # one per pipeline batch
     assert delta("el_stage_latency_seconds_count", stage="rerank") == 2
+    for part in ("rerank_gather", "rerank_sinkhorn", "rerank_pool", "rerank_strings", "rerank_kg"):
+        assert delta("el_stage_latency_seconds_count", stage=part) == 2  # where the rerank time goes
     assert delta("el_sinkhorn_problems_total") >= 4  # at least one OT problem per mention
     assert delta("el_sinkhorn_iterations_count") >= 2
     assert delta("el_mentions_linked_total", source="link") == 1

@@ -1,0 +1,90 @@
+"""Exact search for Flat indexes (kg_index/exact.py): the same rows and scores as FAISS's IndexFlatIP (ties
+aside), and only Flat inner-product indexes take that path."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from kg_index.exact import ExactSearch, flat_vectors
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _flat(x: np.ndarray) -> faiss.Index:
+    index = faiss.index_factory(x.shape[1], "Flat", faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    return index
+
+
+@pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (500, 96, 1, 10), (300, 40, 19, 300), (7, 8, 3, 1)])
+def test_same_rows_and_scores_as_faiss_flat(n: int, d: int, b: int, k: int) -> None:
+    rng = np.random.default_rng(n + d)
+    x, q = _unit(rng, n, d), _unit(rng, b, d)
+    index = _flat(x)
+    want_scores, want_rows = index.search(q, k)
+    scores, rows = ExactSearch.for_index(index).search(q, k)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (b, k)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first, as FAISS
+    # Rows agree wherever the score is not tied (to float precision) with a neighbour's.
+    gap = np.diff(want_scores, axis=1)
+    untied = np.ones_like(want_rows, dtype=bool)
+    untied[:, 1:] &= -gap > 1e-5
+    untied[:, :-1] &= -gap > 1e-5
+    assert np.array_equal(rows[untied], want_rows[untied])
+    # Every returned row's score is its true inner product.
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
+def test_duplicates_in_faiss_order(copies: int, k: int) -> None:
+    """Duplicate entities score exactly alike: within the top k they come as FAISS's heap orders them, the larger
+    row first, so the same duplicate wins."""
+    rng = np.random.default_rng(copies)
+    base = _unit(rng, 5, 16)
+    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 30, 16)])
+    index = _flat(x)
+    q = np.repeat(base[[2]], 2, axis=0)  # the duplicated vector itself: its copies are the best hits
+    want_scores, want_rows = index.search(q, k)
+    scores, rows = ExactSearch.for_index(_flat(x)).search(q, k)  # owns the index it is given
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+
+
+def test_a_tie_past_the_margin_is_ordered_whole() -> None:
+    """A tie group longer than k + TIE_MARGIN: the k largest rows of the whole group, larger first."""
+    from kg_index.exact import TIE_MARGIN
+
+    base = _unit(np.random.default_rng(3), 3, 16)
+    copies = 3 * TIE_MARGIN
+    x = np.concatenate([base, np.repeat(base[[1]], copies, axis=0), _unit(np.random.default_rng(4), 20, 16)])
+    _, rows = ExactSearch.for_index(_flat(x)).search(base[[1]], 5)
+    group = [1, *range(3, 3 + copies)]
+    assert rows[0].tolist() == sorted(group, reverse=True)[:5]
+
+
+def test_flat_vectors_is_a_view_of_the_index_and_only_for_flat_ip() -> None:
+    x = _unit(np.random.default_rng(1), 50, 8)
+    index = _flat(x)
+    v = flat_vectors(index)
+    assert v is not None and v.shape == (50, 8) and np.array_equal(v, x)
+    assert flat_vectors(faiss.IndexFlatL2(8)) is None  # L2: FAISS
+    hnsw = faiss.index_factory(8, "HNSW8,Flat", faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(x)
+    assert flat_vectors(hnsw) is None  # approximate indexes stay FAISS
+    assert ExactSearch.for_index(hnsw) is None and ExactSearch.for_index(faiss.IndexFlatL2(8)) is None
+    back = faiss.deserialize_index(faiss.serialize_index(index))  # as load_index reads it
+    assert np.array_equal(ExactSearch.for_index(back).vectors, x)
+
+
+def test_bad_arguments() -> None:
+    ex = ExactSearch(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError):
+        ex.search(np.zeros((1, 3), np.float32), 5)
+    with pytest.raises(ValueError):
+        ExactSearch(np.zeros((4, 3), np.float64))
