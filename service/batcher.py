@@ -3,9 +3,9 @@
 Leader/follower, with no thread of its own. Every caller waits in its own worker thread. When no batch is
 being formed and fewer than `max_concurrent` batches run, a caller whose own entry is still queued becomes the
 leader: it waits until `max_batch` mentions are queued or `max_wait_ms` has passed since the oldest arrived
-(never past the earliest deadline in the queue), takes the batch, runs one `link_batch` for everyone outside
-the lock and hands each caller its own slice of the results, or its own exception. Only a caller with a
-queued entry leads, so nobody whose answer is ready is kept to run other people's work.
+(and never past half the time a queued request had left, so never up to its deadline), takes the batch, runs
+one `link_batch` for everyone outside the lock and hands each caller its own slice of the results, or its own
+exception. Only a caller with a queued entry leads, so nobody whose answer is ready is kept to run others' work.
 
 - Interactive entries always go first; job items are taken in smaller batches (`job_max_batch`) and, while
   interactive work is queued or running, a job batch waits up to `job_max_yield_ms` for it to finish.
@@ -179,8 +179,11 @@ class MicroBatcher:
         if inter:
             if sum(len(e.queries) for e in inter) >= self.max_batch:
                 return "interactive", now
-            earliest = min((e.deadline for e in inter if e.deadline is not None), default=float("inf"))
-            return "interactive", min(inter[0].enqueued + self.max_wait_s, earliest)
+            # Waiting for company never spends more than half the time a queued request had left on arrival,
+            # so the batch always starts well before the earliest deadline.
+            latest = min((e.enqueued + (e.deadline - e.enqueued) / 2 for e in inter if e.deadline is not None),
+                         default=float("inf"))
+            return "interactive", min(inter[0].enqueued + self.max_wait_s, latest)
         jobs = self._queues["job"]
         if jobs:
             if self._running["interactive"]:  # yield to the interactive batch running now, for a bounded time
