@@ -94,6 +94,7 @@ class Admission:
                     left = not gone.cancelled() and gone.exception() is None
                     gone = None  # either way, stop watching: it either answered or can no longer tell
                     if left and withdraw is not None and withdraw():
+                        withdraw = None  # done: the finally below has nothing left to withdraw
                         self.metrics.rejections.labels("client_disconnected").inc()
                         raise ClientDisconnected("client disconnected while queued")
         except DeadlineExceeded as exc:
