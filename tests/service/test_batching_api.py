@@ -125,12 +125,15 @@ def test_real_linker_answers_coalesced_requests_as_it_answers_them_alone(setting
         eventually(lambda: client.get("/readyz").status_code == 200, "the app to load")
         held.arm()
         batcher = client.app.state.el.batcher  # type: ignore[attr-defined]
-        with ThreadPoolExecutor(len(mentions)) as pool:
+        with ThreadPoolExecutor(len(mentions) + 1) as pool:
             first = pool.submit(client.post, "/v1/link", json={"mention": "Plato", "top_k": 3})
             assert held.held.wait(60)
             rest = [pool.submit(client.post, "/v1/link", json={"mention": m, "context": c, "top_k": 3})
                     for m, c in mentions]
-            eventually(lambda: batcher.queued["interactive"] == len(mentions), "the requests to queue")
+            eventually(lambda: batcher.queued["interactive"] == len(mentions) or any(f.done() for f in rest),
+                       "the requests to queue")
+            early = [f.result().text for f in rest if f.done()]
+            assert not early, early  # none answered before the held batch ended
             held.release.set()
             assert first.result(60).status_code == 200
             answers = [f.result(60) for f in rest]
