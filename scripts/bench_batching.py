@@ -3,13 +3,13 @@ p99 during the job within 2x the idle p99).
 
     python scripts/bench_batching.py [--requests 200] [--clients 2] [--job-items 5000] [--env EL_X=Y ...]
 
-Starts `python -m service serve` (the EL_ settings, a temporary job store, plus --env) and measures, in one run:
-idle (client threads sending text-only WikiMEL test mentions to /v1/link, each waiting for its answer), then the
-same load while a --job-items job (other WikiMEL test mentions, JSONL upload as `el link-file` sends it) is
-running, then idle again. The job is cancelled once the loaded phase is done (it does not have to finish).
-Idle is measured before and after so drift in other load on a shared machine shows. Reports p50/p99 per phase,
-the ratio of the loaded p99 to the idle p99 (both idle phases pooled), the job's items/s during the loaded
-phase, and the server's el_batch_size histogram. Writes --out and prints it.
+Starts `python -m service serve` (the EL_ settings, a temporary job store, plus --env) and measures, in one run,
+idle phases (client threads sending text-only WikiMEL test mentions to /v1/link, each waiting for its answer)
+alternating with --rounds phases of the same load while a --job-items job (other WikiMEL test mentions, a JSONL
+upload) runs: idle, job, idle, job, idle. Each job is cancelled when its phase is done (it need not finish).
+Alternating lets drift in other load on a shared machine hit both sides alike. Reports p50/p99 per phase and
+pooled, the ratio of the loaded p99 to the idle p99, the jobs' items/s meanwhile and the server's el_batch_size
+histogram. Writes --out and prints it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -107,11 +108,36 @@ def batch_sizes(url: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def with_job(url: str, job_lines: str, measure: Callable[[], list[float]]) -> tuple[list[float], float, bool]:
+    """Submit the job, wait until it has committed its first chunk, run `measure`, then cancel the job.
+    Returns what `measure` returned, the job's items/s meanwhile (chunk-granular) and whether it ran throughout."""
+    with httpx.Client(base_url=url, timeout=120.0) as c:
+        r = c.post("/v1/jobs", content=job_lines.encode(), headers={"Content-Type": "application/x-ndjson"})
+        r.raise_for_status()
+        job_id = r.json()["job_id"]
+        give_up = time.monotonic() + 120
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["progress"]["done"] == 0:
+            if time.monotonic() > give_up or job["state"] in ("failed", "cancelled"):
+                raise SystemExit(f"job did not start: {job}")
+            time.sleep(0.05)
+        done0, t0 = job["progress"]["done"], time.perf_counter()
+        out = measure()
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        rate = (job["progress"]["done"] - done0) / (time.perf_counter() - t0)
+        running = job["state"] == "running"
+        c.post(f"/v1/jobs/{job_id}/cancel")
+        give_up = time.monotonic() + 120
+        while c.get(f"/v1/jobs/{job_id}").json()["state"] == "running" and time.monotonic() < give_up:
+            time.sleep(0.1)
+    return out, rate, running
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200, help="/v1/link requests per phase")
     ap.add_argument("--clients", type=int, default=2, help="concurrent client threads")
     ap.add_argument("--job-items", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=2, help="job phases, each between two idle phases")
     ap.add_argument("--env", action="append", default=[], help="extra EL_X=Y for the server (repeatable)")
     ap.add_argument("--out", default="reports/bench-batching.json")
     args = ap.parse_args(argv)
@@ -123,45 +149,37 @@ def main(argv: list[str] | None = None) -> int:
     job_lines = "".join(json.dumps({"id": str(i), "mention": m.mention, "context": m.context}) + "\n"
                         for i, m in ((i, rest[i % len(rest)]) for i in range(args.job_items)))
 
+    idle_phases: list[list[float]] = []
+    job_phases: list[list[float]] = []
+    job_rates: list[float] = []
+    still_running = True
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
         proc, url = start_server(Path(tmp) / "jobs", extra)
         try:
             load(url, interactive[:10], 1)  # warm the connection path
-            idle_before = load(url, interactive, args.clients)
-            with httpx.Client(base_url=url, timeout=120.0) as c:
-                r = c.post("/v1/jobs", content=job_lines.encode(), headers={"Content-Type": "application/x-ndjson"})
-                r.raise_for_status()
-                job_id = r.json()["job_id"]
-                give_up = time.monotonic() + 120
-                while (job := c.get(f"/v1/jobs/{job_id}").json())["progress"]["done"] == 0:
-                    if time.monotonic() > give_up or job["state"] in ("failed", "cancelled"):
-                        raise SystemExit(f"job did not start: {job}")
-                    time.sleep(0.05)
-                done0, t0 = job["progress"]["done"], time.perf_counter()
-                during = load(url, interactive, args.clients)
-                job = c.get(f"/v1/jobs/{job_id}").json()
-                job_rate = (job["progress"]["done"] - done0) / (time.perf_counter() - t0)
-                still_running = job["state"] == "running"
-                c.post(f"/v1/jobs/{job_id}/cancel")
-                give_up = time.monotonic() + 120
-                while c.get(f"/v1/jobs/{job_id}").json()["state"] == "running" and time.monotonic() < give_up:
-                    time.sleep(0.1)
-            idle_after = load(url, interactive, args.clients)
+            idle_phases.append(load(url, interactive, args.clients))
+            for _ in range(args.rounds):
+                during, rate, running = with_job(url, job_lines, lambda: load(url, interactive, args.clients))
+                job_phases.append(during)
+                job_rates.append(rate)
+                still_running = still_running and running
+                idle_phases.append(load(url, interactive, args.clients))
             sizes = batch_sizes(url)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
 
-    idle = idle_before + idle_after
+    idle = [ms for phase in idle_phases for ms in phase]
+    during = [ms for phase in job_phases for ms in phase]
     report = {
         "machine": machine_info() | {"load_avg_after": os.getloadavg()},
-        "server_env": extra, "clients": args.clients, "requests_per_phase": args.requests,
+        "server_env": extra, "clients": args.clients, "requests_per_phase": args.requests, "rounds": args.rounds,
         "job_items": args.job_items, "job_running_throughout": still_running,
-        "idle_before": summary(idle_before), "during_job": summary(during), "idle_after": summary(idle_after),
-        "idle": summary(idle),
+        "idle_phases": [summary(p) for p in idle_phases], "job_phases": [summary(p) for p in job_phases],
+        "idle": summary(idle), "during_job": summary(during),
         "p99_ratio_during_job_to_idle": round(pct(during, 0.99) / pct(idle, 0.99), 3),
         "p50_ratio_during_job_to_idle": round(pct(during, 0.50) / pct(idle, 0.50), 3),
-        "job_items_per_s_during": round(job_rate, 1),
+        "job_items_per_s_during": [round(r, 1) for r in job_rates],
         "batch_size": sizes,
     }
     out = Path(args.out)
