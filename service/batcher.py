@@ -8,7 +8,8 @@ one `link_batch` for everyone outside the lock and hands each caller its own sli
 exception. Only a caller with a queued entry leads, so nobody whose answer is ready is kept to run others' work.
 
 - Interactive entries always go first; job items are taken in smaller batches (`job_max_batch`) and, while
-  interactive work is queued or running, a job batch waits up to `job_max_yield_ms` for it to finish.
+  interactive work is queued, running or ran in the last `job_max_yield_ms`, a job batch starts no sooner than
+  `job_max_yield_ms` after the job's previous batch ended (so a busy API slows a job down but never starves it).
 - One request's mentions stay together (a /v1/link/batch request is one entry); a job's items are one entry each.
 - If `link_batch` raises for a batch, its entries are retried one by one, so a bad entry fails alone.
 - An entry whose deadline passes while queued gets DeadlineExceeded and never runs; a withdrawn entry (its
@@ -80,6 +81,7 @@ class MicroBatcher:
         self._running: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._forming = False  # a leader is collecting a batch
         self._job_free_since = 0.0  # when the last job batch ended: the job's yield is counted from then
+        self._interactive_seen = float("-inf")  # when an interactive batch last ended
 
     @classmethod
     def from_settings(cls, cfg: BatchingSettings, link: LinkFn, metrics: Metrics) -> MicroBatcher:
@@ -186,7 +188,10 @@ class MicroBatcher:
             return "interactive", min(inter[0].enqueued + self.max_wait_s, latest)
         jobs = self._queues["job"]
         if jobs:
-            if self._running["interactive"]:  # yield to the interactive batch running now, for a bounded time
+            # Yield, for a bounded time, to interactive work running now or lately: a client that sends its next
+            # request as soon as it has an answer leaves gaps of a few ms, and a job batch that slipped into every
+            # gap would share the CPU with nearly every request.
+            if self._running["interactive"] or now - self._interactive_seen < self.job_max_yield_s:
                 return "job", max(jobs[0].enqueued, self._job_free_since) + self.job_max_yield_s
             return "job", now
         return None, now
@@ -216,6 +221,8 @@ class MicroBatcher:
             self._running[kind] -= 1
             if kind == "job":
                 self._job_free_since = self._clock()
+            else:
+                self._interactive_seen = self._clock()
             for i, e in enumerate(batch):
                 if i < len(outcomes):
                     self._finish(e, *outcomes[i])

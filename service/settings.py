@@ -117,8 +117,9 @@ class BatchingSettings(BaseModel):
                                                      "CPU work, interactive and job batches together.")
     job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch (small, so an arriving "
                                                              "request never waits long behind a job batch).")
-    job_max_yield_ms: float = Field(200.0, ge=0.0, description="While interactive requests are queued or running, "
-                                                               "a job batch waits at most this long before it runs.")
+    job_max_yield_ms: float = Field(200.0, ge=0.0, description="While interactive requests are queued, running or "
+                                                               "ran this recently, a job batch starts no sooner than "
+                                                               "this long after the job's previous batch ended.")
 
 
 class JobSettings(BaseModel):

@@ -230,3 +230,24 @@ def test_queue_wait_is_observed_per_request() -> None:
     wait = batcher.metrics.batch_queue_wait
     assert sum(b.get() for b in wait.labels("interactive")._buckets) == 1
     assert sum(b.get() for b in wait.labels("job")._buckets) == 2
+
+
+def test_a_job_batch_yields_to_interactive_work_that_ran_lately() -> None:
+    """Right after an interactive request, a job item waits (up to job_max_yield_ms) rather than taking the gap
+    before the next request: the request sent after the job item still goes first. The yield (2 s) only bounds
+    how long the test takes; the request is sent as soon as the job item is queued."""
+    link = FakeLink()
+    batcher = make(link, job_max_yield_ms=2000.0)
+    batcher.link([q("first")])
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(batcher.link_items, [q("j0")])
+        eventually(lambda: batcher.queued["job"] == 1, "the job item to queue")
+        batcher.link([q("next")])
+        assert [r.mention for r in job.result(GIVE_UP_S)] == ["j0"]  # type: ignore[union-attr]
+    assert link.calls == [["first"], ["next"], ["j0"]]
+
+
+def test_a_job_runs_at_once_when_no_interactive_work_was_seen() -> None:
+    link = FakeLink()
+    out = make(link, job_max_yield_ms=60_000.0).link_items([q("j0"), q("j1")])
+    assert [r.mention for r in out] == ["j0", "j1"]  # type: ignore[union-attr]
