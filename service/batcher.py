@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["interactive", "job"]
 KINDS: tuple[Kind, ...] = ("interactive", "job")
+# A waiting thread looks again at least this often: only a safety net, every change wakes who it concerns.
+_RECHECK_S = 1.0
 # Runs one batch: (queries, deadline or None) -> outcome with one result per query, in order.
 LinkFn = Callable[[list[LinkQuery], float | None], BatchOutcome]
 
@@ -47,6 +49,7 @@ class _Entry:
     kind: Kind
     deadline: float | None
     enqueued: float
+    waiter: threading.Condition | None = None  # the caller's own, on the batcher's lock: wakes that thread alone
     state: Literal["queued", "running", "done"] = "queued"
     taken: bool = False  # went into a batch (reached the model)
     outcome: BatchOutcome | None = None
@@ -76,7 +79,8 @@ class MicroBatcher:
         self.max_concurrent = max_concurrent
         self.job_max_batch, self.job_max_yield_s = job_max_batch, job_max_yield_ms / 1000
         self._clock = clock
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._leader: threading.Condition | None = None  # the forming leader's waiter
         self._queues: dict[Kind, deque[_Entry]] = {k: deque() for k in KINDS}
         self._running: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._forming = False  # a leader is collecting a batch
@@ -98,7 +102,7 @@ class MicroBatcher:
 
     @property
     def queued(self) -> dict[Kind, int]:
-        with self._cond:
+        with self._lock:
             return {k: len(q) for k, q in self._queues.items()}
 
     def link(self, queries: list[LinkQuery], *, deadline: float | None = None,
@@ -129,20 +133,23 @@ class MicroBatcher:
     def _submit(self, groups: list[list[LinkQuery]], kind: Kind, deadline: float | None,
                 ticket: Ticket | None) -> list[_Entry]:
         now = self._clock()
-        entries = [_Entry(g, kind, deadline, now) for g in groups]
-        with self._cond:
+        waiter = threading.Condition(self._lock)
+        entries = [_Entry(g, kind, deadline, now, waiter) for g in groups]
+        with self._lock:
             if ticket is not None:
                 ticket.entry = entries[0]
                 if ticket.withdrawn:  # gave up while decoding
                     self._finish(entries[0], error=ClientDisconnected("request withdrawn before it was queued"))
                     return entries
             self._queues[kind].extend(entries)
-            self._cond.notify_all()
+            self._kick()
         return entries
 
     def _serve(self, mine: list[_Entry]) -> None:
         """Wait until every entry of mine is done, leading batches (anyone's) while one of mine is queued."""
-        with self._cond:
+        waiter = mine[0].waiter
+        assert waiter is not None
+        with self._lock:
             while True:
                 now = self._clock()
                 self._expire(now)
@@ -150,17 +157,18 @@ class MicroBatcher:
                     return
                 if (not self._forming and sum(self._running.values()) < self.max_concurrent
                         and any(e.state == "queued" for e in mine)):
-                    batch = self._lead()
+                    batch = self._lead(waiter)
                     if batch:
                         self._run_unlocked(batch)
                     continue
                 deadlines = [e.deadline for e in mine if e.state == "queued" and e.deadline is not None]
-                self._cond.wait(max(min(deadlines) - now, 0.0) if deadlines else None)
+                timeout = max(min(deadlines) - now, 0.0) if deadlines else _RECHECK_S
+                waiter.wait(min(timeout, _RECHECK_S))
 
     # ---- the leader (holds the lock except while it waits or runs) ----
 
-    def _lead(self) -> list[_Entry]:
-        self._forming = True
+    def _lead(self, waiter: threading.Condition) -> list[_Entry]:
+        self._forming, self._leader = True, waiter
         try:
             while True:
                 now = self._clock()
@@ -170,10 +178,10 @@ class MicroBatcher:
                     return []
                 if start_at <= now:
                     return self._take(kind, now)
-                self._cond.wait(start_at - now)
+                waiter.wait(start_at - now)
         finally:
-            self._forming = False
-            self._cond.notify_all()
+            self._forming, self._leader = False, None
+            self._kick()
 
     def _plan(self, now: float) -> tuple[Kind | None, float]:
         """Which kind of batch goes next, and when it may start."""
@@ -212,12 +220,12 @@ class MicroBatcher:
     def _run_unlocked(self, batch: list[_Entry]) -> None:
         kind = batch[0].kind
         self._running[kind] += 1
-        self._cond.release()
+        self._lock.release()
         outcomes: list[tuple[BatchOutcome | None, BaseException | None]] = []
         try:
             outcomes = self._run(batch)
         finally:
-            self._cond.acquire()
+            self._lock.acquire()
             self._running[kind] -= 1
             if kind == "job":
                 self._job_free_since = self._clock()
@@ -228,7 +236,7 @@ class MicroBatcher:
                     self._finish(e, *outcomes[i])
                 else:  # only on a BaseException (interpreter shutdown): never leave a caller waiting
                     self._finish(e, error=RuntimeError("batch abandoned"))
-            self._cond.notify_all()
+            self._kick()
 
     def _run(self, batch: list[_Entry]) -> list[tuple[BatchOutcome | None, BaseException | None]]:
         """One link_batch for the whole batch, split back per entry; on failure each entry again, alone."""
@@ -269,6 +277,22 @@ class MicroBatcher:
 
     def _finish(self, e: _Entry, outcome: BatchOutcome | None = None, error: BaseException | None = None) -> None:
         e.outcome, e.error, e.state = outcome, error, "done"
+        if e.waiter is not None:
+            e.waiter.notify()
+
+    def _kick(self) -> None:
+        """Wake the one thread that can act now: the forming leader (new work, or a batch ended: re-plan), else
+        the owner of the entry that goes next, to lead. Never every waiting thread: with dozens of requests
+        queued, waking them all on each event would spend the CPU (and the GIL) the batches need."""
+        if self._leader is not None:
+            self._leader.notify()
+            return
+        if sum(self._running.values()) >= self.max_concurrent:
+            return  # the batch that ends next kicks again
+        for kind in KINDS:
+            if self._queues[kind] and (waiter := self._queues[kind][0].waiter) is not None:
+                waiter.notify()  # its owner may be busy running a batch: it looks again when that ends
+                return
 
     def _expire(self, now: float) -> None:
         """Entries whose deadline passed while queued never run."""
@@ -283,10 +307,10 @@ class MicroBatcher:
                 queue.extend(keep)
                 expired = True
         if expired:
-            self._cond.notify_all()
+            self._kick()
 
     def _withdraw(self, ticket: Ticket) -> bool:
-        with self._cond:
+        with self._lock:
             e = ticket.entry
             if e is None:
                 ticket.withdrawn = True
@@ -295,5 +319,5 @@ class MicroBatcher:
                 return not e.taken  # done without running (expired in the queue) counts as withdrawn
             self._queues[e.kind].remove(e)
             self._finish(e, error=ClientDisconnected("request withdrawn while queued"))
-            self._cond.notify_all()
+            self._kick()
             return True

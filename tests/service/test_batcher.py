@@ -78,8 +78,10 @@ def held_then_queued(batcher: MicroBatcher, link: FakeLink, pool: ThreadPoolExec
     wait until all of them are queued behind it. Returns the futures, the holder's first."""
     holder = pool.submit(batcher.link, [q("holder")])
     eventually(lambda: link.started == 1, "the holder to reach the model")
-    futures = [pool.submit(batcher.link, [q(m) for m in mentions]) for mentions in requests]
-    eventually(lambda: batcher.queued["interactive"] == len(requests), "the requests to queue")
+    futures = []
+    for i, mentions in enumerate(requests):  # one at a time, so the queue order is the list's
+        futures.append(pool.submit(batcher.link, [q(m) for m in mentions]))
+        eventually(lambda i=i: batcher.queued["interactive"] == i + 1, "the request to queue")
     return [holder, *futures]
 
 
@@ -195,8 +197,10 @@ def test_interactive_requests_go_before_queued_job_items() -> None:
         eventually(lambda: link.started == 1, "the holder to reach the model")
         job = pool.submit(batcher.link_items, [q(f"j{i}") for i in range(4)])
         eventually(lambda: batcher.queued["job"] == 4, "the job items to queue")
-        later = [pool.submit(batcher.link, [q(m)]) for m in ("x", "y")]
-        eventually(lambda: batcher.queued["interactive"] == 2, "the requests to queue")
+        later = []
+        for i, m in enumerate(("x", "y")):
+            later.append(pool.submit(batcher.link, [q(m)]))
+            eventually(lambda i=i: batcher.queued["interactive"] == i + 1, "the request to queue")
         link.gate.set()  # type: ignore[union-attr]
         holder.result(GIVE_UP_S)
         assert [r.mention for r in job.result(GIVE_UP_S)] == ["j0", "j1", "j2", "j3"]  # type: ignore[union-attr]
