@@ -6,6 +6,10 @@
 - A request whose deadline passes while it runs is answered 504 at the deadline (`deadline_running`); the
   worker thread cannot be interrupted, so its slot stays taken until the thread really ends: the caps count
   the work the CPU is doing, not the requests still waiting for an answer.
+- The work of a /v1/link request waits in the micro-batcher (service/batcher.py) for its batch; a client that
+  leaves, or a deadline that passes, while it waits there withdraws it before the model. The in-flight cap
+  counts requests (queued in the batcher or running), not batches: the batcher caps the batches that run at
+  once (EL_BATCHING__MAX_CONCURRENT, the CPU work), and admission has to let enough requests through to fill them.
 
 Slots are counted here rather than with `asyncio.Semaphore`: the decision (run, queue or refuse) is taken
 synchronously on arrival, so arrivals in the same event-loop turn cannot all slip past the caps, and a freed
@@ -32,6 +36,8 @@ T = TypeVar("T")
 
 # Returns (completes) once the client has disconnected; cancelled when the request leaves the queue.
 Disconnected = Callable[[], Awaitable[None]]
+# Withdraws the work from the micro-batcher's queue; True when it has not reached the model (and never will).
+Withdraw = Callable[[], bool]
 
 
 class Admission:
@@ -55,11 +61,14 @@ class Admission:
         return time.monotonic() + (timeout_s or self.timeout_s)
 
     async def run(self, fn: Callable[[], T], *, timeout_s: float | None = None, deadline: float | None = None,
-                  disconnected: Disconnected | None = None) -> T:
+                  disconnected: Disconnected | None = None, withdraw: Withdraw | None = None) -> T:
         """Run fn in a worker thread once a slot is free, within the deadline.
 
         `deadline` (monotonic) wins over `timeout_s`. While the request is queued, `disconnected()` is awaited
-        alongside the slot; if it completes first (the client went away), the request is dropped.
+        alongside the slot; if it completes first (the client went away), the request is dropped. With
+        `withdraw` (the micro-batcher's hook), the client is also watched while fn waits in the batcher's queue:
+        if it leaves and `withdraw()` says the work never reached the model, the request is dropped the same way.
+        `withdraw()` is also called when the request stops waiting for fn (deadline, cancellation).
         """
         if deadline is None:
             deadline = self.deadline(timeout_s)
@@ -68,17 +77,36 @@ class Admission:
             self._release()
             raise self._expired_in_queue()
         work = asyncio.create_task(self._work(fn))
+        gone = asyncio.ensure_future(disconnected()) if disconnected is not None and withdraw is not None else None
         try:
-            # shield: on timeout the client gets its 504 now, while the thread (and its slot) runs to the end.
-            return await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.001))
-        except TimeoutError:
-            self.metrics.rejections.labels("deadline_running").inc()
-            raise DeadlineExceeded("request deadline exceeded") from None
-        except DeadlineExceeded:  # the pipeline noticed first, between two stages
-            self.metrics.rejections.labels("deadline_running").inc()
+            # asyncio.wait never cancels `work`: on timeout the client gets its 504 now, while the thread (and its
+            # slot) runs to the end.
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.metrics.rejections.labels("deadline_running").inc()
+                    raise DeadlineExceeded("request deadline exceeded")
+                await asyncio.wait([f for f in (work, gone) if f is not None], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if work.done():
+                    return work.result()
+                if gone is not None and gone.done():
+                    left = not gone.cancelled() and gone.exception() is None
+                    gone = None  # either way, stop watching: it either answered or can no longer tell
+                    if left and withdraw is not None and withdraw():
+                        withdraw = None  # done: the finally below has nothing left to withdraw
+                        self.metrics.rejections.labels("client_disconnected").inc()
+                        raise ClientDisconnected("client disconnected while queued")
+        except DeadlineExceeded as exc:
+            if work.done() and work.exception() is exc:  # the pipeline noticed first, between two stages
+                self.metrics.rejections.labels("deadline_running").inc()
             raise
         finally:
+            if gone is not None:
+                gone.cancel()
             if not work.done():
+                if withdraw is not None:
+                    withdraw()  # still queued in the batcher: it never runs
                 self._abandoned.add(work)
                 work.add_done_callback(self._forget)
 

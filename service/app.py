@@ -18,11 +18,13 @@ from kg_index.manifest import IndexIntegrityError
 from service import openapi
 from service.admission import Admission
 from service.auth import ApiKeys, AuthMiddleware, document_security
-from service.errors import ELError
+from service.batcher import MicroBatcher
+from service.errors import ELError, NotReady
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.pipeline.linker import Linker
+from service.pipeline.linker import BatchOutcome, Linker
+from service.pipeline.types import LinkQuery
 from service.routes import admin as admin_routes
 from service.routes import entities, health, link
 from service.routes import jobs as job_routes
@@ -71,11 +73,19 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     adm = settings.admission
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
                           retry_after_s=adm.retry_after_s, metrics=metrics)
-    state = AppState(settings=settings, metrics=metrics, admission=admission)
-    # The job worker runs only while ready and not draining (on SIGTERM it hands its job back at the next
-    # chunk), and yields to queued /v1/link requests.
+
+    def link_batch(queries: list[LinkQuery], deadline: float | None) -> BatchOutcome:
+        linker = state.linker
+        if linker is None:  # routes and the job worker check readiness first; this is only a guard
+            raise NotReady("model and index are still loading", headers={"Retry-After": "5"})
+        return linker.link_batch(queries, deadline=deadline)
+
+    # One batcher for the routes and the job worker: job items go through it at lower priority.
+    batcher = MicroBatcher.from_settings(settings.batching, link_batch, metrics)
+    state = AppState(settings=settings, metrics=metrics, admission=admission, batcher=batcher)
+    # The job worker runs only while ready and not draining (on SIGTERM it hands its job back at the next chunk).
     state.jobs = JobManager(settings, metrics, linker=lambda: state.linker if state.ready and not state.draining else None,
-                            interactive_waiting=lambda: admission.waiting)
+                            batcher=batcher)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager

@@ -37,6 +37,11 @@ class Metrics:
         self.draining = Gauge("el_draining", "1 once shutdown has begun (readiness answers 503)", registry=r)
         self.index_reloads = Counter("el_index_reloads", "Index reloads (admin route or SIGHUP)", ["outcome"], registry=r)
         self.auth_failures = Counter("el_auth_failures", "Requests refused for a missing or wrong API key", registry=r)
+        self.batch_size = Histogram("el_batch_size", "Mentions per link_batch call of the micro-batcher", ["kind"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_queue_wait = Histogram("el_batch_queue_wait_seconds", "Time a request (or job item) waited in the "
+                                          "micro-batcher before its batch started", ["kind"],
+                                          buckets=(0.0005,) + _LATENCY_BUCKETS, registry=r)
         self.job_items = Counter("el_job_items", "Job items finished, by outcome (ok or error)", ["outcome"], registry=r)
         for outcome in ("ok", "error"):
             self.job_items.labels(outcome)

@@ -99,10 +99,31 @@ class LimitSettings(BaseModel):
 class AdmissionSettings(BaseModel):
     """In-flight and queue caps and deadlines."""
 
-    max_in_flight: int = Field(2, ge=1, description="Requests in the pipeline at once (about one per core).")
+    max_in_flight: int = Field(
+        64, ge=1, description="Requests admitted at once: queued in the micro-batcher or running. It counts requests, "
+                              "not batches; the CPU-bound cap is EL_BATCHING__MAX_CONCURRENT (batches running at "
+                              "once), and the default admits that many full batches (2 x 32).")
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond it 429 + Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0.0, description="Per-request deadline (queue + pipeline); then 504.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds on 429/503.")
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic micro-batching: concurrent /v1/link, /v1/link/batch and job items share `Linker.link_batch` calls."""
+
+    enabled: bool = Field(True, description="Coalesce concurrent requests into one link_batch call (off: each request "
+                                            "runs alone; job items are still batched).")
+    max_batch: int = Field(32, ge=1, le=1024, description="Most mentions in one interactive batch (a /v1/link/batch "
+                                                          "request larger than this runs alone).")
+    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="Longest a batch waits for company before it "
+                                                                    "runs; never past a queued request's deadline.")
+    max_concurrent: int = Field(2, ge=1, description="Batches running at once (about one per core): the cap on "
+                                                     "CPU work, interactive and job batches together.")
+    job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch (small, so an arriving "
+                                                             "request never waits long behind a job batch).")
+    job_max_yield_ms: float = Field(200.0, ge=0.0, description="While interactive requests are queued, running or "
+                                                               "ran this recently, a job batch starts no sooner than "
+                                                               "this long after the job's previous batch ended.")
 
 
 class JobSettings(BaseModel):
@@ -218,6 +239,7 @@ class Settings(BaseSettings):
     rerank: RerankSettings = RerankSettings()
     limits: LimitSettings = LimitSettings()
     admission: AdmissionSettings = AdmissionSettings()
+    batching: BatchingSettings = BatchingSettings()
     auth: AuthSettings = AuthSettings()
     cors: CorsSettings = CorsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()

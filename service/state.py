@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from service.admission import Admission
+from service.batcher import MicroBatcher
 from service.errors import NotReady
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
@@ -17,6 +18,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     admission: Admission
+    batcher: MicroBatcher
     linker: Linker | None = None
     ready: bool = False
     draining: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from service.batcher import MicroBatcher
 from service.errors import NotReady
 from service.jobs.runner import JobRunner, owner_is_dead
 from service.jobs.store import STATES, JobStore
@@ -19,12 +20,12 @@ STORE_FILE = "jobs.sqlite3"
 
 class JobManager:
     def __init__(self, settings: Settings, metrics: Metrics, *, linker: Callable[[], Linker | None],
-                 interactive_waiting: Callable[[], int] | None = None) -> None:
+                 batcher: MicroBatcher) -> None:
         self.settings = settings
         self.cfg = settings.jobs
         self.metrics = metrics
         self._linker = linker
-        self._interactive_waiting = interactive_waiting
+        self._batcher = batcher
         self._store: JobStore | None = None
         self._runner: JobRunner | None = None
         metrics.track_job_states(self._counts)
@@ -41,7 +42,7 @@ class JobManager:
         self._store = JobStore.open(path, result_ttl_s=self.cfg.result_ttl_s, synchronous=self.cfg.synchronous)
         self._store.recover(owner_is_dead)
         self._runner = JobRunner(self._store, self.settings, self.metrics, linker=self._linker,
-                                 interactive_waiting=self._interactive_waiting)
+                                 batcher=self._batcher)
         self._runner.start()
         logger.info("job store %s open", path)
 

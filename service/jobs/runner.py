@@ -1,8 +1,9 @@
 """The job worker: one thread that claims the oldest queued job and runs it in chunks through the Linker.
 
 Per chunk: decode each item with the same decode stage as /v1/link (`service.conversions.to_query`; a bad
-item gets its own error code and fails alone), one `Linker.link_batch` call, then one transaction with the
-outcomes and the progress.
+item gets its own error code and fails alone), link the items through the micro-batcher (service/batcher.py:
+at job priority, in small batches that yield to /v1/link requests; an item that breaks its batch fails
+alone), then one transaction with the outcomes and the progress.
 The commit only lands while the job is still running under our lease, so a cancel stops output at the
 next chunk boundary. A second thread renews the lease (heartbeat) while a chunk computes. On shutdown
 the worker finishes its chunk and hands the job back to the queue (attempt refunded); after a crash the
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.batcher import MicroBatcher
 from service.conversions import to_query, to_response
 from service.errors import ELError
 from service.jobs.store import ItemOutcome, JobRecord, JobStore, PendingItem
@@ -33,9 +35,6 @@ from service.schemas import JobItem
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-_MAX_YIELD_S = 0.2  # longest a chunk waits for interactive requests, so a busy API never starves jobs
-
 
 def make_owner() -> str:
     """A lease owner id: host, pid and a random token (a pid alone is reused across container restarts)."""
@@ -71,12 +70,12 @@ def _error_json(code: str, message: str) -> str:
 
 class JobRunner:
     def __init__(self, store: JobStore, settings: Settings, metrics: Metrics, *,
-                 linker: Callable[[], Linker | None], interactive_waiting: Callable[[], int] | None = None) -> None:
+                 linker: Callable[[], Linker | None], batcher: MicroBatcher) -> None:
         self.store, self.settings, self.metrics = store, settings, metrics
         self.cfg = settings.jobs
         self.owner = make_owner()
         self._linker = linker
-        self._interactive_waiting = interactive_waiting
+        self._batcher = batcher
         self._stop = threading.Event()
         self._stop_heartbeat = threading.Event()
         self._wake = threading.Event()
@@ -179,8 +178,7 @@ class JobRunner:
                 pending = self.store.pending(job.id, from_seq=cursor, limit=self.cfg.chunk_size)
                 if not pending:
                     break
-                self._yield_to_interactive()
-                outcomes = self._link_chunk(pending, linker)
+                outcomes = self._link_chunk(pending)
                 if not self.store.commit_chunk(job.id, self.owner, outcomes, lease_s=self.cfg.lease_s):
                     logger.info("job %s: cancelled or lease lost; chunk discarded", job.id)
                     return
@@ -200,15 +198,7 @@ class JobRunner:
         finally:
             self._current = None
 
-    def _yield_to_interactive(self) -> None:
-        """Let queued /v1/link requests go first (bounded), so batch work does not starve the online API."""
-        if self._interactive_waiting is None:
-            return
-        deadline = time.monotonic() + _MAX_YIELD_S
-        while self._interactive_waiting() > 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    def _link_chunk(self, pending: list[PendingItem], linker: Linker) -> list[ItemOutcome]:
+    def _link_chunk(self, pending: list[PendingItem]) -> list[ItemOutcome]:
         outcomes: dict[int, ItemOutcome] = {}
         runnable: list[tuple[PendingItem, LinkQuery]] = []
         for p in pending:
@@ -220,29 +210,17 @@ class JobRunner:
             except ValidationError:
                 outcomes[p.seq] = ItemOutcome(p.seq, p.item_id, error=_error_json("invalid_input", "not a link request"))
         if runnable:
-            try:
-                results = self._link(linker, [q for _, q in runnable])
-                for (p, _), r in zip(runnable, results, strict=True):
-                    outcomes[p.seq] = ItemOutcome(p.seq, p.item_id, result=to_response(r).model_dump_json())
-            except Exception:
-                # Isolate: one item that breaks the pipeline must not fail the others of its chunk.
-                logger.warning("a chunk of %d items failed; linking them one by one", len(runnable), exc_info=True)
-                for p, q in runnable:
-                    outcomes[p.seq] = self._link_one(linker, p, q)
+            results = self._batcher.link_items([q for _, q in runnable])
+            for (p, _), r in zip(runnable, results, strict=True):
+                outcomes[p.seq] = self._outcome(p, r)
+            self.metrics.mentions.labels("job").inc(sum(not isinstance(r, Exception) for r in results))
         return [outcomes[p.seq] for p in pending]
 
-    def _link(self, linker: Linker, queries: list[LinkQuery]) -> list[LinkResult]:
-        outcome = linker.link_batch(queries)
-        self.metrics.observe_batch(outcome.timings_ms, outcome.ot_stats)
-        self.metrics.mentions.labels("job").inc(len(queries))
-        return outcome.results
-
-    def _link_one(self, linker: Linker, p: PendingItem, q: LinkQuery) -> ItemOutcome:
-        try:
-            r = self._link(linker, [q])[0]
-            return ItemOutcome(p.seq, p.item_id, result=to_response(r).model_dump_json())
-        except ELError as exc:
-            return ItemOutcome(p.seq, p.item_id, error=_error_json(exc.code, exc.message))
-        except Exception:
-            logger.exception("item %r could not be linked", p.item_id)
+    @staticmethod
+    def _outcome(p: PendingItem, r: LinkResult | Exception) -> ItemOutcome:
+        if isinstance(r, ELError):
+            return ItemOutcome(p.seq, p.item_id, error=_error_json(r.code, r.message))
+        if isinstance(r, Exception):
+            logger.error("item %r could not be linked", p.item_id, exc_info=r)
             return ItemOutcome(p.seq, p.item_id, error=_error_json("internal", "internal error while linking this item"))
+        return ItemOutcome(p.seq, p.item_id, result=to_response(r).model_dump_json())

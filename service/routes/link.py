@@ -42,21 +42,22 @@ _MULTIPART_SCHEMA = {
 
 async def run_linker(state: AppState, decode: Callable[[], list[LinkQuery]], source: str,
                      request: Request | None = None) -> BatchOutcome:
-    """Admission (queue, deadline, disconnect while queued), then decode and the pipeline in a worker thread.
+    """Admission (queue, deadline, disconnect while queued), then, in a worker thread, decode and the pipeline
+    through the micro-batcher (service/batcher.py: this request's mentions share a link_batch call with others').
 
     `decode` (text rules, base64 and image decoding) runs inside the admitted work, not on the event loop:
     a full server refuses before any decoding work, so a bad request to a full server gets 429, not its 4xx.
     """
-    linker = state.require_linker()
+    state.require_linker()
     adm = state.admission
     deadline = adm.deadline()
     gone = (lambda: client_gone(request)) if request is not None else None
+    ticket = state.batcher.ticket()
 
     def work() -> BatchOutcome:
-        return linker.link_batch(decode(), deadline=deadline)
+        return state.batcher.link(decode(), deadline=deadline, ticket=ticket)
 
-    outcome = await adm.run(work, deadline=deadline, disconnected=gone)
-    state.metrics.observe_batch(outcome.timings_ms, outcome.ot_stats)
+    outcome = await adm.run(work, deadline=deadline, disconnected=gone, withdraw=ticket.withdraw)
     state.metrics.mentions.labels(source).inc(len(outcome.results))
     return outcome
 

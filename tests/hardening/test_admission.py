@@ -30,8 +30,10 @@ BODY = {"mention": "Douglas Adams", "top_k": 1}
 
 @pytest.fixture(scope="module")
 def servers(settings) -> list[Server]:
+    # Batching off: these count one model call and one stage sample per request (coalescing is
+    # tests/service/test_batching_api.py's subject).
     busy = {"EL_ADMISSION__MAX_IN_FLIGHT": L, "EL_ADMISSION__MAX_QUEUE": Q,
-            "EL_STAGE_DELAY_MS": int(BUSY_DELAY_S * 1000)}
+            "EL_STAGE_DELAY_MS": int(BUSY_DELAY_S * 1000), "EL_BATCHING__ENABLED": "false"}
     short = {"EL_ADMISSION__MAX_IN_FLIGHT": 1, "EL_ADMISSION__MAX_QUEUE": 4,
              "EL_STAGE_DELAY_MS": int(DEADLINE_DELAY_S * 1000), "EL_ADMISSION__REQUEST_TIMEOUT_S": DEADLINE_S}
     with running_many(settings, [busy, short]) as started:

@@ -141,3 +141,67 @@ def test_a_watcher_that_fails_does_not_drop_the_request() -> None:
         assert await first == 0
 
     asyncio.run(main())
+
+
+def test_client_gone_while_its_work_waits_in_the_batcher_is_dropped_when_withdrawn() -> None:
+    """With the micro-batcher's `withdraw` hook, the client is watched while the admitted work waits for its
+    batch: if it leaves and the work can still be withdrawn, the request is dropped (and counted) at once."""
+
+    async def main() -> None:
+        adm = admission(in_flight=2, queue=0)
+        waiting = Work()  # stands for work queued in the batcher: blocks until released
+        gone = asyncio.Event()
+        calls: list[str] = []
+
+        def withdraw() -> bool:
+            calls.append("withdraw")
+            return True
+
+        task = asyncio.create_task(adm.run(waiting, disconnected=gone.wait, withdraw=withdraw))
+        await asyncio.sleep(0.05)
+        gone.set()
+        with pytest.raises(ClientDisconnected):
+            await task
+        assert calls == ["withdraw"] and rejections(adm, "client_disconnected") == 1
+        waiting.release.set()
+        give_up = time.monotonic() + 30
+        while adm.running and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        assert adm.running == 0
+
+    asyncio.run(main())
+
+
+def test_client_gone_after_its_batch_started_still_gets_the_work_finished() -> None:
+    async def main() -> None:
+        adm = admission(in_flight=2, queue=0)
+        running = Work()
+        gone = asyncio.Event()
+        task = asyncio.create_task(adm.run(running, disconnected=gone.wait, withdraw=lambda: False))
+        await asyncio.sleep(0.05)
+        gone.set()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # already in the model: the answer is still awaited
+        running.release.set()
+        assert await task == 0
+        assert rejections(adm, "client_disconnected") == 0
+
+    asyncio.run(main())
+
+
+def test_a_deadline_withdraws_work_still_queued_in_the_batcher() -> None:
+    async def main() -> None:
+        adm = admission(in_flight=2, queue=0)
+        waiting = Work()
+        calls: list[str] = []
+
+        def withdraw() -> bool:
+            calls.append("withdraw")
+            return True
+
+        with pytest.raises(DeadlineExceeded, match="request deadline exceeded"):
+            await adm.run(waiting, timeout_s=0.1, withdraw=withdraw)
+        assert calls == ["withdraw"] and rejections(adm, "deadline_running") == 1
+        waiting.release.set()
+
+    asyncio.run(main())
