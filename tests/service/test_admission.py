@@ -35,16 +35,23 @@ def _burst(n: int, *, max_in_flight: int, max_queue: int, work_s: float) -> tupl
 
 
 def test_burst_in_separate_turns_respects_caps() -> None:
+    """Six arrivals, each in its own loop turn, while the first is still running: one runs, one queues, four are
+    refused. The work holds until every arrival has been answered or queued (an event, not a sleep: on a loaded
+    machine a 5 ms gap between arrivals can outlast any fixed work time)."""
+    release = threading.Event()
+
     async def main() -> list[object]:
         adm = Admission(max_in_flight=1, max_queue=1, timeout_s=10.0, retry_after_s=1, metrics=Metrics())
         tasks = []
         for _ in range(6):
-            tasks.append(asyncio.create_task(adm.run(lambda: time.sleep(0.05))))
+            tasks.append(asyncio.create_task(adm.run(lambda: release.wait(10.0))))
             await asyncio.sleep(0.005)  # each arrival in its own turn
+        await asyncio.sleep(0.05)  # let the refused ones finish; the admitted ones wait for the release
+        release.set()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     out = asyncio.run(main())
-    assert sum(r is None for r in out) == 2
+    assert sum(r is True for r in out) == 2, out
     rejected = [r for r in out if isinstance(r, Overloaded)]
     assert len(rejected) == 4
     assert all(r.headers == {"Retry-After": "1"} for r in rejected)
