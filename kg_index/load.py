@@ -69,14 +69,26 @@ class KGIndex:
         return scores, rows
 
 
-# Search-time knobs of the approximate index types; exact (Flat) indexes ignore them. efSearch 128 keeps
-# HNSW recall@32 near 1.0 on real mention queries (FAISS's default of 16 loses about 4 % of the candidates).
-SEARCH_PARAMS = {"efSearch": 128, "nprobe": 32}
+# Search-time knobs of the approximate index types; exact (Flat) indexes ignore them. Mention vectors lie far
+# from the entity vectors (top-1 inner product ~0.34 of a possible 0.67), which makes them hard queries for a graph:
+# on 100k entities (reports/bench-scale.json, `el bench-scale`) HNSW32's recall@32 was 0.954 at efSearch 128 and 0.983
+# at 256, and it falls as N grows; small KGs keep 128 (FAISS's default of 16 loses about 4 % of the candidates).
+# IVF's nprobe: IVF<4 sqrt(N)>,Flat needs far more lists than this for such queries; see the report.
+SEARCH_TIERS: tuple[tuple[int, dict[str, int]], ...] = (  # (from this many entities, knobs), largest first
+    (500_000, {"efSearch": 512, "nprobe": 128}),
+    (50_000, {"efSearch": 256, "nprobe": 64}),
+    (0, {"efSearch": 128, "nprobe": 32}),
+)
+
+
+def search_params(n: int) -> dict[str, int]:
+    """The knobs for an index of n vectors."""
+    return next(params for floor, params in SEARCH_TIERS if n >= floor)
 
 
 def configure_search(index: faiss.Index) -> None:
     params = faiss.ParameterSpace()
-    for name, value in SEARCH_PARAMS.items():
+    for name, value in search_params(index.ntotal).items():
         try:
             params.set_index_parameter(index, name, value)
         except RuntimeError:  # the index type has no such parameter

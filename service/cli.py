@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a FAISS factory and its search knob values, e.g. 'HNSW32,Flat:efSearch=64/128' (repeat; "
                          "Flat is required, the exact reference); default: Flat, HNSW32 and IVF<4 sqrt(N)>,Flat")
     sc.add_argument("--queries", type=int, default=2000, help="WikiMEL test mentions to search with (recall, batches)")
-    sc.add_argument("--single", type=int, default=300, help="of those, searched one at a time (Flat: at most 50)")
+    sc.add_argument("--single", type=int, default=300, help="of those, searched one at a time (Flat: at most 20)")
     sc.add_argument("--batch", type=int, default=64)
     sc.add_argument("--link-n", type=int, default=200, help="mentions linked on both indexes (Linker.link latency)")
     sc.add_argument("--no-link", action="store_true", help="search figures only")

@@ -41,7 +41,7 @@ K = 32  # the reranker's candidate count: recall is measured at it
 NEIGHBOURS = 8  # a synthetic entity mixes its source with one of these nearest real entities
 MIX_MAX = 0.5  # ... with a weight drawn from U(0, MIX_MAX)
 NOISE = 0.25  # noise length, as a fraction of the real entities' median nearest-neighbour distance
-FLAT_SINGLE_MAX = 50  # exact single-vector search costs ~0.1 s at 1M: time fewer of them
+FLAT_SINGLE_MAX = 20  # exact single-vector search costs ~0.1 s at 1M: time fewer of them
 # faiss-cpu ships 128000, so no batched flat search takes its BLAS path (design.md); the exact reference uses it.
 BLAS_THRESHOLD = 20
 
@@ -71,8 +71,8 @@ def ivf_lists(n: int) -> int:
 
 def default_grid(n: int) -> list[FactoryGrid]:
     return [FactoryGrid("Flat"),
-            FactoryGrid("HNSW32,Flat", "efSearch", (32, 64, 128, 256)),
-            FactoryGrid(f"IVF{ivf_lists(n)},Flat", "nprobe", (8, 16, 32, 64))]
+            FactoryGrid("HNSW32,Flat", "efSearch", (64, 128, 256, 512)),
+            FactoryGrid(f"IVF{ivf_lists(n)},Flat", "nprobe", (16, 64, 256))]
 
 
 class RowMap:
