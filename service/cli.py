@@ -103,7 +103,7 @@ def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:
     grid = [FactoryGrid.parse(f) for f in args.factory] if args.factory else None
     report = run_bench_scale(linker, settings.data_dir, entities=args.entities, cache=Path(args.cache), grid=grid,
                              queries=args.queries, single=args.single, batch=args.batch, link_n=args.link_n,
-                             seed=args.seed, link=not args.no_link)
+                             seed=args.seed, link=not args.no_link, http=not args.no_http)
     out = Path(args.out)
     write_report(report, out)
     print(format_table(report))
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--batch", type=int, default=64)
     sc.add_argument("--link-n", type=int, default=200, help="mentions linked on both indexes (Linker.link latency)")
     sc.add_argument("--no-link", action="store_true", help="search figures only")
+    sc.add_argument("--no-http", action="store_true", help="time Linker.link in process only, not also POST /v1/link "
+                    "through the service on loopback")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--cache", default="artifacts/scale", help="where vectors and built indexes are kept for reruns")
     sc.add_argument("--out", default="reports/bench-scale.json")

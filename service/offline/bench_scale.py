@@ -15,16 +15,22 @@ interleaved in one run. Built indexes, vectors and query vectors are cached (def
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
 import math
+import socket
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
+import httpx
 import numpy as np
 from tqdm import tqdm
 
@@ -34,6 +40,7 @@ from kg_index.readers import read_mentions
 from service.offline.bench import machine_info
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +295,8 @@ def _link_ms(linker: Linker, q: LinkQuery) -> tuple[float, dict[str, float]]:
 
 def _summary(ms: list[float], stages: list[dict[str, float]]) -> dict:
     return {"p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99), "mean_ms": round(statistics.fmean(ms), 2),
-            "stage_p50_ms": {s: _pct([t[s] for t in stages], 0.5) for s in ("encode", "retrieve", "rerank")
-                             if all(s in t for t in stages)}}
+            **({"stage_p50_ms": {s: _pct([t[s] for t in stages], 0.5) for s in ("encode", "retrieve", "rerank")
+                                 if all(s in t for t in stages)}} if stages else {})}
 
 
 def link_latency(small: Linker, big: Linker, data_dir: Path, n: int) -> dict:
@@ -315,6 +322,68 @@ def link_latency(small: Linker, big: Linker, data_dir: Path, n: int) -> dict:
             "p99_ratio": round(big_s["p99_ms"] / small_s["p99_ms"], 3)}
 
 
+@contextmanager
+def serving(settings: Settings, linker: Linker, work: Path) -> Iterator[str]:
+    """The service's app (create_app: routes, admission, schemas) over `linker`, served by uvicorn on a free
+    loopback port in a thread of this process; yields its base URL."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(update={"dir": work})})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, linker_factory=lambda _: linker), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"bench-scale-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # ready once the app has warmed the linker up
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the bench server on {url} did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def http_latency(small: Linker, big: Linker, data_dir: Path, n: int, work: Path) -> dict:
+    """POST /v1/link on loopback, the served index's server and the scaled one's, each mention sent to both back
+    to back, the order alternating; mentions with an image send it (base64), as a client would."""
+    mentions = read_mentions(data_dir, "wikimel", "test")[:n]
+    bodies = [{"mention": m.mention, "context": m.context, "top_k": 10,
+               **({"image": base64.b64encode(m.image.read_bytes()).decode()} if m.image else {})} for m in mentions]
+    ms: dict[str, list[float]] = {"small": [], "big": []}
+    with (serving(small.settings, small, work / "jobs-small") as small_url,
+          serving(big.settings, big, work / "jobs-big") as big_url,
+          httpx.Client(timeout=60) as client):
+        urls = {"small": f"{small_url}/v1/link", "big": f"{big_url}/v1/link"}
+        for body in bodies[:5]:
+            for url in urls.values():
+                client.post(url, json=body).raise_for_status()
+        for i, body in enumerate(tqdm(bodies, desc="POST /v1/link (both servers)", unit="query")):
+            for name in ("small", "big") if i % 2 == 0 else ("big", "small"):
+                t = time.perf_counter()
+                client.post(urls[name], json=body).raise_for_status()
+                ms[name].append((time.perf_counter() - t) * 1000)
+    small_s, big_s = _summary(ms["small"], []), _summary(ms["big"], [])
+    return {"n": len(bodies), "with_images": sum("image" in b for b in bodies), "transport": "HTTP/1.1 loopback",
+            "baseline": {"entities": len(small.index), "faiss": small.index.manifest.faiss_factory, **small_s},
+            "scaled": {"entities": len(big.index), "faiss": big.index.manifest.faiss_factory,
+                       "search_params": _search_params(big.index.faiss_index), **big_s},
+            "p50_ratio": round(big_s["p50_ms"] / small_s["p50_ms"], 3),
+            "p99_ratio": round(big_s["p99_ms"] / small_s["p99_ms"], 3)}
+
+
 def _search_params(index: faiss.Index) -> dict[str, int]:
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexHNSW):
@@ -329,7 +398,7 @@ def _search_params(index: faiss.Index) -> dict[str, int]:
 
 def run_bench_scale(linker: Linker, data_dir: Path, *, entities: int, cache: Path, grid: list[FactoryGrid] | None = None,
                     queries: int = 2000, single: int = 300, batch: int = 64, link_n: int = 200, seed: int = 0,
-                    link: bool = True) -> dict:
+                    link: bool = True, http: bool = True) -> dict:
     """The report (see the module docstring); `linker` serves the baseline index the synthetic KG grows from."""
     base = linker.index
     grid = grid or default_grid(entities)
@@ -364,6 +433,8 @@ def run_bench_scale(linker: Linker, data_dir: Path, *, entities: int, cache: Pat
         big = Linker(linker.settings, linker.runtime, scaled_index(base, index, src, factory))
         big.warm_up()
         report["link"] = link_latency(linker, big, data_dir, link_n)
+        if http:
+            report["link_http"] = http_latency(linker, big, data_dir, link_n, cache / "bench-jobs")
     report["goals"] = goals(report)
     return report
 
@@ -376,8 +447,9 @@ def goals(report: dict) -> dict:
     best = min(ok, key=lambda fr: fr[1]["single_p50_ms"], default=None)
     out: dict = {"search": {"goal": "single p50 <= 1 ms at recall@32 >= 0.98", "met": best is not None,
                             "fastest_meeting_it": {"factory": best[0], **best[1]} if best else None}}
-    if "link" in report:
-        out["link"] = {"goal": "p50 <= 1.3 x the served index's", "met": report["link"]["p50_ratio"] <= 1.3}
+    for name in ("link", "link_http"):
+        if name in report:
+            out[name] = {"goal": "p50 <= 1.3 x the served index's", "met": report[name]["p50_ratio"] <= 1.3}
     return out
 
 
@@ -390,10 +462,12 @@ def format_table(report: dict) -> str:
             knob = f"{f['param']}={r[f['param']]}" if f["param"] else "-"
             lines.append(f"| {f['factory']} | {knob} | {f['build_s']} | {f['rss_delta_mb']} | {f['disk_mb']} | "
                          f"{r['single_p50_ms']}/{r['single_p99_ms']} | {r['batch_per_query_ms']} | {r[f'recall_at_{K}']} |")
-    if "link" in report:
-        lk = report["link"]
+    for name, what in (("link", "Linker.link"), ("link_http", "POST /v1/link (loopback)")):
+        if name not in report:
+            continue
+        lk = report[name]
         lines.append("")
-        lines.append(f"Linker.link p50/p99 ms: {lk['scaled']['p50_ms']}/{lk['scaled']['p99_ms']} at "
+        lines.append(f"{what} p50/p99 ms: {lk['scaled']['p50_ms']}/{lk['scaled']['p99_ms']} at "
                      f"{lk['scaled']['entities']:,} entities ({lk['scaled']['faiss']} {lk['scaled']['search_params']}) vs "
                      f"{lk['baseline']['p50_ms']}/{lk['baseline']['p99_ms']} at {lk['baseline']['entities']:,} "
                      f"({lk['baseline']['faiss']}): ratio p50 {lk['p50_ratio']}, p99 {lk['p99_ratio']} "
