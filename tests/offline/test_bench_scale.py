@@ -91,11 +91,13 @@ def test_bench_scale_at_5000_entities(linker, mel_dir: Path, tmp_path: Path) -> 
     link = report["link"]
     assert link["n"] == 4 and link["scaled"]["entities"] == 5000 and link["baseline"]["entities"] == len(linker.index)
     assert link["p50_ratio"] == pytest.approx(link["scaled"]["p50_ms"] / link["baseline"]["p50_ms"], abs=1e-3)
-    assert set(report["goals"]) == {"search", "link"}
+    http = report["link_http"]  # the same through the service's HTTP app on loopback
+    assert http["n"] == 4 and http["scaled"]["entities"] == 5000 and 0 < http["scaled"]["p50_ms"] <= http["scaled"]["p99_ms"]
+    assert set(report["goals"]) == {"search", "link", "link_http"}
     json.dumps(report)  # serialisable as it is written
     assert "| HNSW16,Flat | efSearch=64 |" in format_table(report)
     # A rerun reads the built indexes back from the cache.
     again = run_bench_scale(linker, mel_dir, entities=5000, cache=tmp_path / "cache", grid=grid[:1], queries=150,
                             single=10, batch=32, link=False)
     assert again["factories"][0]["cached"] and again["factories"][0]["build_s"] == factories["Flat"]["build_s"]
-    assert "link" not in again
+    assert "link" not in again and "link_http" not in again
