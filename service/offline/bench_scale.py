@@ -78,7 +78,7 @@ def ivf_lists(n: int) -> int:
 
 def default_grid(n: int) -> list[FactoryGrid]:
     return [FactoryGrid("Flat"),
-            FactoryGrid("HNSW32,Flat", "efSearch", (64, 128, 256, 512)),
+            FactoryGrid("HNSW32,Flat", "efSearch", (64, 128, 256, 384, 512)),
             FactoryGrid(f"IVF{ivf_lists(n)},Flat", "nprobe", (16, 64, 256))]
 
 

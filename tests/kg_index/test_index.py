@@ -258,6 +258,7 @@ def test_search_knobs_grow_with_the_index() -> None:
     """Mention queries are hard for a graph; the larger the index, the wider the search (reports/bench-scale.json)."""
     assert search_params(400) == {"efSearch": 128, "nprobe": 32}
     assert search_params(100_000)["efSearch"] == 256 and search_params(1_000_000)["efSearch"] == 512
+    assert search_params(1_000_000)["nprobe"] == 256
     assert [floor for floor, _ in SEARCH_TIERS] == sorted((floor for floor, _ in SEARCH_TIERS), reverse=True)
     assert SEARCH_TIERS[-1][0] == 0  # every size has a tier
     rng = np.random.default_rng(0)
