@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
-import httpx
 import numpy as np
 from tqdm import tqdm
 
@@ -325,7 +324,8 @@ def link_latency(small: Linker, big: Linker, data_dir: Path, n: int) -> dict:
 @contextmanager
 def serving(settings: Settings, linker: Linker, work: Path) -> Iterator[str]:
     """The service's app (create_app: routes, admission, schemas) over `linker`, served by uvicorn on a free
-    loopback port in a thread of this process; yields its base URL."""
+    loopback port in a thread of this process; yields its base URL (needs the `serve` extra)."""
+    import httpx
     import uvicorn
 
     from service.app import create_app
@@ -359,6 +359,8 @@ def serving(settings: Settings, linker: Linker, work: Path) -> Iterator[str]:
 def http_latency(small: Linker, big: Linker, data_dir: Path, n: int, work: Path) -> dict:
     """POST /v1/link on loopback, the served index's server and the scaled one's, each mention sent to both back
     to back, the order alternating; mentions with an image send it (base64), as a client would."""
+    import httpx
+
     mentions = read_mentions(data_dir, "wikimel", "test")[:n]
     bodies = [{"mention": m.mention, "context": m.context, "top_k": 10,
                **({"image": base64.b64encode(m.image.read_bytes()).decode()} if m.image else {})} for m in mentions]
@@ -455,8 +457,9 @@ def goals(report: dict) -> dict:
 
 def format_table(report: dict) -> str:
     """The report as a markdown table (the README's "Scale" section)."""
-    lines = [f"| factory | knob | build s | RSS MB | disk MB | single p50/p99 ms | batch {report['factories'][0]['runs'][0]['batch']} "
-             f"ms/query | recall@{K} |", "|---|---|---|---|---|---|---|---|"]
+    batch = report["factories"][0]["runs"][0]["batch"]
+    lines = [f"| factory | knob | build s | RSS MB | disk MB | single p50/p99 ms | batch {batch} ms/query | recall@{K} |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in report["factories"]:
         for r in f["runs"]:
             knob = f"{f['param']}={r[f['param']]}" if f["param"] else "-"

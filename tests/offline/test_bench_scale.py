@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from service.offline.bench_scale import (K, FactoryGrid, RowMap, format_table, ivf_lists, recall_at, run_bench_scale,
-                                         synthesize)
+from service.offline.bench_scale import (
+    FactoryGrid,
+    K,
+    RowMap,
+    format_table,
+    ivf_lists,
+    recall_at,
+    run_bench_scale,
+    synthesize,
+)
 
 
 def test_row_map_reads_source_rows_the_way_the_reranker_indexes() -> None:
