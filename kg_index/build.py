@@ -49,6 +49,12 @@ PCA_SAMPLE = 2048  # entities encoded up front to fit the token projection
 
 
 def choose_factory(n: int, factory: str | None) -> str:
+    """`factory` when given, else Flat (exact) below FLAT_LIMIT entities and HNSW32,Flat above.
+
+    `el bench-scale` (reports/bench-scale.json: 1M entities, real WikiMEL mention queries) keeps HNSW32: at recall@32
+    >= 0.98 it searched one query in 2.3 ms p50 (efSearch 512, set by load.configure_search) where IVF4096,Flat
+    needed nprobe 256 and 33 ms, and Flat about 1 s; its graph costs ~0.27 GB over the 1.5 GB of vectors (M 32).
+    """
     if factory:
         return factory
     return "Flat" if n < FLAT_LIMIT else "HNSW32,Flat"

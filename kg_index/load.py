@@ -76,14 +76,28 @@ class KGIndex:
         return scores, rows
 
 
-# Search-time knobs of the approximate index types; exact (Flat) indexes ignore them. efSearch 128 keeps
-# HNSW recall@32 near 1.0 on real mention queries (FAISS's default of 16 loses about 4 % of the candidates).
-SEARCH_PARAMS = {"efSearch": 128, "nprobe": 32}
+# Search-time knobs of the approximate index types; exact (Flat) indexes ignore them. Mention vectors lie far
+# from the entity vectors (top-1 inner product ~0.34 of a possible 0.67), hard queries for a graph, and HNSW32's
+# recall@32 falls as the KG grows (reports/bench-scale.json, `el bench-scale`; synthetic neighbours of the real KG):
+# at 100k efSearch 128 -> 0.954, 256 -> 0.983; at 1M 256 -> 0.960, 512 -> 0.981. Each tier is the smallest
+# efSearch measured to keep >= 0.98 (boundaries between measured sizes interpolated); small KGs keep 128 (FAISS's
+# default of 16 loses about 4 % of the candidates). nprobe only matters for an IVF factory asked for by name:
+# IVF4096,Flat at 1M needed nprobe 256 (1/16 of the lists) for 0.98 and was slower than HNSW at every recall.
+SEARCH_TIERS: tuple[tuple[int, dict[str, int]], ...] = (  # (from this many entities, knobs), largest first
+    (150_000, {"efSearch": 512, "nprobe": 256}),
+    (20_000, {"efSearch": 256, "nprobe": 64}),
+    (0, {"efSearch": 128, "nprobe": 32}),
+)
+
+
+def search_params(n: int) -> dict[str, int]:
+    """The knobs for an index of n vectors."""
+    return next(params for floor, params in SEARCH_TIERS if n >= floor)
 
 
 def configure_search(index: faiss.Index) -> None:
     params = faiss.ParameterSpace()
-    for name, value in SEARCH_PARAMS.items():
+    for name, value in search_params(index.ntotal).items():
         try:
             params.set_index_parameter(index, name, value)
         except RuntimeError:  # the index type has no such parameter

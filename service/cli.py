@@ -1,4 +1,4 @@
-"""The `el` command: serve, build-index, eval, bench, train, tune-weights, link-file.
+"""The `el` command: serve, build-index, eval, bench, bench-scale, train, tune-weights, link-file.
 
 Settings come from EL_ variables (see README); the offline commands run service/offline/."""
 
@@ -90,6 +90,24 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_bench(report, out)
     print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:
+    from service.offline.bench_scale import FactoryGrid, format_table, run_bench_scale, write_report
+    from service.pipeline.linker import Linker
+
+    linker = Linker.from_settings(settings)
+    linker.warm_up()
+    grid = [FactoryGrid.parse(f) for f in args.factory] if args.factory else None
+    report = run_bench_scale(linker, settings.data_dir, entities=args.entities, cache=Path(args.cache), grid=grid,
+                             queries=args.queries, single=args.single, batch=args.batch, link_n=args.link_n,
+                             seed=args.seed, link=not args.no_link, http=not args.no_http)
+    out = Path(args.out)
+    write_report(report, out)
+    print(format_table(report))
+    print(json.dumps(report["goals"], indent=2))
     print(f"wrote {out}")
     return 0
 
@@ -198,6 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
+    sc = sub.add_parser("bench-scale", help="FAISS index types and /v1/link latency at N entities, real plus synthetic "
+                        "(writes reports/bench-scale.json)")
+    sc.add_argument("--entities", type=int, default=1_000_000, help="index size: the served KG's entities plus "
+                    "synthetic ones made from them (a random subset when smaller)")
+    sc.add_argument("--factory", action="append", default=None, metavar="SPEC",
+                    help="a FAISS factory and its search knob values, e.g. 'HNSW32,Flat:efSearch=64/128' (repeat; "
+                         "Flat is required, the exact reference); default: Flat, HNSW32 and IVF<4 sqrt(N)>,Flat")
+    sc.add_argument("--queries", type=int, default=2000, help="WikiMEL test mentions to search with (recall, batches)")
+    sc.add_argument("--single", type=int, default=300, help="of those, searched one at a time (Flat: at most 20)")
+    sc.add_argument("--batch", type=int, default=64)
+    sc.add_argument("--link-n", type=int, default=200, help="mentions linked on both indexes (Linker.link latency)")
+    sc.add_argument("--no-link", action="store_true", help="search figures only")
+    sc.add_argument("--no-http", action="store_true", help="time Linker.link in process only, not also POST /v1/link "
+                    "through the service on loopback")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--cache", default="artifacts/scale", help="where vectors and built indexes are kept for reruns")
+    sc.add_argument("--out", default="reports/bench-scale.json")
+    sc.set_defaults(fn=_bench_scale)
     t = sub.add_parser("train", help="train the OT-MEL teacher and the distilled student (writes models/weights/)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--limit", type=int, default=None, help="first N training mentions only (smoke runs)")

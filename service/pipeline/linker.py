@@ -127,6 +127,11 @@ class Linker:
         return self._snapshot.index
 
     @property
+    def featurizer(self) -> Featurizer | StudentFeaturizer:
+        """How mentions are encoded for the current index (benchmarks encode query sets with it)."""
+        return self._snapshot.featurizer
+
+    @property
     def source_warning(self) -> str | None:
         """Set while serving an index built from another KG on purpose (EL_INDEX__ALLOW_SOURCE_MISMATCH)."""
         return self._snapshot.source_warning

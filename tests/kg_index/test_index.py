@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kg_index.build import FLAT_LIMIT, build_index, choose_factory
-from kg_index.load import configure_search, load_index
+from kg_index.load import SEARCH_TIERS, configure_search, load_index, search_params
 from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest, sha256_file
 from kg_index.records import Entity
 from models.features import Featurizer, StudentFeaturizer
@@ -252,6 +252,26 @@ def test_choose_factory() -> None:
     assert choose_factory(10, "HNSW16,Flat") == "HNSW16,Flat"
     assert choose_factory(5_000_000, "Flat") == "Flat"
     assert FLAT_LIMIT == 100_000
+
+
+def test_search_knobs_grow_with_the_index() -> None:
+    """Mention queries are hard for a graph; the larger the index, the wider the search (reports/bench-scale.json)."""
+    assert search_params(400) == {"efSearch": 128, "nprobe": 32}
+    assert search_params(100_000)["efSearch"] == 256 and search_params(1_000_000)["efSearch"] == 512
+    assert search_params(1_000_000)["nprobe"] == 256
+    assert [floor for floor, _ in SEARCH_TIERS] == sorted((floor for floor, _ in SEARCH_TIERS), reverse=True)
+    assert SEARCH_TIERS[-1][0] == 0  # every size has a tier
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    hnsw = faiss.index_factory(8, "HNSW8,Flat", faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(x)
+    ivf = faiss.index_factory(8, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)
+    flat = faiss.index_factory(8, "Flat", faiss.METRIC_INNER_PRODUCT)
+    for index in (hnsw, ivf, flat):
+        configure_search(index)  # Flat has neither knob: nothing to set, nothing raised
+    assert faiss.downcast_index(hnsw).hnsw.efSearch == 128 and faiss.extract_index_ivf(ivf).nprobe == 32
 
 
 @encoders
