@@ -73,7 +73,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
-    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit, teacher=not args.no_teacher)
+    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit, teacher=not args.no_teacher,
+                      skip_margin=args.skip_margin)
     path, plot = write_report(report, Path(args.out))
     print(format_table(report))
     print(f"wrote {path} and {plot}")
@@ -91,6 +92,20 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     write_bench(report, out)
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def _fit_skip_margin(settings: Settings, args: argparse.Namespace) -> int:
+    from service.offline.skip_margin import fit, split_margins
+    from service.pipeline.linker import Linker
+
+    linker = Linker.from_settings(settings)
+    splits = [split_margins(linker, settings.data_dir, ds, args.split, limit=args.limit) for ds in args.datasets]
+    result = fit(splits, max_loss=args.max_loss_points / 100)
+    for row in result["table"]:
+        print(json.dumps(row))
+    print(json.dumps({"at_fit": result["at_fit"]}))
+    print(f"EL_RERANK__SKIP_MARGIN={result['skip_margin']}")
     return 0
 
 
@@ -193,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit", type=int, default=None, help="first N mentions only")
     e.add_argument("--out", default="reports")
     e.add_argument("--no-teacher", action="store_true", help="skip the teacher's exhaustive row and the encode timings")
+    e.add_argument("--skip-margin", type=float, default=None,
+                   help="add the adaptive-rerank row at this margin (default: EL_RERANK__SKIP_MARGIN, else no row)")
     e.set_defaults(fn=_eval)
     p = sub.add_parser("bench", help="single-request latency and batched throughput (writes reports/bench.json)")
     p.add_argument("--n", type=int, default=200)
@@ -226,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--ot-weight", type=float, default=None,
                    help="fix the OT weight instead of fitting it (1.0 keeps retrieval + OT at OT-MEL's overall score)")
     w.set_defaults(fn=_tune_weights)
+    f = sub.add_parser("fit-skip-margin", help="fit EL_RERANK__SKIP_MARGIN (adaptive rerank) on dev splits",
+                       description="Link each split with OT always solved, then print, per margin, the H@1 and the "
+                                   "share of OT solves skipped when mentions with a larger no-OT margin skip OT, and "
+                                   "the smallest margin costing at most --max-loss-points H@1 on every split.")
+    f.add_argument("datasets", nargs="*", default=["wikimel", "richpedia", "wikidiverse"])
+    f.add_argument("--split", default="dev")
+    f.add_argument("--limit", type=int, default=None, help="first N mentions of each split only")
+    f.add_argument("--max-loss-points", type=float, default=0.1, help="H@1 points the skip may cost on any split")
+    f.set_defaults(fn=_fit_skip_margin)
     lf = sub.add_parser("link-file", help="link a JSONL file of mentions as a server-side job (rerun to resume)")
     lf.add_argument("input", help="JSONL, one link request with an \"id\" per line")
     lf.add_argument("--out", required=True, help="where to write the results (JSONL, input order)")
