@@ -82,16 +82,21 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from service.offline.bench import run_bench, write_bench
+    from service.offline.bench import format_rows, write_bench
+    from service.offline.bench_run import BenchOptions, run_bench
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
     linker.warm_up()
-    report = run_bench(linker, settings.data_dir, n=args.n)
+    opts = BenchOptions(n=args.n, image_n=args.image_n, batch=args.batch, teacher_n=args.teacher_n,
+                        http_seconds=args.http_seconds, http_concurrency=tuple(args.concurrency),
+                        skip_plain=args.skip_plain, skip_http=args.skip_http, skip_teacher=args.skip_teacher,
+                        skip_ot=args.skip_ot, cache_dir=Path(args.cache_dir))
+    report = run_bench(linker, settings.data_dir, opts)
     out = Path(args.out)
-    write_bench(report, out)
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    chart = write_bench(report, out)
+    print(format_rows(report))
+    print(f"wrote {out} and {chart}")
     return 0
 
 
@@ -211,8 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--skip-margin", type=float, default=None,
                    help="add the adaptive-rerank row at this margin (default: EL_RERANK__SKIP_MARGIN, else no row)")
     e.set_defaults(fn=_eval)
-    p = sub.add_parser("bench", help="single-request latency and batched throughput (writes reports/bench.json)")
-    p.add_argument("--n", type=int, default=200)
+    p = sub.add_parser("bench", help="side by side: plain bi-encoder, served (in process, HTTP), teacher, Sinkhorn vs "
+                       "POT (writes reports/bench.json and bench.png)")
+    p.add_argument("--n", type=int, default=2000, help="WikiMEL test mentions for the text rows")
+    p.add_argument("--image-n", type=int, default=256, help="mentions with a local image for the text + image rows")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--teacher-n", type=int, default=200, help="mentions the exhaustive teacher scores")
+    p.add_argument("--http-seconds", type=float, default=10.0, help="wrk duration per concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="wrk concurrencies")
+    p.add_argument("--skip-plain", action="store_true", help="no plain bi-encoder row")
+    p.add_argument("--skip-http", action="store_true", help="no HTTP rows (they also skip when wrk is missing)")
+    p.add_argument("--skip-teacher", action="store_true", help="no teacher row (its first run caches KB features)")
+    p.add_argument("--skip-ot", action="store_true", help="no Sinkhorn-vs-POT rows")
+    p.add_argument("--cache-dir", default="artifacts/bench", help="where the plain bi-encoder's entity matrix is cached")
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
     t = sub.add_parser("train", help="train the OT-MEL teacher and the distilled student (writes models/weights/)")
