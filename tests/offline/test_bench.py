@@ -23,7 +23,7 @@ def test_ratios_are_computed_from_the_rows() -> None:
     assert served[PLAIN] == {"mentions_per_s": 0.5, "cpu_s_per_mention": 2.5, "h1_points": 30.0}
     assert served[TEACHER] == {"mentions_per_s": 25.0, "cpu_s_per_mention": 0.05, "h1_points": 5.0}  # on the subset
     assert PLAIN not in rows[0].ratios and rows[2].ratios[PLAIN]["h1_points"] == 25.0
-    assert rows[3].ratios == {}  # OT rows count problems, not mentions: compared with each other only
+    assert rows[3].ratios == {}  # OT rows count problems, not mentions: compared with each other only (bench_ot)
 
 
 def test_report_writes_json_and_chart(tmp_path: Path) -> None:
