@@ -65,7 +65,8 @@ def split_margins(linker: Linker, data_dir: Path, dataset: str, split: str, *, l
 def fit(splits: list[SplitMargins], max_loss: float = 0.001) -> dict:
     """The smallest margin whose H@1 loss (a fraction) is at most max_loss on every split, with a table of the
     trade-off at a few margins."""
-    cuts = np.unique(np.concatenate([s.margin[np.isfinite(s.margin)] for s in splits] or [np.zeros(0)]))
+    # -inf first: where OT changes no top-1 anywhere, skipping it everywhere is the fit
+    cuts = [-np.inf, *np.unique(np.concatenate([s.margin[np.isfinite(s.margin)] for s in splits] or [np.zeros(0)]))]
     best = None
     for t in cuts:  # ascending: the first that holds skips the most
         if all(s.h1(float("inf")) - s.h1(float(t)) <= max_loss + 1e-12 for s in splits):
@@ -78,6 +79,6 @@ def fit(splits: list[SplitMargins], max_loss: float = 0.001) -> dict:
                                          "h1_points_vs_always": round(100 * (s.h1(tt) - s.h1(float("inf"))), 2)}
                                 for s in splits}}
 
-    table = [row(t) for t in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)] + [row(None)]
+    table = [row(t) for t in (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)] + [row(None)]
     return {"max_loss_points": 100 * max_loss, "skip_margin": best, "at_fit": row(best) if best is not None else None,
             "table": table}
