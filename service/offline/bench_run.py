@@ -101,7 +101,8 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
 
         try:
             rows.append(plain_row(linker.index.entities, mentions, cache_dir=opts.cache_dir,
-                                  key=f"{linker.index.version}", batch=opts.batch, teacher_n=teacher_n))
+                                  key=f"{linker.index.version}", max_tokens=linker.settings.encoder.max_tokens,
+                                  batch=opts.batch, teacher_n=teacher_n))
         except ImportError as exc:
             skipped.append(f"plain bi-encoder: {exc}")
 
