@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,7 +59,21 @@ def entity_matrix(model, entities: Sequence[EntityMeta], cache_dir: Path, key: s
 
 def plain_row(entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, cache_dir: Path, key: str,
               max_tokens: int, batch: int = 64, teacher_n: int = 0) -> Row:
-    model = load_model(max_tokens)
+    import torch
+
+    # Every core, as a user's script would have: the served Linker sets torch to 1 thread for its Sinkhorn.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return _plain_row(load_model(max_tokens), entities, mentions, cache_dir=cache_dir, key=key, batch=batch,
+                          teacher_n=teacher_n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _plain_row(model, entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, cache_dir: Path, key: str,
+               batch: int, teacher_n: int) -> Row:
+    max_tokens = model.max_seq_length
     flat = FlatIP(entity_matrix(model, entities, cache_dir, key))
     ids = [e.id for e in entities]
 

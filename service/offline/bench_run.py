@@ -143,13 +143,10 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
         from service.offline.bench_ot import capture_problems, ot_rows
 
         captured: list = []
-        src = with_image or mentions  # the image set also exercises the visual unit's problems
-        src_images = images if with_image else none
-        with capture_problems(captured):
-            full.link_batch([LinkQuery(m.mention, m.context, im, top_k=opts.top_k)
-                             for m, im in zip(src[: opts.batch], src_images[: opts.batch])])
+        with capture_problems(captured):  # one text batch: text-unit and (entity images) visual-unit problems
+            full.link_batch([LinkQuery(m.mention, m.context, None, top_k=opts.top_k) for m in mentions[: opts.batch]])
         try:
-            rows += ot_rows(captured, mentions=min(opts.batch, len(src)))
+            rows += ot_rows(captured, mentions=min(opts.batch, len(mentions)))
         except ImportError as exc:
             skipped.append(f"OT rows: {exc}")
 

@@ -65,3 +65,20 @@ def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path
         http = rows["served_http_c2"]
         assert http["n"] > 0 and http["extra"]["errors"] == 0 and http["extra"]["top1_agreement_with_in_process"] == 1.0
     assert rep["machine"]["cpus"] and rep["n_mentions"] == 24
+
+
+@pytest.mark.slow
+def test_teacher_row_on_a_small_kg(linker, small_kg, test_mentions, tmp_path: Path) -> None:
+    """The teacher row (every KB entity per mention) on a small JSONL KG, its features cached under tmp_path."""
+    from service.offline.bench_run import _teacher
+
+    kg = tmp_path / "kg.jsonl"
+    kg.write_text("".join(json.dumps({"id": e.id, "name": e.name, "description": e.description,
+                                      "image": str(e.image) if e.image else None}) + "\n" for e in small_kg))
+    lk = linker.with_weights()
+    lk.settings = linker.settings.model_copy(update={
+        "features_dir": tmp_path / "features", "index": linker.settings.index.model_copy(update={"kg": str(kg)})})
+    row = _teacher(lk, linker.settings.data_dir, test_mentions[:12])
+    assert row is not None and row.name == TEACHER and row.n == 12
+    assert row.h1 == row.h1_subset and row.h1 >= 0.5 and row.mentions_per_s > 0 and row.cpu_s_per_mention > 0
+    assert row.extra["pairs_total"] == 12 * len(small_kg)
