@@ -68,6 +68,7 @@ class Row:
     h1: float | None = None  # H@1 on the bench's mentions
     h1_subset: float | None = None  # H@1 on the teacher's subset (the first `teacher_n` of them)
     batch: int | None = None
+    h1_n: int | None = None  # mentions the H@1 is over, when not `n` (HTTP rows count requests)
     extra: dict[str, Any] = field(default_factory=dict)
     ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
@@ -127,10 +128,11 @@ def add_ratios(rows: list[Row]) -> None:
             if base is None or base is r:
                 continue
             h1_of = "h1_subset" if TEACHER in (r.name, base_name) else "h1"  # the teacher ran on a subset only
+            same_mentions = h1_of == "h1_subset" or (r.h1_n or r.n) == (base.h1_n or base.n)
             r.ratios[base_name] = {
                 "mentions_per_s": _ratio(r.mentions_per_s, base.mentions_per_s),
                 "cpu_s_per_mention": _ratio(r.cpu_s_per_mention, base.cpu_s_per_mention),
-                "h1_points": _points(getattr(r, h1_of), getattr(base, h1_of)),
+                "h1_points": _points(getattr(r, h1_of), getattr(base, h1_of)) if same_mentions else None,
             }
 
 

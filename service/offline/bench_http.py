@@ -168,7 +168,7 @@ def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies
                 f"served_http_c{c}", f"HTTP POST /v1/link (text), wrk at concurrency {c} for {seconds:g} s on loopback "
                 f"(wrk shares the machine)", n, round(n / dur_s, 1) if dur_s else None, round(res["p50_us"] / 1000, 2),
                 round(res["p95_us"] / 1000, 2), round(res["p99_us"] / 1000, 2), round(cpu / max(n, 1), 5), h1=h1,
-                batch=1, extra={"concurrency": c, "errors": errors, "error_kinds": res["errors"],
+                batch=1, h1_n=len(mentions), extra={"concurrency": c, "errors": errors, "error_kinds": res["errors"],
                                 "h1_from": "served_b1 (the same Linker, in process)", **extra}))
         return rows
     finally:

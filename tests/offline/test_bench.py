@@ -24,6 +24,9 @@ def test_ratios_are_computed_from_the_rows() -> None:
     assert served[TEACHER] == {"mentions_per_s": 25.0, "cpu_s_per_mention": 0.05, "h1_points": 5.0}  # on the subset
     assert PLAIN not in rows[0].ratios and rows[2].ratios[PLAIN]["h1_points"] == 25.0
     assert rows[3].ratios == {}  # OT rows count problems, not mentions: compared with each other only (bench_ot)
+    other = Row("served_image_b8", "test", 6, 20.0, 1.0, 2.0, 3.0, 0.04, h1=0.5)
+    add_ratios([rows[0], other])
+    assert other.ratios[PLAIN]["h1_points"] is None  # other mentions: no H@1 comparison
 
 
 def test_report_writes_json_and_chart(tmp_path: Path) -> None:
