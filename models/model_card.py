@@ -16,6 +16,8 @@ SPLITS = (("wikimel", "dev"), ("wikimel", "test"), ("richpedia", "dev"), ("wikid
 ROWS = (("exact_name", "exact name match"), ("retrieval", "retrieval only"), ("retrieval+ot", "retrieval + OT rerank"),
         ("retrieval+ot+name", "retrieval + OT rerank + name terms"),
         ("retrieval+ot+name+kg", "retrieval + OT rerank + name and KG-consistency terms (served)"),
+        ("retrieval+name+kg", "retrieval + name and KG-consistency terms, no OT"),
+        ("adaptive", "served, OT skipped where the rest is decisive (EL_RERANK__SKIP_MARGIN)"),
         ("teacher_exhaustive", "teacher, every KB entity"))
 
 

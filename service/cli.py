@@ -73,7 +73,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
-    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit, teacher=not args.no_teacher)
+    report = evaluate(linker, settings.data_dir, args.dataset, args.split, limit=args.limit, teacher=not args.no_teacher,
+                      skip_margin=args.skip_margin)
     path, plot = write_report(report, Path(args.out))
     print(format_table(report))
     print(f"wrote {path} and {plot}")
@@ -81,16 +82,35 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from service.offline.bench import run_bench, write_bench
+    from service.offline.bench import format_rows, write_bench
+    from service.offline.bench_run import BenchOptions, run_bench
     from service.pipeline.linker import Linker
 
     linker = Linker.from_settings(settings)
     linker.warm_up()
-    report = run_bench(linker, settings.data_dir, n=args.n)
+    opts = BenchOptions(n=args.n, image_n=args.image_n, batch=args.batch, teacher_n=args.teacher_n,
+                        http_seconds=args.http_seconds, http_concurrency=tuple(args.concurrency),
+                        skip_plain=args.skip_plain, skip_http=args.skip_http, skip_teacher=args.skip_teacher,
+                        skip_ot=args.skip_ot, cache_dir=Path(args.cache_dir))
+    report = run_bench(linker, settings.data_dir, opts)
     out = Path(args.out)
-    write_bench(report, out)
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    chart = write_bench(report, out)
+    print(format_rows(report))
+    print(f"wrote {out} and {chart}")
+    return 0
+
+
+def _fit_skip_margin(settings: Settings, args: argparse.Namespace) -> int:
+    from service.offline.skip_margin import fit, split_margins
+    from service.pipeline.linker import Linker
+
+    linker = Linker.from_settings(settings)
+    splits = [split_margins(linker, settings.data_dir, ds, args.split, limit=args.limit) for ds in args.datasets]
+    result = fit(splits, max_loss=args.max_loss_points / 100)
+    for row in result["table"]:
+        print(json.dumps(row))
+    print(json.dumps({"at_fit": result["at_fit"]}))
+    print(f"EL_RERANK__SKIP_MARGIN={result['skip_margin']}")
     return 0
 
 
@@ -211,9 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit", type=int, default=None, help="first N mentions only")
     e.add_argument("--out", default="reports")
     e.add_argument("--no-teacher", action="store_true", help="skip the teacher's exhaustive row and the encode timings")
+    e.add_argument("--skip-margin", type=float, default=None,
+                   help="add the adaptive-rerank row at this margin (default: EL_RERANK__SKIP_MARGIN, else no row)")
     e.set_defaults(fn=_eval)
-    p = sub.add_parser("bench", help="single-request latency and batched throughput (writes reports/bench.json)")
-    p.add_argument("--n", type=int, default=200)
+    p = sub.add_parser("bench", help="side by side: plain bi-encoder, served (in process, HTTP), teacher, Sinkhorn vs "
+                       "POT (writes reports/bench.json and bench.png)")
+    p.add_argument("--n", type=int, default=2000, help="WikiMEL test mentions for the text rows")
+    p.add_argument("--image-n", type=int, default=256, help="mentions with a local image for the text + image rows")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--teacher-n", type=int, default=200, help="mentions the exhaustive teacher scores")
+    p.add_argument("--http-seconds", type=float, default=10.0, help="wrk duration per concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="wrk concurrencies")
+    p.add_argument("--skip-plain", action="store_true", help="no plain bi-encoder row")
+    p.add_argument("--skip-http", action="store_true", help="no HTTP rows (they also skip when wrk is missing)")
+    p.add_argument("--skip-teacher", action="store_true", help="no teacher row (its first run caches KB features)")
+    p.add_argument("--skip-ot", action="store_true", help="no Sinkhorn-vs-POT rows")
+    p.add_argument("--cache-dir", default="artifacts/bench", help="where the plain bi-encoder's entity matrix is cached")
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
     sc = sub.add_parser("bench-scale", help="FAISS index types and /v1/link latency at N entities, real plus synthetic "
@@ -262,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--ot-weight", type=float, default=None,
                    help="fix the OT weight instead of fitting it (1.0 keeps retrieval + OT at OT-MEL's overall score)")
     w.set_defaults(fn=_tune_weights)
+    f = sub.add_parser("fit-skip-margin", help="fit EL_RERANK__SKIP_MARGIN (adaptive rerank) on dev splits",
+                       description="Link each split with OT always solved, then print, per margin, the H@1 and the "
+                                   "share of OT solves skipped when mentions with a larger no-OT margin skip OT, and "
+                                   "the smallest margin costing at most --max-loss-points H@1 on every split.")
+    f.add_argument("datasets", nargs="*", default=["wikimel", "richpedia", "wikidiverse"])
+    f.add_argument("--split", default="dev")
+    f.add_argument("--limit", type=int, default=None, help="first N mentions of each split only")
+    f.add_argument("--max-loss-points", type=float, default=0.1, help="H@1 points the skip may cost on any split")
+    f.set_defaults(fn=_fit_skip_margin)
     lf = sub.add_parser("link-file", help="link a JSONL file of mentions as a server-side job (rerun to resume)")
     lf.add_argument("input", help="JSONL, one link request with an \"id\" per line")
     lf.add_argument("--out", required=True, help="where to write the results (JSONL, input order)")

@@ -79,6 +79,10 @@ class RerankSettings(BaseModel):
     before_birth_weight: float = Field(-0.064, description="Weight (a penalty: negative) of the before-birth term (1 when the sentence's years all end before the candidate's birth).")
     after_death_weight: float = Field(-0.041, description="Weight (a penalty: negative) of the after-death term (1 when the sentence's years all start after the year following the candidate's death).")
     description_overlap_weight: float = Field(0.037, description="Weight of the description-overlap term (IDF mass of the sentence's words in the candidate's description).")
+    skip_margin: float | None = Field(
+        None, description="Adaptive rerank: skip the OT solve for a mention whose score without OT (retrieval + the "
+        "name and KG terms) puts its top candidate more than this ahead of the second (its OT term is then 0); "
+        "None always solves. `el fit-skip-margin` fits it on the dev splits (README: What OT adds).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Sinkhorn device: CUDA when torch sees a GPU.")
     torch_threads: int = Field(1, ge=0, description="torch threads on CPU (Sinkhorn, pooling, exact retrieval of Flat indexes); 0 leaves torch's default. 1: with about one request in flight per core, more threads fight each other and ONNX Runtime for cores.")
 

@@ -159,10 +159,16 @@ def test_exact_name_ranks_and_metrics() -> None:
 
 @pytest.mark.slow
 def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) -> None:
-    report = evaluate(linker, mel_dir, "wikimel", "test", limit=40, teacher=False)
+    report = evaluate(linker, mel_dir, "wikimel", "test", limit=40, teacher=False, skip_margin=0.05)
     assert report["features"] == "student"
     assert set(report["systems"]) == {"exact_name", "retrieval", "retrieval+ot", "retrieval+ot+name",
-                                      "retrieval+ot+name+kg"}
+                                      "retrieval+ot+name+kg", "retrieval+name+kg", "adaptive"}
+    served, no_ot, adaptive = (report["systems"][k] for k in ("retrieval+ot+name+kg", "retrieval+name+kg", "adaptive"))
+    assert served["ot_skipped_share"] == 0.0 and no_ot["ot_skipped_share"] == 1.0
+    assert 0.0 <= adaptive["ot_skipped_share"] <= 1.0
+    adds = report["what_ot_adds"]
+    assert adds["h1_points"] == round(100 * (served["h@1"] - no_ot["h@1"]), 2) and adds["skip_margin"] == 0.05
+    assert adds["adaptive_skipped_share"] == adaptive["ot_skipped_share"]
     for s in report["systems"].values():
         assert s["n_mentions"] == 40 and s["kb_size"] == len(linker.index)
         assert 0.0 <= s["h@1"] <= s["h@3"] <= s["h@5"] <= 1.0 and 0.0 <= s["mrr"] <= 1.0

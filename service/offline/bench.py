@@ -1,7 +1,10 @@
-"""Latency and throughput of the in-process pipeline (the same Linker the service runs).
+"""Benchmark building blocks: the machine a figure was measured on, one row's measurement, the ratios between
+rows, and the report (reports/bench.json) and its chart (reports/bench.png).
 
-Single-request latency for text only and text + image, and batched throughput; results go to
-reports/bench.json with the machine they ran on.
+The rows themselves live beside this module: bench_plain.py (sentence-transformers + FAISS Flat, what a user would
+otherwise glue together), bench_http.py (a real server under wrk), bench_ot.py (our Sinkhorn against POT's) and
+bench_run.py (the served Linker in process, the teacher's exhaustive scoring, and the order they run in).
+Timings compare only within one run on one machine: every row carries ratios against the named baselines.
 """
 
 from __future__ import annotations
@@ -9,15 +12,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
+import numpy as np
 
-from kg_index.readers import read_mentions
-from service.pipeline.linker import Linker
-from service.pipeline.types import LinkQuery
+PLAIN = "plain_biencoder"  # the baselines every row is compared with
+TEACHER = "teacher_exhaustive"
 
 
 def cpu_model() -> str:
@@ -40,58 +44,153 @@ def machine_info(providers: list[str] | None = None) -> dict:
         pass
     info = {"platform": platform.platform(), "cpu": cpu_model(), "arch": platform.machine(),
             "cpus": os.cpu_count(), "avx512": " avx512f" in flags}
+    try:
+        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]  # the machine may be shared
+    except OSError:
+        pass
     if providers is not None:
         info["providers"] = providers
     return info
 
 
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * len(s)))], 2)
+@dataclass
+class Row:
+    """One system measured on a set of mentions (or, for the OT rows, of OT problems)."""
+
+    name: str
+    what: str  # one line: what ran, on which inputs, at which batch or concurrency
+    n: int  # mentions (or problems) timed
+    mentions_per_s: float | None
+    p50_ms: float | None  # latency of one call (a call handles `batch` mentions)
+    p95_ms: float | None
+    p99_ms: float | None
+    cpu_s_per_mention: float | None  # process CPU time (all threads) per mention
+    h1: float | None = None  # H@1 on the bench's mentions
+    h1_subset: float | None = None  # H@1 on the teacher's subset (the first `teacher_n` of them)
+    batch: int | None = None
+    h1_n: int | None = None  # mentions the H@1 is over, when not `n` (HTTP rows count requests)
+    extra: dict[str, Any] = field(default_factory=dict)
+    ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
-def _latency(linker: Linker, queries: list[LinkQuery]) -> dict[str, float]:
-    for q in queries[:5]:  # warm caches
-        linker.link(q)
-    ms = []
-    for q in queries:
+@dataclass
+class Timed:
+    """Per-call latencies and the wall and CPU seconds of a loop of calls."""
+
+    latencies_ms: list[float]
+    wall_s: float
+    cpu_s: float
+
+    def row(self, name: str, what: str, n: int, **kwargs: Any) -> Row:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else None
+        pct = (lambda q: round(float(np.percentile(lat, q)), 2)) if lat is not None else (lambda q: None)
+        return Row(name, what, n, round(n / self.wall_s, 1) if self.wall_s > 0 else None, pct(50), pct(95), pct(99),
+                   round(self.cpu_s / max(n, 1), 5), **kwargs)
+
+
+def time_calls(fn: Callable[[Any], Any], calls: Sequence[Any], warmup: int = 2) -> tuple[Timed, list[Any]]:
+    """Run fn on each item of calls (after `warmup` untimed calls on the first items); return the timings and the
+    outputs in order. CPU time is the whole process's (time.process_time), so it counts every thread."""
+    for c in calls[:warmup]:
+        fn(c)
+    outs, lat = [], []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for c in calls:
         t = time.perf_counter()
-        linker.link(q)
-        ms.append((time.perf_counter() - t) * 1000)
-    return {"n": len(ms), "p50_ms": _pct(ms, 0.5), "p95_ms": _pct(ms, 0.95), "p99_ms": _pct(ms, 0.99),
-            "mean_ms": round(statistics.fmean(ms), 2)}
+        outs.append(fn(c))
+        lat.append((time.perf_counter() - t) * 1000)
+    return Timed(lat, time.perf_counter() - wall0, time.process_time() - cpu0), outs
 
 
-def run_bench(linker: Linker, data_dir: Path, *, n: int = 200, batch: int = 64, image_path: Path | None = None) -> dict:
-    mentions = read_mentions(data_dir, "wikimel", "test")[: max(n, batch * 4)]
-    image = None
-    if image_path is None:
-        candidates = sorted((data_dir / "WikiMEL" / "images").glob("*.jpg"))
-        image_path = candidates[0] if candidates else None
-    if image_path is not None:
-        with Image.open(image_path) as im:
-            im.draft("RGB", (224, 224))
-            image = im.convert("RGB")
-    else:
-        image = Image.new("RGB", (640, 480), (120, 80, 40))
-    text = [LinkQuery(m.mention, m.context, None, top_k=10) for m in mentions[:n]]
-    with_image = [LinkQuery(m.mention, m.context, image, top_k=10) for m in mentions[:n]]
-    report = {
-        "machine": machine_info(linker.runtime.providers),
-        "index": {"version": linker.index.version, "entities": len(linker.index),
-                  "faiss": linker.index.manifest.faiss_factory},
-        "single_text": _latency(linker, text),
-        "single_text_image": _latency(linker, with_image),
-    }
-    all_q = [LinkQuery(m.mention, m.context, None, top_k=10) for m in mentions]
-    t = time.perf_counter()
-    for i in range(0, len(all_q), batch):
-        linker.link_batch(all_q[i : i + batch])
-    dt = time.perf_counter() - t
-    report["batched_text"] = {"batch": batch, "mentions": len(all_q), "mentions_per_s": round(len(all_q) / dt, 1)}
-    return report
+def hits_at_1(predicted: Sequence[str | None], gold: Sequence[str]) -> float:
+    return round(sum(p == g for p, g in zip(predicted, gold)) / max(len(gold), 1), 4)
 
 
-def write_bench(report: dict, out: Path) -> None:
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _points(a: float | None, b: float | None) -> float | None:
+    return round(100 * (a - b), 2) if a is not None and b is not None else None
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's figures against the plain bi-encoder's and the exhaustive teacher's (where those rows ran):
+    mentions/s and CPU-s/mention as ratios (row / baseline), H@1 as a difference in points (on the teacher's subset
+    where the teacher is one of the two)."""
+    by_name = {r.name: r for r in rows}
+    for r in rows:
+        if r.name.startswith("ot_"):  # OT rows count problems, not mentions: bench_ot compares them with each other
+            continue
+        r.ratios = {}
+        for base_name in (PLAIN, TEACHER):
+            base = by_name.get(base_name)
+            if base is None or base is r:
+                continue
+            h1_of = "h1_subset" if TEACHER in (r.name, base_name) else "h1"  # the teacher ran on a subset only
+            same_mentions = h1_of == "h1_subset" or (r.h1_n or r.n) == (base.h1_n or base.n)
+            r.ratios[base_name] = {
+                "mentions_per_s": _ratio(r.mentions_per_s, base.mentions_per_s),
+                "cpu_s_per_mention": _ratio(r.cpu_s_per_mention, base.cpu_s_per_mention),
+                "h1_points": _points(getattr(r, h1_of), getattr(base, h1_of)) if same_mentions else None,
+            }
+
+
+def report(rows: list[Row], **meta: Any) -> dict:
+    add_ratios(rows)
+    return {**meta, "rows": [asdict(r) for r in rows]}
+
+
+def write_bench(rep: dict, out: Path) -> Path:
+    """reports/bench.json and, beside it, the chart (.png); returns the chart's path."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(rep, indent=2))
+    chart = out.with_suffix(".png")
+    plot(rep, chart)
+    return chart
+
+
+def format_rows(rep: dict) -> str:
+    lines = [(f"{'row':<34} {'n':>5} {'H@1':>6} {'ment/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu s/m':>8} "
+             f"{'x plain':>7} {'x teach':>7}")]
+    f = lambda v, fmt: format(v, fmt) if v is not None else "-"
+    for r in rep["rows"]:
+        rp, rt = r["ratios"].get(PLAIN, {}), r["ratios"].get(TEACHER, {})
+        lines.append(f"{r['name']:<34} {r['n']:>5} {f(r['h1'], '.4f'):>6} {f(r['mentions_per_s'], '.1f'):>8} "
+                     f"{f(r['p50_ms'], '.2f'):>8} {f(r['p99_ms'], '.2f'):>8} {f(r['cpu_s_per_mention'], '.4f'):>8} "
+                     f"{f(rp.get('mentions_per_s'), '.2f'):>7} {f(rt.get('mentions_per_s'), '.1f'):>7}")
+    for note in rep.get("skipped", []):
+        lines.append(f"skipped: {note}")
+    return "\n".join(lines)
+
+
+def plot(rep: dict, path: Path) -> None:
+    """Left: throughput against H@1 per row; right: the latency percentiles of each row that has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rep["rows"] if not r["name"].startswith("ot_")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        if r["h1"] is None or not r["mentions_per_s"]:
+            continue
+        a.scatter(r["mentions_per_s"], r["h1"])
+        a.annotate(r["name"], (r["mentions_per_s"], r["h1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    a.set_xscale("log")
+    a.set_xlabel("mentions / s (log)")
+    a.set_ylabel("H@1")
+    a.set_title("throughput against H@1")
+    lat = [r for r in rows if r["p50_ms"] is not None]
+    for i, r in enumerate(lat):
+        b.plot([r["p50_ms"], r["p95_ms"], r["p99_ms"]], [i] * 3, "-o", ms=4)
+    b.set_yticks(range(len(lat)), [r["name"] for r in lat], fontsize=7)
+    b.set_xscale("log")
+    b.set_xlabel("ms per call: p50, p95, p99 (log)")
+    b.set_title("latency distribution")
+    m = rep.get("machine", {})
+    fig.suptitle(f"{rep.get('n_mentions')} WikiMEL test mentions; {m.get('cpu', '')}, {m.get('cpus')} CPUs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -5,6 +5,9 @@ surface-form score (the served default), each with the index's features (the tra
 zero-shot); with the student also (e) the OT-MEL teacher scoring every KB entity (the paper's protocol,
 models/exhaustive.py) and the encode time per mention of teacher and student. Metrics H@1, H@3, H@5 and
 MRR; for (b)-(d) ranks beyond the reranked candidate list (settings.rerank.candidates) count as misses.
+What OT adds: `retrieval+name+kg` is the served score without the OT term (no solve at all), and with a skip
+margin (EL_RERANK__SKIP_MARGIN or `el eval --skip-margin`) the `adaptive` row is the served score with the OT
+solve skipped where the rest is decisive (its share skipped and rerank time beside it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from service.pipeline.types import LinkQuery
 logger = logging.getLogger(__name__)
 
 KS = (1, 3, 5)
+SERVED = list(ablations())[-1]  # every term: the served score
+NO_OT = "retrieval+name+kg"  # the served score without the OT term
+ADAPTIVE = "adaptive"  # the served score, OT solved only where the rest is not decisive (skip margin)
 
 
 @dataclass
@@ -57,21 +63,29 @@ def exact_name_ranks(mentions: list[Mention], ids: list[str], names: list[str]) 
 
 
 def _linker_ranks(linker: Linker, mentions: list[Mention], *, rerank: bool, k: int, batch: int,
-                  desc: str, load_image) -> tuple[list[int], float]:
+                  desc: str, load_image) -> tuple[list[int], dict[str, float]]:
+    """Gold ranks, and per mention: ms in all, ms in the rerank stage, share of OT solves skipped."""
     ranks: list[int] = []
+    rerank_ms, skipped = 0.0, 0
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(mentions), batch), desc=desc, unit="batch"):
         chunk = mentions[i : i + batch]
         queries = [LinkQuery(m.mention, m.context, load_image(m.image), top_k=k) for m in chunk]
         out = linker.link_batch(queries, rerank=rerank)
+        rerank_ms += out.timings_ms.get("rerank", 0.0)
+        skipped += out.ot_skipped
         for m, r in zip(chunk, out.results):
             ids = [c.id for c in r.entities]
             ranks.append(ids.index(m.answer) + 1 if m.answer in ids else 0)
-    return ranks, (time.perf_counter() - t0) * 1000 / max(len(mentions), 1)
+    n = max(len(mentions), 1)
+    return ranks, {"ms_per_mention": round((time.perf_counter() - t0) * 1000 / n, 3),
+                   "rerank_ms_per_mention": round(rerank_ms / n, 3), "ot_skipped_share": round(skipped / n, 4)}
 
 
 def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch: int = 64,
-             limit: int | None = None, teacher: bool = True) -> dict:
+             limit: int | None = None, teacher: bool = True, skip_margin: float | None = None) -> dict:
+    """Every system's metrics on a split. The ablation rows always solve OT; skip_margin (default: the linker's
+    EL_RERANK__SKIP_MARGIN) adds the `adaptive` row."""
     from kg_index.build import load_entity_image
 
     mentions = read_mentions(data_dir, dataset, split)
@@ -88,14 +102,23 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
     exact = exact_name_ranks(mentions, index.ids, [e.name for e in index.entities])
     systems["exact_name"] = SystemScores(len(mentions), kb_size, exact).summary()
     systems["exact_name"]["ms_per_mention"] = round((time.perf_counter() - t0) * 1000 / max(len(mentions), 1), 3)
-    # retrieval alone, then one row per group of terms added (retrieval+ot, ...; the last one is the served score)
-    variants = {"retrieval": (linker, False), **{name: (linker.with_weights(**zeroed), True)
-                                                 for name, zeroed in ablations().items()}}
+    # retrieval alone, then one row per group of terms added (retrieval+ot, ...; the last one is the served score),
+    # then the served score without OT (no solve: what OT adds) and, given a margin, the adaptive rerank
+    full = linker.with_skip_margin(None)
+    variants = {"retrieval": (full, False), **{name: (full.with_weights(**zeroed), True)
+                                               for name, zeroed in ablations().items()},
+                NO_OT: (linker.with_skip_margin(float("-inf")), True)}
+    margin = linker.skip_margin if skip_margin is None else skip_margin
+    if margin is not None:
+        variants[ADAPTIVE] = (linker.with_skip_margin(margin), True)
     for name, (lk, rerank) in variants.items():
-        ranks, ms = _linker_ranks(lk, mentions, rerank=rerank, k=k, batch=batch, desc=name, load_image=load_entity_image)
+        ranks, timing = _linker_ranks(lk, mentions, rerank=rerank, k=k, batch=batch, desc=name,
+                                      load_image=load_entity_image)
         systems[name] = SystemScores(len(mentions), kb_size, ranks).summary()
-        systems[name]["ms_per_mention"] = round(ms, 3)
-    extra: dict = {}
+        systems[name].update(timing if rerank else {"ms_per_mention": timing["ms_per_mention"]})
+    extra: dict = {"what_ot_adds": what_ot_adds(systems)}
+    if margin is not None:
+        extra["what_ot_adds"]["skip_margin"] = margin
     if index.heads and teacher:
         from service.offline.evaluation_teacher import encode_timing, teacher_exhaustive
 
@@ -118,12 +141,30 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
     }
 
 
+def what_ot_adds(systems: dict[str, dict]) -> dict[str, float]:
+    """OT's gain in H@1 points over the served score without it, and its cost in rerank ms per mention; the same
+    for the adaptive row (the H@1 it gives up against always solving, the rerank time it saves)."""
+    served, no_ot = systems[SERVED], systems[NO_OT]
+    out = {"h1_points": round(100 * (served["h@1"] - no_ot["h@1"]), 2),
+           "rerank_ms_per_mention": served["rerank_ms_per_mention"],
+           "rerank_ms_per_mention_without": no_ot["rerank_ms_per_mention"]}
+    if ADAPTIVE in systems:
+        a = systems[ADAPTIVE]
+        out.update({"adaptive_skipped_share": a["ot_skipped_share"],
+                    "adaptive_h1_points_vs_served": round(100 * (a["h@1"] - served["h@1"]), 2),
+                    "adaptive_rerank_time_ratio": round(a["rerank_ms_per_mention"]
+                                                        / max(served["rerank_ms_per_mention"], 1e-9), 3)})
+    return out
+
+
 def format_table(report: dict) -> str:
     head = f"{report['dataset']} {report['split']}: {report['n_mentions']} mentions, KB {report['kb_size']}"
     head += f" ({report.get('features', 'zero-shot')} features)"
     lines = [head, f"{'system':<20} {'H@1':>7} {'H@3':>7} {'H@5':>7} {'MRR':>7} {'ms/mention':>11}"]
     for name, s in report["systems"].items():
         lines.append(f"{name:<20} {s['h@1']:>7.4f} {s['h@3']:>7.4f} {s['h@5']:>7.4f} {s['mrr']:>7.4f} {s['ms_per_mention']:>11.3f}")
+    if "what_ot_adds" in report:
+        lines.append("what OT adds: " + json.dumps(report["what_ot_adds"]))
     if "encode_ms_per_mention" in report:
         lines.append("encode ms/mention: " + json.dumps(report["encode_ms_per_mention"]))
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,13 +62,18 @@ class Snapshot:
 
         With `timings`, the time of each sub-stage (rerank.RERANK_STAGES) is added to it, in ms."""
         cross, stats = self.cross(self.index, feats, rows, cfg, device, timings)
+        return {"rerank_score": cross, **self.cheap_terms(queries, rows, timings)}, stats
+
+    def cheap_terms(self, queries: list[LinkQuery], rows: np.ndarray,
+                    timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """The terms other than the cross scorer's (strings and KG facts: no solver), by field, [B, K] each."""
         mentions, contexts = [q.mention for q in queries], [q.context for q in queries]
         with timed(timings, "rerank_strings"):
             names = [[self.index.entities[r].name for r in row if r >= 0] for row in rows]
             strings = string_terms(mentions, contexts, names, rows.shape)
         with timed(timings, "rerank_kg"):
             kg = self.kg_terms.score(mentions, contexts, rows)
-        return {"rerank_score": cross, **strings, **kg}, stats
+        return {**strings, **kg}
 
 
 def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None) -> Snapshot:
@@ -90,11 +95,49 @@ def load_checked_index(settings: Settings, runtime: EncoderRuntime, folder: Path
     return load_index(folder, encoder_signature=runtime.spec.signature()), warning
 
 
+def top_margin(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per mention [B]: its best candidate's score minus its second's (inf with fewer than two candidates)."""
+    s = np.where(rows >= 0, scores, -np.inf)
+    if s.shape[1] < 2:
+        return np.full(s.shape[0], np.inf)
+    top2 = -np.sort(-s, axis=1)[:, :2]
+    with np.errstate(invalid="ignore"):
+        margin = top2[:, 0] - top2[:, 1]
+    return np.where(np.isfinite(top2[:, 1]), margin, np.inf)
+
+
+def adaptive_terms(snap: Snapshot, queries: list[LinkQuery], feats: Features, rows: np.ndarray,
+                   retrieval: np.ndarray, cfg: RerankConfig, device: torch.device, skip_margin: float | None,
+                   timings: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], list[OTStats], np.ndarray]:
+    """Every rerank term, the solver's stats and which mentions skipped the cross scorer ([B] bool).
+
+    The cheap terms are computed for every mention; the cross scorer (the OT solves, most of the rerank's
+    cost) only for those whose score without it (retrieval + cheap terms, mixed) has its top-1 ahead of its
+    top-2 by at most `skip_margin`: elsewhere the order is taken as decided and the cross term is 0 (which,
+    within one mention, ranks exactly as an OT weight of 0). None never skips; -inf skips every mention."""
+    cheap = snap.cheap_terms(queries, rows, timings)
+    cross = np.zeros(rows.shape, np.float32)
+    if skip_margin is None:
+        skip = np.zeros(len(queries), bool)
+    else:
+        skip = top_margin(mix(cfg, retrieval, {"rerank_score": cross, **cheap}), rows) > skip_margin
+    stats: list[OTStats] = []
+    keep = np.flatnonzero(~skip)
+    if len(keep) == len(queries):
+        cross, stats = snap.cross(snap.index, feats, rows, cfg, device, timings)
+    elif len(keep):
+        sub = replace(feats, **{f.name: getattr(feats, f.name)[keep] for f in fields(feats)
+                                if getattr(feats, f.name) is not None})
+        cross[keep], stats = snap.cross(snap.index, sub, rows[keep], cfg, device, timings)
+    return {"rerank_score": cross, **cheap}, stats, skip
+
+
 @dataclass
 class BatchOutcome:
     results: list[LinkResult]
     ot_stats: list[OTStats]
     timings_ms: dict[str, float]
+    ot_skipped: int = 0  # mentions whose cross scorer was skipped (EL_RERANK__SKIP_MARGIN: retrieval decisive)
 
 
 class Linker:
@@ -104,6 +147,7 @@ class Linker:
         self.runtime = runtime
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
         self.rerank = RerankConfig.from_settings(settings.rerank)
+        self.skip_margin = settings.rerank.skip_margin
         self.device = pick_device(settings.rerank.device)
         self._snapshot = make_snapshot(runtime, index, source_warning)
         self._swap_lock = threading.Lock()
@@ -177,12 +221,14 @@ class Linker:
         timings["retrieve"], t = _lap(t)
 
         stats: list[OTStats] = []
+        skipped = np.zeros(len(queries), bool)
         terms = {"retrieval_score": retrieval}
         final = retrieval.copy()
         if do_rerank:
             check_deadline(deadline)
             sub = dict.fromkeys(RERANK_STAGES, 0.0)
-            values, stats = snap.score_terms(queries, feats, rows, cfg, self.device, sub)
+            values, stats, skipped = adaptive_terms(snap, queries, feats, rows, retrieval, cfg, self.device,
+                                                    self.skip_margin, sub)
             terms.update(values)
             final = mix(cfg, retrieval, values)
             timings["rerank"], t = _lap(t)  # the total; its parts follow
@@ -194,12 +240,18 @@ class Linker:
         timings["total"] = (t - t0) * 1000
         for r in results:
             r.timings_ms = dict(timings)
-        return BatchOutcome(results, stats, timings)
+        return BatchOutcome(results, stats, timings, int(skipped.sum()))
 
     def with_weights(self, **weights: float) -> Linker:
         """A shallow copy with other score weights (used by evaluation to report each system)."""
         other = copy.copy(self)
         other.rerank = replace(self.rerank, **weights)
+        return other
+
+    def with_skip_margin(self, margin: float | None) -> Linker:
+        """A shallow copy with another adaptive-rerank margin (None: always OT; -inf: never; see adaptive_terms)."""
+        other = copy.copy(self)
+        other.skip_margin = margin
         return other
 
 

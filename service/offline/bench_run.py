@@ -1,0 +1,164 @@
+"""`el bench`: every row on the same WikiMEL test mentions in one run, then ratios, reports/bench.json and the chart.
+
+Rows (each optional part can be skipped; a part whose tool is missing is skipped with a note in `skipped`):
+plain bi-encoder (bench_plain) | served Linker in process, batch 1 and batch B, text; batch 1 and B with the
+mention images (the mentions that have a local image) | adaptive rerank (EL_RERANK__SKIP_MARGIN) at batch B |
+served over HTTP under wrk (bench_http) | the teacher's exhaustive scoring on the first `teacher_n` mentions |
+our Sinkhorn against POT's on the problems captured from one batch of the served reranker (bench_ot).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kg_index.build import load_entity_image
+from kg_index.readers import read_mentions
+from kg_index.records import Mention
+from service.offline.bench import TEACHER, Row, hits_at_1, machine_info, report, time_calls
+from service.pipeline.linker import Linker
+from service.pipeline.types import LinkQuery
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchOptions:
+    n: int = 2000  # WikiMEL test mentions (text rows)
+    image_n: int = 256  # mentions with a local image (text + image rows)
+    batch: int = 64
+    teacher_n: int = 200
+    top_k: int = 10
+    http_seconds: float = 10.0
+    http_concurrency: tuple[int, ...] = (1, 8, 32)
+    skip_plain: bool = False
+    skip_http: bool = False
+    skip_teacher: bool = False
+    skip_ot: bool = False
+    cache_dir: Path = Path("artifacts/bench")  # the plain bi-encoder's entity matrix
+
+
+def _served(linker: Linker, name: str, what: str, mentions: list[Mention], images: list, batch: int, top_k: int,
+            teacher_n: int) -> tuple[Row, list[str | None]]:
+    queries = [LinkQuery(m.mention, m.context, im, top_k=top_k) for m, im in zip(mentions, images)]
+    chunks = [queries[i : i + batch] for i in range(0, len(queries), batch)]
+    skipped = 0
+
+    def link(chunk: list[LinkQuery]) -> list[str | None]:
+        nonlocal skipped
+        out = linker.link_batch(chunk)
+        skipped += out.ot_skipped
+        return [r.entities[0].id if r.entities else None for r in out.results]
+
+    timed, outs = time_calls(link, chunks, warmup=1 if batch > 1 else 5)
+    top1 = [p for o in outs for p in o]
+    gold = [m.answer for m in mentions]
+    extra = {"skip_margin": linker.skip_margin} if linker.skip_margin is not None else {}
+    if linker.skip_margin is not None:
+        warm = sum(len(c) for c in chunks[: 1 if batch > 1 else 5])  # the warm-up calls count their skips too
+        extra["ot_skipped_share"] = round(skipped / max(len(queries) + warm, 1), 4)
+    row = timed.row(name, what, len(mentions), h1=hits_at_1(top1, gold),
+                    h1_subset=hits_at_1(top1[:teacher_n], gold[:teacher_n]) if teacher_n else None, batch=batch,
+                    extra=extra)
+    return row, top1
+
+
+def _teacher(linker: Linker, data_dir: Path, mentions: list[Mention]) -> Row | None:
+    """The paper's protocol on a subset: the teacher scores every KB entity (features cached on a first call)."""
+    import time
+
+    from service.offline.evaluation_teacher import teacher_exhaustive
+
+    if teacher_exhaustive(linker, data_dir, "wikimel", "test", mentions[:2]) is None:  # fills the caches
+        return None
+    cpu0 = time.process_time()
+    out = teacher_exhaustive(linker, data_dir, "wikimel", "test", mentions)
+    cpu = time.process_time() - cpu0
+    assert out is not None
+    ranks, ms, info, _ = out
+    h1 = round(sum(r == 1 for r in ranks) / max(len(ranks), 1), 4)
+    return Row(TEACHER, f"OT-MEL teacher, every one of {info['kb_entities']} KB entities per mention (the paper's "
+               f"protocol), first {len(mentions)} mentions", len(mentions), round(1000 / ms, 2) if ms else None,
+               None, None, None, round(cpu / max(len(mentions), 1), 5), h1=h1, h1_subset=h1,
+               extra={"ms_per_mention": round(ms, 2), "pairs_solved": info["pairs_solved"],
+                      "pairs_total": info["pairs_total"], "cpu_note": "includes reading the cached features"})
+
+
+def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
+    from service.offline import bench_http
+
+    all_mentions = read_mentions(data_dir, "wikimel", "test")
+    mentions = all_mentions[: opts.n]
+    with_image = [m for m in all_mentions if m.image is not None][: opts.image_n]
+    images = [load_entity_image(m.image) for m in with_image]  # decoded up front: the rows time the pipeline
+    teacher_n = min(opts.teacher_n, len(mentions)) if not opts.skip_teacher else 0
+    rows: list[Row] = []
+    skipped: list[str] = []
+
+    if not opts.skip_plain:
+        from service.offline.bench_plain import plain_row
+
+        try:
+            rows.append(plain_row(linker.index.entities, mentions, cache_dir=opts.cache_dir,
+                                  key=f"{linker.index.version}", max_tokens=linker.settings.encoder.max_tokens,
+                                  batch=opts.batch, teacher_n=teacher_n))
+        except ImportError as exc:
+            skipped.append(f"plain bi-encoder: {exc}")
+
+    full = linker.with_skip_margin(None)
+    none = [None] * len(mentions)
+    b1, top1_b1 = _served(full, "served_b1", "Linker in process, text, batch 1", mentions, none, 1, opts.top_k,
+                          teacher_n)
+    rows.append(b1)
+    rows.append(_served(full, f"served_b{opts.batch}", f"Linker in process, text, batch {opts.batch}", mentions, none,
+                        opts.batch, opts.top_k, teacher_n)[0])
+    if linker.skip_margin is not None:
+        rows.append(_served(linker, f"served_b{opts.batch}_adaptive", f"Linker in process, text, batch {opts.batch}, "
+                            f"OT skipped above margin {linker.skip_margin}", mentions, none, opts.batch, opts.top_k,
+                            teacher_n)[0])
+    if with_image:
+        for b in (1, opts.batch):
+            rows.append(_served(full, f"served_image_b{b}", f"Linker in process, text + image ({len(with_image)} "
+                                f"mentions with a local image), batch {b}", with_image, images, b, opts.top_k, 0)[0])
+
+    if opts.skip_http:
+        skipped.append("HTTP rows: --skip-http")
+    elif bench_http.wrk_path() is None:
+        skipped.append("HTTP rows: wrk is not installed (Debian: apt-get install wrk)")
+        logger.warning("wrk not found: skipping the HTTP rows (Debian: apt-get install wrk)")
+    else:
+        env = bench_http.server_env(linker.settings, linker.source_warning is not None)
+        rows += bench_http.http_rows(mentions, env, concurrencies=opts.http_concurrency, seconds=opts.http_seconds,
+                                     top_k=opts.top_k, h1=b1.h1, expected_top1=top1_b1)
+
+    if teacher_n:
+        t = _teacher(linker, data_dir, mentions[:teacher_n])
+        if t is None:
+            skipped.append("teacher row: no teacher weights")
+        else:
+            rows.append(t)
+
+    if not opts.skip_ot:
+        from service.offline.bench_ot import capture_problems, ot_rows
+
+        captured: list = []
+        with capture_problems(captured):  # one text batch: text-unit and (entity images) visual-unit problems
+            full.link_batch([LinkQuery(m.mention, m.context, None, top_k=opts.top_k) for m in mentions[: opts.batch]])
+        try:
+            rows += ot_rows(captured, mentions=min(opts.batch, len(mentions)))
+        except ImportError as exc:
+            skipped.append(f"OT rows: {exc}")
+
+    idx = linker.index
+    return report(rows, n_mentions=len(mentions), image_mentions=len(with_image), teacher_mentions=teacher_n,
+                  dataset="wikimel test", machine=machine_info(linker.runtime.providers),
+                  index={"version": idx.version, "entities": len(idx), "faiss": idx.manifest.faiss_factory,
+                         "features": "student" if idx.heads else "zero-shot"},
+                  rerank={"candidates": linker.settings.rerank.candidates, "eps": linker.rerank.eps,
+                          "skip_margin": linker.skip_margin},
+                  notes=[("ratios: mentions/s and CPU-s/mention as row / baseline; h1_points as row - baseline in "
+                         "H@1 points (against the teacher: on its subset, h1_subset)"),
+                         "latency: per call (a call of batch B answers B mentions); HTTP: per request under wrk",
+                         "CPU: the bench process's (all threads); HTTP rows: the server process's"],
+                  skipped=skipped)

@@ -1,0 +1,87 @@
+"""`el bench` (service/offline/bench*.py): the report's shape, and ratios that follow from the rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.offline.bench import PLAIN, TEACHER, Row, add_ratios, format_rows, report, write_bench
+
+
+def _row(name: str, per_s: float, cpu: float, h1: float, h1_subset: float | None = None) -> Row:
+    return Row(name, "test", 10, per_s, 1.0, 2.0, 3.0, cpu, h1=h1, h1_subset=h1_subset)
+
+
+def test_ratios_are_computed_from_the_rows() -> None:
+    rows = [_row(PLAIN, 100.0, 0.02, 0.60, 0.55), _row("served", 50.0, 0.05, 0.90, 0.85),
+            Row(TEACHER, "test", 5, 2.0, None, None, None, 1.0, h1=0.80, h1_subset=0.80),
+            Row("ot_ours", "test", 99, 500.0, None, None, None, 0.001)]
+    add_ratios(rows)
+    served = rows[1].ratios
+    assert served[PLAIN] == {"mentions_per_s": 0.5, "cpu_s_per_mention": 2.5, "h1_points": 30.0}
+    assert served[TEACHER] == {"mentions_per_s": 25.0, "cpu_s_per_mention": 0.05, "h1_points": 5.0}  # on the subset
+    assert PLAIN not in rows[0].ratios and rows[2].ratios[PLAIN]["h1_points"] == 25.0
+    assert rows[3].ratios == {}  # OT rows count problems, not mentions: compared with each other only (bench_ot)
+    other = Row("served_image_b8", "test", 6, 20.0, 1.0, 2.0, 3.0, 0.04, h1=0.5)
+    add_ratios([rows[0], other])
+    assert other.ratios[PLAIN]["h1_points"] is None  # other mentions: no H@1 comparison
+
+
+def test_report_writes_json_and_chart(tmp_path: Path) -> None:
+    rep = report([_row(PLAIN, 100.0, 0.02, 0.6), _row("served_b64", 80.0, 0.03, 0.9)], n_mentions=10, machine={})
+    chart = write_bench(rep, tmp_path / "bench.json")
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["ratios"][PLAIN]["mentions_per_s"] == 0.8
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert "served_b64" in format_rows(rep)
+
+
+@pytest.mark.slow
+def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path: Path) -> None:
+    """The real parts on a tiny n: plain bi-encoder (over the small index's KG), served rows, HTTP when wrk is
+    installed, Sinkhorn against POT on captured problems. The teacher row needs the full KB: skipped here."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("ot")
+    from service.offline import bench_http
+    from service.offline.bench_run import BenchOptions, run_bench
+
+    opts = BenchOptions(n=24, image_n=8, batch=8, skip_teacher=True, http_seconds=1.0, http_concurrency=(1, 2),
+                        cache_dir=tmp_path / "cache")
+    rep = run_bench(linker.with_skip_margin(0.05), mel_dir, opts)
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert {PLAIN, "served_b1", "served_b8", "served_b8_adaptive", "served_image_b1", "served_image_b8", "ot_ours",
+            "ot_pot_sinkhorn", "ot_pot_log_sinkhorn"} <= set(rows)
+    for name in ("served_b1", "served_b8"):
+        r = rows[name]
+        assert r["n"] == 24 and 0.0 <= r["h1"] <= 1.0 and r["mentions_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+        assert r["ratios"][PLAIN]["mentions_per_s"] == pytest.approx(r["mentions_per_s"] / rows[PLAIN]["mentions_per_s"],
+                                                                    abs=1e-3)
+        assert r["ratios"][PLAIN]["h1_points"] == pytest.approx(100 * (r["h1"] - rows[PLAIN]["h1"]), abs=0.01)
+    assert rows["served_b1"]["h1"] == rows["served_b8"]["h1"]  # batching changes no answer
+    assert 0.0 <= rows["served_b8_adaptive"]["extra"]["ot_skipped_share"] <= 1.0
+    assert rows["ot_ours"]["n"] > 0 and rows["ot_ours"]["extra"]["max_marginal_error"] <= 1e-3
+    assert rows["ot_pot_sinkhorn"]["ratios"]["ot_ours"]["time"] > 0
+    if bench_http.wrk_path() is None:
+        assert any("wrk" in s for s in rep["skipped"])
+    else:
+        http = rows["served_http_c2"]
+        assert http["n"] > 0 and http["extra"]["errors"] == 0 and http["extra"]["top1_agreement_with_in_process"] == 1.0
+    assert rep["machine"]["cpus"] and rep["n_mentions"] == 24
+
+
+@pytest.mark.slow
+def test_teacher_row_on_a_small_kg(linker, small_kg, test_mentions, tmp_path: Path) -> None:
+    """The teacher row (every KB entity per mention) on a small JSONL KG, its features cached under tmp_path."""
+    from service.offline.bench_run import _teacher
+
+    kg = tmp_path / "kg.jsonl"
+    kg.write_text("".join(json.dumps({"id": e.id, "name": e.name, "description": e.description,
+                                      "image": str(e.image) if e.image else None}) + "\n" for e in small_kg))
+    lk = linker.with_weights()
+    lk.settings = linker.settings.model_copy(update={
+        "features_dir": tmp_path / "features", "index": linker.settings.index.model_copy(update={"kg": str(kg)})})
+    row = _teacher(lk, linker.settings.data_dir, test_mentions[:12])
+    assert row is not None and row.name == TEACHER and row.n == 12
+    assert row.h1 == row.h1_subset and row.h1 >= 0.5 and row.mentions_per_s > 0 and row.cpu_s_per_mention > 0
+    assert row.extra["pairs_total"] == 12 * len(small_kg)
