@@ -33,7 +33,7 @@ def _feats(b: int) -> Features:
 
 
 def _snapshot(seen: list[list[int]]) -> Snapshot:
-    def cross(index, feats, rows, cfg, device):
+    def cross(index, feats, rows, cfg, device, timings=None):
         seen.append(feats.global_[:, 0].astype(int).tolist())
         assert len(rows) == len(feats.global_)
         return np.full(rows.shape, 0.5, np.float32), [OTStats(rows.size, 3, rows.size, 0.0)]
