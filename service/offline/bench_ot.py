@@ -1,5 +1,5 @@
-"""Our Sinkhorn (models/sinkhorn.py solve, log domain, early stopping) against POT's batched solver
-(ot.batch.solve_batch) on the problems the reranker actually solves, captured from service/pipeline/rerank.py
+"""Our Sinkhorn (models/sinkhorn.py solve, with the reranker's own settings: domain, early stopping) against
+POT's batched solver (ot.batch.solve_batch) on the problems the reranker actually solves, captured from service/pipeline/rerank.py
 during one batch of the served pipeline, at equal marginal error.
 
 Ours runs at the served settings (eps, max_iter, tol); its worst marginal error sets the target. Each POT method
@@ -88,7 +88,7 @@ def ot_rows(captured: list[tuple[OTProblem, dict[str, Any]]], *, mentions: int, 
     iters = max(r.iterations for r in results)
     kw0 = groups[0][1] if groups else {}
     what = f"{n_problems} problems from {mentions} mentions (shapes {shapes[:4]}{'...' if len(shapes) > 4 else ''})"
-    rows = [_row("ot_ours", f"models/sinkhorn.py solve, log domain, early stop (max_iter {kw0.get('max_iter')}, tol "
+    rows = [_row("ot_ours", f"models/sinkhorn.py solve, {kw0.get('domain', 'log')} domain, early stop (max_iter {kw0.get('max_iter')}, tol "
                  f"{kw0.get('tol')}): {what}", n_problems, mentions, wall, cpu,
                  {"max_marginal_error": target, "iterations": iters, "eps": groups[0][0].eps if groups else None})]
     for method in POT_METHODS:
