@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import local_server  # scripts/local_server.py (scripts/ is on sys.path when a script runs)
 
 from kg_index.readers import read_mentions
 from service.offline.bench import machine_info
@@ -38,27 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_server(store: Path, extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"EL_HOST": "127.0.0.1", "EL_PORT": str(port), "EL_JOBS__DIR": str(store),
-                        "EL_JOBS__POLL_INTERVAL_S": "0.1", "EL_LOG_LEVEL": "WARNING",
-                        "EL_SHUTDOWN__DRAIN_DELAY_S": "0"} | extra
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    give_up = time.monotonic() + 300
-    with httpx.Client(base_url=url, timeout=2.0) as c:
-        while time.monotonic() < give_up:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}")
-            try:
-                if c.get("/readyz").status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready within 300 s")
+    return local_server.start_server(store, extra)
 
 
 def load(url: str, bodies: list[dict], clients: int) -> list[float]:

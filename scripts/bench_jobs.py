@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import local_server  # scripts/local_server.py (scripts/ is on sys.path when a script runs)
 
 from kg_index.readers import read_mentions
 from service.pipeline.linker import Linker
@@ -55,27 +55,7 @@ def in_process(linker: Linker, queries: list[LinkQuery], chunk: int) -> tuple[fl
 
 
 def start_server(chunk: int, store: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"EL_HOST": "127.0.0.1", "EL_PORT": str(port), "EL_JOBS__DIR": str(store),
-                        "EL_JOBS__CHUNK_SIZE": str(chunk), "EL_JOBS__POLL_INTERVAL_S": "0.1", "EL_LOG_LEVEL": "WARNING",
-                        "EL_SHUTDOWN__DRAIN_DELAY_S": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    with httpx.Client(base_url=url, timeout=2.0) as c:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}")
-            try:
-                if c.get("/readyz").status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready within 300 s")
+    return local_server.start_server(store, {"EL_JOBS__CHUNK_SIZE": str(chunk)})
 
 
 def through_server(url: str, jsonl: Path, n: int, pid: int | None) -> tuple[dict, list[str | None]]:
