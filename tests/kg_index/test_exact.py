@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from kg_index.exact import ExactSearch, flat_vectors
+from kg_index.exact import SMALL_BATCH, ExactSearch, flat_vectors
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -21,7 +21,8 @@ def _flat(x: np.ndarray) -> faiss.Index:
     return index
 
 
-@pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (500, 96, 1, 10), (300, 40, 19, 300), (7, 8, 3, 1)])
+@pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (500, 96, 1, 10), (500, 96, 2, 10), (300, 40, 19, 300),
+                                                    (7, 8, 3, 1)])
 def test_same_rows_and_scores_as_faiss_flat(n: int, d: int, b: int, k: int) -> None:
     rng = np.random.default_rng(n + d)
     x, q = _unit(rng, n, d), _unit(rng, b, d)
@@ -41,31 +42,36 @@ def test_same_rows_and_scores_as_faiss_flat(n: int, d: int, b: int, k: int) -> N
     np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("batch", [1, SMALL_BATCH + 1])  # FAISS's own scan, then the GEMM
 @pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
-def test_duplicates_in_faiss_order(copies: int, k: int) -> None:
+def test_duplicates_in_faiss_order(copies: int, k: int, batch: int) -> None:
     """Duplicate entities score exactly alike: within the top k they come as FAISS's heap orders them, the larger
-    row first, so the same duplicate wins."""
+    row first, so the same duplicate wins, alone or in a batch."""
     rng = np.random.default_rng(copies)
     base = _unit(rng, 5, 16)
     x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 30, 16)])
     index = _flat(x)
-    q = np.repeat(base[[2]], 2, axis=0)  # the duplicated vector itself: its copies are the best hits
+    q = np.repeat(base[[2]], batch, axis=0)  # the duplicated vector itself: its copies are the best hits
     want_scores, want_rows = index.search(q, k)
     scores, rows = ExactSearch.for_index(_flat(x)).search(q, k)  # owns the index it is given
     assert np.array_equal(rows, want_rows)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
 
 
-def test_a_tie_past_the_margin_is_ordered_whole() -> None:
-    """A tie group longer than k + TIE_MARGIN: the k largest rows of the whole group, larger first."""
+@pytest.mark.parametrize("batch", [1, SMALL_BATCH + 1])
+@pytest.mark.parametrize("copies", [3, 3 * 16])  # a group cut by the k-th place within the margin, and past it
+def test_a_tie_cut_by_k_keeps_its_largest_rows_alone_or_in_a_batch(batch: int, copies: int) -> None:
+    """A tie group that the k-th place cuts: the k largest rows of the whole group, larger first, whether the query
+    came alone (FAISS's scan finds the candidates) or in a batch (the GEMM)."""
     from kg_index.exact import TIE_MARGIN
 
     base = _unit(np.random.default_rng(3), 3, 16)
-    copies = 3 * TIE_MARGIN
+    assert 3 * 16 > 5 + TIE_MARGIN > 3
     x = np.concatenate([base, np.repeat(base[[1]], copies, axis=0), _unit(np.random.default_rng(4), 20, 16)])
-    _, rows = ExactSearch.for_index(_flat(x)).search(base[[1]], 5)
+    q = np.repeat(base[[1]], batch, axis=0)
+    _, rows = ExactSearch.for_index(_flat(x)).search(q, 2)
     group = [1, *range(3, 3 + copies)]
-    assert rows[0].tolist() == sorted(group, reverse=True)[:5]
+    assert rows.tolist() == [sorted(group, reverse=True)[:2]] * batch
 
 
 def test_flat_vectors_is_a_view_of_the_index_and_only_for_flat_ip() -> None:
