@@ -89,6 +89,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     linker = Linker.from_settings(settings)
     linker.warm_up()
     opts = BenchOptions(n=args.n, image_n=args.image_n, batch=args.batch, teacher_n=args.teacher_n,
+                        single_n=args.single_n,
                         http_seconds=args.http_seconds, http_concurrency=tuple(args.concurrency),
                         skip_plain=args.skip_plain, skip_http=args.skip_http, skip_teacher=args.skip_teacher,
                         skip_ot=args.skip_ot, cache_dir=Path(args.cache_dir))
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-n", type=int, default=256, help="mentions with a local image for the text + image rows")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--teacher-n", type=int, default=200, help="mentions the exhaustive teacher scores")
+    p.add_argument("--single-n", type=int, default=300,
+                   help="mentions of the plain bi-encoder's single-request row (its p50 is the single-request baseline)")
     p.add_argument("--http-seconds", type=float, default=10.0, help="wrk duration per concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="wrk concurrencies")
     p.add_argument("--skip-plain", action="store_true", help="no plain bi-encoder row")

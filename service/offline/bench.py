@@ -22,6 +22,8 @@ import numpy as np
 
 PLAIN = "plain_biencoder"  # the baselines every row is compared with
 TEACHER = "teacher_exhaustive"
+PLAIN_B1 = "plain_biencoder_b1"  # its single-request row: the baseline of single-request latency
+SINGLE_ROWS = ("served_b1", "served_http_c1")  # the served rows that answer one mention per call
 
 
 def cpu_model() -> str:
@@ -136,9 +138,20 @@ def add_ratios(rows: list[Row]) -> None:
             }
 
 
+def single_request(rows: list[Row]) -> dict[str, Any]:
+    """Single-request p50 of the served rows that answer one mention per call, against the plain bi-encoder's
+    (one text encoded, one query searched: what a user's own glue answers one request with)."""
+    by_name = {r.name: r for r in rows}
+    base = by_name.get(PLAIN_B1)
+    if base is None or not base.p50_ms:
+        return {}
+    return {"baseline": PLAIN_B1, "baseline_p50_ms": base.p50_ms,
+            "p50_ratio": {n: _ratio(by_name[n].p50_ms, base.p50_ms) for n in SINGLE_ROWS if n in by_name}}
+
+
 def report(rows: list[Row], **meta: Any) -> dict:
     add_ratios(rows)
-    return {**meta, "rows": [asdict(r) for r in rows]}
+    return {**meta, "rows": [asdict(r) for r in rows], "single_request": single_request(rows)}
 
 
 def write_bench(rep: dict, out: Path) -> Path:
@@ -159,6 +172,9 @@ def format_rows(rep: dict) -> str:
         lines.append(f"{r['name']:<34} {r['n']:>5} {f(r['h1'], '.4f'):>6} {f(r['mentions_per_s'], '.1f'):>8} "
                      f"{f(r['p50_ms'], '.2f'):>8} {f(r['p99_ms'], '.2f'):>8} {f(r['cpu_s_per_mention'], '.4f'):>8} "
                      f"{f(rp.get('mentions_per_s'), '.2f'):>7} {f(rt.get('mentions_per_s'), '.1f'):>7}")
+    single = rep.get("single_request") or {}
+    for name, ratio in single.get("p50_ratio", {}).items():
+        lines.append(f"single request: {name} p50 = {f(ratio, '.2f')} x {single['baseline']}'s")
     for note in rep.get("skipped", []):
         lines.append(f"skipped: {note}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import numpy as np
 from kg_index.flat import FlatIP
 from kg_index.load import EntityMeta
 from kg_index.records import Mention
-from service.offline.bench import PLAIN, Row, hits_at_1, time_calls
+from service.offline.bench import PLAIN, PLAIN_B1, Row, hits_at_1, time_calls
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +57,28 @@ def entity_matrix(model, entities: Sequence[EntityMeta], cache_dir: Path, key: s
     return mat
 
 
-def plain_row(entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, cache_dir: Path, key: str,
-              max_tokens: int, batch: int = 64, teacher_n: int = 0) -> Row:
+def plain_rows(entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, cache_dir: Path, key: str,
+               max_tokens: int, batch: int = 64, teacher_n: int = 0, single_n: int = 0) -> list[Row]:
+    """The batched row on every mention and, when single_n > 0, the single-request row (batch 1: one text encoded,
+    one query searched) on the first single_n of them."""
     import torch
 
     # Every core, as a user's script would have: the served Linker sets torch to 1 thread for its Sinkhorn.
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        return _plain_row(load_model(max_tokens), entities, mentions, cache_dir=cache_dir, key=key, batch=batch,
-                          teacher_n=teacher_n)
+        model = load_model(max_tokens)
+        rows = [_plain_row(model, entities, mentions, cache_dir=cache_dir, key=key, batch=batch, teacher_n=teacher_n)]
+        if single_n:
+            rows.append(_plain_row(model, entities, mentions[:single_n], cache_dir=cache_dir, key=key, batch=1,
+                                   teacher_n=0, name=PLAIN_B1))
+        return rows
     finally:
         torch.set_num_threads(threads)
 
 
 def _plain_row(model, entities: Sequence[EntityMeta], mentions: Sequence[Mention], *, cache_dir: Path, key: str,
-               batch: int, teacher_n: int) -> Row:
+               batch: int, teacher_n: int, name: str = PLAIN) -> Row:
     max_tokens = model.max_seq_length
     flat = FlatIP(entity_matrix(model, entities, cache_dir, key))
     ids = [e.id for e in entities]
@@ -84,9 +90,9 @@ def _plain_row(model, entities: Sequence[EntityMeta], mentions: Sequence[Mention
         return [ids[r] if r >= 0 else None for r in rows[:, 0]]
 
     chunks = [mentions[i : i + batch] for i in range(0, len(mentions), batch)]
-    timed, outs = time_calls(link, chunks, warmup=1)
+    timed, outs = time_calls(link, chunks, warmup=1 if batch > 1 else 5)
     top1 = [p for out in outs for p in out]
     gold = [m.answer for m in mentions]
-    return timed.row(PLAIN, f"sentence-transformers all-MiniLM-L6-v2 ({max_tokens} tokens) + FAISS Flat, text, batch {batch}", len(mentions),
+    return timed.row(name, f"sentence-transformers all-MiniLM-L6-v2 ({max_tokens} tokens) + FAISS Flat, text, batch {batch}", len(mentions),
                      h1=hits_at_1(top1, gold), h1_subset=hits_at_1(top1[:teacher_n], gold[:teacher_n]) if teacher_n else None,
                      batch=batch, extra={"entities": len(entities)})

@@ -29,6 +29,7 @@ class BenchOptions:
     image_n: int = 256  # mentions with a local image (text + image rows)
     batch: int = 64
     teacher_n: int = 200
+    single_n: int = 300  # mentions of the plain bi-encoder's single-request row (batch 1)
     top_k: int = 10
     http_seconds: float = 10.0
     http_concurrency: tuple[int, ...] = (1, 8, 32)
@@ -97,12 +98,12 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
     skipped: list[str] = []
 
     if not opts.skip_plain:
-        from service.offline.bench_plain import plain_row
+        from service.offline.bench_plain import plain_rows
 
         try:
-            rows.append(plain_row(linker.index.entities, mentions, cache_dir=opts.cache_dir,
-                                  key=f"{linker.index.version}", max_tokens=linker.settings.encoder.max_tokens,
-                                  batch=opts.batch, teacher_n=teacher_n))
+            rows += plain_rows(linker.index.entities, mentions, cache_dir=opts.cache_dir,
+                               key=f"{linker.index.version}", max_tokens=linker.settings.encoder.max_tokens,
+                               batch=opts.batch, teacher_n=teacher_n, single_n=min(opts.single_n, len(mentions)))
         except ImportError as exc:
             skipped.append(f"plain bi-encoder: {exc}")
 

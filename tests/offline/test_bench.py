@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.offline.bench import PLAIN, TEACHER, Row, add_ratios, format_rows, report, write_bench
+from service.offline.bench import PLAIN, PLAIN_B1, TEACHER, Row, add_ratios, format_rows, report, write_bench
 
 
 def _row(name: str, per_s: float, cpu: float, h1: float, h1_subset: float | None = None) -> Row:
@@ -27,6 +27,17 @@ def test_ratios_are_computed_from_the_rows() -> None:
     other = Row("served_image_b8", "test", 6, 20.0, 1.0, 2.0, 3.0, 0.04, h1=0.5)
     add_ratios([rows[0], other])
     assert other.ratios[PLAIN]["h1_points"] is None  # other mentions: no H@1 comparison
+
+
+def test_single_request_latency_is_against_the_plain_single_row() -> None:
+    rows = [_row(PLAIN, 100.0, 0.02, 0.6), Row(PLAIN_B1, "test", 5, 40.0, 20.0, 25.0, 30.0, 0.03, h1=0.6),
+            Row("served_b1", "test", 5, 80.0, 12.5, 14.0, 15.0, 0.01, h1=0.9),
+            Row("served_http_c1", "test", 5, 60.0, 16.0, 18.0, 19.0, 0.01, h1=0.9)]
+    rep = report(rows, n_mentions=5)
+    assert rep["single_request"] == {"baseline": PLAIN_B1, "baseline_p50_ms": 20.0,
+                                     "p50_ratio": {"served_b1": 0.625, "served_http_c1": 0.8}}
+    assert "served_http_c1 p50 = 0.80 x plain_biencoder_b1's" in format_rows(rep)
+    assert report(rows[:1], n_mentions=5)["single_request"] == {}  # no single-request baseline: no ratios
 
 
 def test_report_writes_json_and_chart(tmp_path: Path) -> None:
@@ -50,8 +61,11 @@ def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path
                         cache_dir=tmp_path / "cache")
     rep = run_bench(linker.with_skip_margin(0.05), mel_dir, opts)
     rows = {r["name"]: r for r in rep["rows"]}
-    assert {PLAIN, "served_b1", "served_b8", "served_b8_adaptive", "served_image_b1", "served_image_b8", "ot_ours",
+    assert {PLAIN, PLAIN_B1, "served_b1", "served_b8", "served_b8_adaptive", "served_image_b1", "served_image_b8", "ot_ours",
             "ot_pot_sinkhorn", "ot_pot_log_sinkhorn"} <= set(rows)
+    assert rows[PLAIN_B1]["batch"] == 1 and rows[PLAIN_B1]["n"] == 24
+    assert rep["single_request"]["p50_ratio"]["served_b1"] == pytest.approx(
+        rows["served_b1"]["p50_ms"] / rows[PLAIN_B1]["p50_ms"], abs=1e-3)
     for name in ("served_b1", "served_b8"):
         r = rows[name]
         assert r["n"] == 24 and 0.0 <= r["h1"] <= 1.0 and r["mentions_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
