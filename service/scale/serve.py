@@ -29,6 +29,26 @@ APP_NAME = "el"
 DEPLOYMENT_NAME = "LinkReplica"
 
 
+class ReplicaHeader:
+    """Names the replica that answered (`X-EL-Replica`), for tracing a slow or failing answer to one replica."""
+
+    def __init__(self, app: Any, replica: str) -> None:
+        self.app = app
+        self.header = (b"x-el-replica", replica.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def build_application(settings: Settings, *, replicas: int | None = None) -> Any:
     """The Serve application (a bound deployment) for these settings."""
     from ray import serve
@@ -44,20 +64,30 @@ def build_application(settings: Settings, *, replicas: int | None = None) -> Any
     class LinkReplica:
         def __init__(self, settings: Settings) -> None:
             from service.logging_setup import configure_logging
+            from service.pipeline.linker import Linker
 
             self.settings = pinned_threads(settings, settings.ray.replica_cpus)
             configure_logging(self.settings.log_level)
-            self.app: Any = None
+            # Loaded here, before Serve marks the replica running: a replacement replica gets no traffic (and
+            # answers no 503) while it loads. The app's own start-up then only warms it up again.
+            self.linker = Linker.from_settings(self.settings)
+            self.linker.warm_up()
+            self._el_app: Any = None
 
         def __serve_build_asgi_app__(self) -> Any:
+            from ray import serve
+
             from service.app import create_app
 
-            self.app = create_app(self.settings)  # the lifespan (load, warm up, jobs) runs on this replica
-            return self.app
+            linker = self.linker
+            app = create_app(self.settings, linker_factory=lambda _: linker)
+            app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
+            self._el_app = app
+            return app
 
         def check_health(self) -> None:
-            """Serve restarts a replica whose model or index failed to load (a loading one is healthy)."""
-            state = getattr(getattr(self.app, "state", None), "el", None)
+            """Serve restarts a replica whose model or index failed to load."""
+            state = getattr(getattr(self._el_app, "state", None), "el", None)
             if state is not None and state.load_error:
                 raise RuntimeError(state.load_error)
 
