@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -77,6 +78,10 @@ def embedded_answers(settings, linker, mentions: list[dict[str, Any]]) -> list[d
     from service.app import create_app
 
     with TestClient(create_app(settings, linker_factory=lambda _: linker)) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/readyz").status_code != 200:  # the app warms the Linker up in the background
+            assert time.monotonic() < deadline, c.get("/readyz").text
+            time.sleep(0.1)
         out = []
         for m in mentions:
             r = c.post("/v1/link", json=m)
