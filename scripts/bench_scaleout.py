@@ -141,7 +141,8 @@ def main() -> int:
     bodies = mentions(200)
     cores = os.cpu_count() or 1
     report: dict[str, Any] = {"machine": {"cpus": cores, "processor": platform.processor() or platform.machine(),
-                                          "python": platform.python_version()},
+                                          "python": platform.python_version(),
+                                          "load_average_at_start": os.getloadavg()},
                               "settings": {"concurrency": args.concurrency, "seconds": args.seconds,
                                            "job_items": args.job_items}}
     with LocalPostgres() as pg:

@@ -100,7 +100,9 @@ def deploy(settings: Settings, *, replicas: int | None = None) -> None:
     from ray import serve
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(settings, replicas=replicas), name=APP_NAME, route_prefix="/")
+    # Serve's per-request access log duplicates the app's metrics and would log every request at INFO.
+    serve.run(build_application(settings, replicas=replicas), name=APP_NAME, route_prefix="/",
+              logging_config={"log_level": settings.log_level, "enable_access_log": False})
     logger.info("serving %d replica(s) on http://%s:%d", replicas or settings.ray.replicas, settings.host,
                 settings.port)
 
