@@ -252,13 +252,15 @@ class JobStore:
                                  (job_id, fingerprint, idempotency_key, len(items), now)).rowcount
             if inserted != 1:
                 raise _Retry
-            c.executemany("INSERT INTO items (job_id, seq, item_id, request) VALUES (?, ?, ?, ?)",
-                          [(job_id, seq, item_id, req) for seq, (item_id, req) in enumerate(items)])
+            self._insert_items(c, [(job_id, seq, item_id, req) for seq, (item_id, req) in enumerate(items)])
             n = len(items)
             c.executemany("INSERT INTO chunks (job_id, no, first_seq, last_seq, state) VALUES (?, ?, ?, ?, 'queued')",
                           [(job_id, no, first, min(first + chunk_size, n) - 1)
                            for no, first in enumerate(range(0, n, chunk_size))])
             return _get(c, job_id), True  # type: ignore[return-value]
+
+    def _insert_items(self, c: Tx, rows: list[tuple[str, int, str, str]]) -> None:
+        c.executemany("INSERT INTO items (job_id, seq, item_id, request) VALUES (?, ?, ?, ?)", rows)
 
     def get(self, job_id: str) -> JobRecord | None:
         return _get(self._read(), job_id)

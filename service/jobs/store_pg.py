@@ -78,6 +78,12 @@ class PostgresJobStore(JobStore):
                 c.execute("INSERT INTO el_schema (version) VALUES (?)", (SCHEMA_VERSION,))
         return store
 
+    def _insert_items(self, c: _PgTx, rows: list[tuple[str, int, str, str]]) -> None:  # type: ignore[override]
+        """COPY, not row-by-row INSERTs: a million-item job is stored in seconds, inside the same transaction."""
+        with c.conn.cursor() as cur, cur.copy("COPY items (job_id, seq, item_id, request) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
     def describe(self) -> str:
         return "postgresql:" + re.sub(r"//[^@/]*@", "//", self.url)  # never log a password
 
