@@ -4,7 +4,9 @@ shared by every API process and worker that names one EL_JOBS__DATABASE_URL (the
 What differs from SQLite: writers do not serialise, so chunks are claimed with `SELECT ... FOR UPDATE OF ch
 SKIP LOCKED` (two workers never wait on, nor take, the same chunk), a chunk commit locks its job row (`FOR
 UPDATE`) before deciding whether the job is finished or cancelled, and a lost Idempotency-Key race shows up
-as `INSERT ... ON CONFLICT DO NOTHING` inserting nothing (the store then re-reads the winner's job). Each
+as `INSERT ... ON CONFLICT DO NOTHING` inserting nothing (the store then re-reads the winner's job). The
+queued-jobs cap (EL_JOBS__MAX_QUEUED) is a count without a lock here: submissions racing on several API
+processes can overshoot it by a few jobs, never lose or double one. Each
 thread keeps one autocommit connection; writes run in explicit transactions; a broken connection (a restarted
 server) is replaced at the next call.
 """
