@@ -8,7 +8,8 @@ interface otherwise). Settings (encoders, index, data) come from the EL_ environ
 
 Layout: the head node (3 CPUs) runs Serve's controller and proxy, the 2 API replicas and job worker A; node 2
 (1 CPU) runs job worker B. Steps: batching under concurrent load; the 50 answers; one Idempotency-Key through two
-replicas at once; a job during which worker A is SIGKILLed and node 2 removed; SIGKILL of one replica under load.
+replicas at once; a job during which worker A is SIGKILLed and node 2 removed; SIGKILL of one replica under load;
+then `el serve --ray` and `el worker --ray` themselves, joining the cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -280,6 +283,51 @@ def main() -> int:
             "failed": [(r[0] - t_kill, r[1] - t_kill, r[2], r[3]) for r in recs if r[2] != 200],
             "ok_by_survivor_after_kill": sum(r[2] == 200 and r[0] > t_kill and r[3] in pids and r[3] != victim
                                              for r in recs),
+        }
+        # 6. The commands themselves, joining this cluster: `el serve --ray` redeploys the app (1 replica) on the
+        # same proxy and deletes it on SIGTERM; `el worker --ray` runs a queued job and stops on SIGTERM.
+        ray.kill(wa, no_restart=True)  # free a CPU on the head for the new replica
+        before = set(replica_pids())  # the replicas now serving (the replacement from step 5 included)
+        env = os.environ | {"EL_RAY__ADDRESS": cluster.address}
+        serve_cli = subprocess.Popen([sys.executable, "-m", "service", "serve", "--ray", "--replicas", "1"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        new_replica = None
+        while time.monotonic() - t0 < 180 and new_replica is None:
+            try:
+                r = client.get("/readyz")
+                if r.status_code == 200 and r.headers.get("x-el-replica") not in before:
+                    new_replica = r.headers.get("x-el-replica")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        served = client.post("/v1/link", json=mentions[0])
+        serve_cli.send_signal(signal.SIGTERM)
+        serve_rc = serve_cli.wait(120)
+        apps_after = list(serve.status().applications)
+        job2 = client_job = None
+        from service.jobs.store_pg import PostgresJobStore
+
+        store = PostgresJobStore.open(url, result_ttl_s=3600)
+        try:
+            job2, _ = store.create_job([(f"cli-{i}", json.dumps({"id": f"cli-{i}", **mentions[i]})) for i in range(6)],
+                                       fingerprint="cli", idempotency_key=None, max_queued=100, chunk_size=2)
+        finally:
+            store.close()
+        worker_cli = subprocess.Popen([sys.executable, "-m", "service", "worker", "--ray", "--workers", "1"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 180:
+            client_job = db("SELECT state, done, total FROM jobs WHERE id = %s", job2.id)[0]
+            if client_job[0] == "succeeded":
+                break
+            time.sleep(0.2)
+        worker_cli.send_signal(signal.SIGTERM)
+        worker_rc = worker_cli.wait(120)
+        report["commands"] = {
+            "serve_new_replica": new_replica, "serve_answer": served.status_code, "serve_exit": serve_rc,
+            "apps_after_serve_exit": apps_after, "worker_job": client_job, "worker_exit": worker_rc,
+            "worker_job_results": db("SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = %s", job2.id)[0],
         }
         report["total_s"] = time.monotonic() - t_start
         client.close()

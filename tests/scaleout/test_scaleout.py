@@ -137,3 +137,13 @@ def test_a_killed_replica_fails_only_its_in_flight_requests_and_is_replaced(repo
     # can be at most one per client thread.
     assert len(k["failed"]) <= k["concurrency"], k["failed"]
     assert all(start < 0 for start, _, _, _ in k["failed"]), k["failed"]
+
+
+def test_the_el_serve_and_el_worker_ray_commands(report: dict[str, Any]) -> None:
+    """`el serve --ray --replicas 1` joins the cluster (EL_RAY__ADDRESS), deploys on the same proxy, answers, and
+    deletes its app on SIGTERM; `el worker --ray --workers 1` runs a queued job and exits 0 on SIGTERM."""
+    c = report["commands"]
+    assert c["serve_new_replica"] is not None and c["serve_answer"] == 200
+    assert c["serve_exit"] == 0 and "el" not in c["apps_after_serve_exit"]
+    assert list(c["worker_job"]) == ["succeeded", 6, 6] and list(c["worker_job_results"]) == [6, 6]
+    assert c["worker_exit"] == 0
