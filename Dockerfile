@@ -51,6 +51,8 @@ ARG VARIANT
 # Extra index for torch. Empty means: the CPU-only wheel index for VARIANT=cpu (the PyPI torch wheel
 # is the multi-GB CUDA build), plain PyPI (CUDA build) for VARIANT=cuda.
 ARG TORCH_INDEX_URL=""
+# Extras to install: `serve` (the API); the compose `cluster` profile adds `scale` (Ray, psycopg).
+ARG EXTRAS=serve
 WORKDIR /app
 COPY . .
 # After installing, the cuda variant swaps onnxruntime and faiss-cpu for the `gpu` extra's packages
@@ -60,7 +62,7 @@ RUN case "$VARIANT" in \
       cuda) if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi ;; \
       *)    echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; \
     esac \
- && make install VENV=/opt/venv EXTRAS=serve \
+ && make install VENV=/opt/venv EXTRAS="$EXTRAS" \
  && if [ "$VARIANT" = cuda ]; then \
       /opt/venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"], sep="\n")' > /tmp/gpu-requirements.txt \
       && /opt/venv/bin/pip uninstall -y onnxruntime faiss-cpu \

@@ -16,7 +16,7 @@ ifeq ($(strip $(EL_DATA_DIR)),)
   endif
 endif
 
-.PHONY: install index serve test test-fast eval bench train model-card data lint clean
+.PHONY: install index serve serve-ray worker scale-report test test-fast eval bench train model-card data lint clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,19 @@ index: install
 
 serve: index
 	exec $(BIN)/el serve
+
+# Scale-out (README: Scaling out; the `scale` extra): the API as REPLICAS Ray Serve replicas on EL_HOST:EL_PORT
+# (a local Ray head, or the cluster at EL_RAY__ADDRESS), and a job worker on the shared store.
+REPLICAS ?= 2
+serve-ray: index
+	exec $(BIN)/el serve --ray --replicas $(REPLICAS)
+
+worker: index
+	exec $(BIN)/el worker
+
+# Throughput with 1 vs 2 replicas and 1 vs 2 job workers (writes reports/scale.json).
+scale-report: index
+	$(BIN)/python scripts/bench_scaleout.py
 
 test: install
 	$(BIN)/python -m pytest -q

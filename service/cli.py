@@ -1,4 +1,4 @@
-"""The `el` command: serve, build-index, eval, bench, bench-scale, train, tune-weights, link-file.
+"""The `el` command: serve, worker, build-index, eval, bench, bench-scale, train, tune-weights, link-file.
 
 Settings come from EL_ variables (see README); the offline commands run service/offline/."""
 
@@ -16,12 +16,26 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def _serve(settings: Settings, _: argparse.Namespace) -> int:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    if args.ray:
+        from service.scale.serve import run_serve  # Ray only when asked for (the `scale` extra)
+
+        return run_serve(settings, replicas=args.replicas)
     from service.app import create_app
     from service.server import serve
 
     # uvicorn with a readiness drain on SIGTERM and an index reload on SIGHUP (service/server.py).
     return serve(settings, create_app)
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    if args.ray:
+        from service.scale.workers import run_ray_workers  # Ray only when asked for (the `scale` extra)
+
+        return run_ray_workers(settings, workers=args.workers)
+    from service.jobs.worker import run_worker
+
+    return run_worker(settings, metrics_port=args.metrics_port)
 
 
 def _build_index(settings: Settings, args: argparse.Namespace) -> int:
@@ -221,7 +235,19 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="el", description="Multimodal entity linking (OT-MEL) service tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="serve the HTTP API on EL_HOST:EL_PORT").set_defaults(fn=_serve)
+    sv = sub.add_parser("serve", help="serve the HTTP API on EL_HOST:EL_PORT")
+    sv.add_argument("--ray", action="store_true", help="as Ray Serve replicas behind one address (joins "
+                    "EL_RAY__ADDRESS, else starts a local Ray head); README: Scaling out")
+    sv.add_argument("--replicas", type=int, default=None, help="replicas with --ray (default EL_RAY__REPLICAS)")
+    sv.set_defaults(fn=_serve)
+    wk = sub.add_parser("worker", help="run batch jobs from the shared job store (EL_JOBS__DATABASE_URL) without an "
+                        "HTTP server; start several to share one queue")
+    wk.add_argument("--ray", action="store_true", help="run --workers workers as Ray actors (restarted by Ray when "
+                    "they die) on the cluster at EL_RAY__ADDRESS, or a local one")
+    wk.add_argument("--workers", type=int, default=1, help="Ray actors to run (with --ray)")
+    wk.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics on "
+                    "EL_HOST:PORT/metrics")
+    wk.set_defaults(fn=_worker)
     b = sub.add_parser("build-index", help="export the encoders and build the index at EL_INDEX__DIR")
     b.add_argument("--if-missing", action="store_true", help="keep the index already there when it was built with "
                    "the configured encoders from the configured KG (same file contents); else rebuild")

@@ -134,9 +134,14 @@ class JobSettings(BaseModel):
     """Durable async batch jobs (/v1/jobs): store, worker, caps and expiry."""
 
     dir: Path = Field(Path("artifacts/jobs"), description="Folder of the job store (SQLite file jobs.sqlite3).")
+    database_url: str | None = Field(
+        None, description="Job store to share between processes and machines: `postgresql://user@host:port/db` "
+                          "(the `scale` extra) or `sqlite:///path`; unset: the SQLite file in EL_JOBS__DIR.")
+    run_worker: bool = Field(True, description="Run a job worker inside the API process; false when `el worker` "
+                                               "processes (or Ray actors) on a shared store do the work.")
     chunk_size: int = Field(64, ge=1, le=4096, description="Items linked per worker batch; one commit per chunk.")
-    max_attempts: int = Field(3, ge=1, description="Runs of a job (crashes, lost leases) before it is marked failed.")
-    lease_s: float = Field(30.0, gt=0.0, description="Worker lease on a running job; renewed every lease_s/3.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one chunk (crashes, lost leases) before its job is marked failed.")
+    lease_s: float = Field(30.0, gt=0.0, description="Worker lease on a chunk; renewed every lease_s/3.")
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0.0, description="Finished jobs and results are kept this long (then 410/404).")
     sweep_interval_s: float = Field(300.0, gt=0.0, description="How often expired jobs are deleted.")
     poll_interval_s: float = Field(1.0, gt=0.0, description="Idle worker's wait between looks at the queue.")
@@ -146,6 +151,20 @@ class JobSettings(BaseModel):
     retry_after_s: int = Field(30, ge=1, description="Retry-After seconds when the job queue is full.")
     synchronous: Literal["NORMAL", "FULL"] = Field(
         "FULL", description="SQLite synchronous mode (WAL): FULL makes an accepted job survive power loss.")
+
+
+class RaySettings(BaseModel):
+    """Scale-out on Ray (the `scale` extra): `el serve --ray` replicas and `el worker --ray` job workers."""
+
+    address: str | None = Field(None, description="Ray cluster to join (e.g. `10.0.0.5:6379` or `auto`); unset: start "
+                                                   "a local Ray head in the process.")
+    replicas: int = Field(2, ge=1, description="Serve replicas of the API (each loads encoders and index).")
+    replica_cpus: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per replica; ONNX Runtime and torch get "
+                                                         "that many threads (Ray's OMP_NUM_THREADS is ignored by ORT).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests Serve lets into one replica at once (Ray's "
+                                                             "default of 5 would cap micro-batches at 5).")
+    worker_cpus: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per job worker actor.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs a local Ray head offers (unset: all of the machine's).")
 
 
 class AuthSettings(BaseModel):
@@ -248,6 +267,7 @@ class Settings(BaseSettings):
     cors: CorsSettings = CorsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     jobs: JobSettings = JobSettings()
+    ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -138,3 +138,15 @@ def linker(settings):
     lk = Linker.from_settings(settings)
     lk.warm_up()
     return lk
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server (tests/postgres.py) for the whole session; tests take fresh databases from it.
+    Skipped only where psycopg (the `scale` extra) is not installed; CI installs it and PostgreSQL."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL job store needs the `scale` extra (psycopg)")
+    from tests.postgres import LocalPostgres
+
+    server = LocalPostgres().start()
+    yield server
+    server.stop()

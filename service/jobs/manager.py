@@ -1,4 +1,5 @@
-"""The jobs subsystem of one app: opens the store, recovers it, runs the worker; routes reach it via AppState.jobs."""
+"""The jobs subsystem of one app: opens the store, recovers it, runs the worker (unless EL_JOBS__RUN_WORKER is
+false: `el worker` processes elsewhere do the work); routes reach it via AppState.jobs."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ from collections.abc import Callable
 from service.batcher import MicroBatcher
 from service.errors import NotReady
 from service.jobs.runner import JobRunner, owner_is_dead
-from service.jobs.store import STATES, JobStore
+from service.jobs.store import STATES, JobStore, open_store
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-STORE_FILE = "jobs.sqlite3"
-
 
 class JobManager:
     def __init__(self, settings: Settings, metrics: Metrics, *, linker: Callable[[], Linker | None],
@@ -37,14 +35,17 @@ class JobManager:
         return self._store
 
     def start(self) -> None:
-        """Open the store, re-queue jobs a dead worker left running, start the worker (it waits for the Linker)."""
-        path = self.cfg.dir / STORE_FILE
-        self._store = JobStore.open(path, result_ttl_s=self.cfg.result_ttl_s, synchronous=self.cfg.synchronous)
+        """Open the store, re-queue chunks a dead worker on this host left running, start the worker (it waits
+        for the Linker)."""
+        self._store = open_store(self.cfg)
         self._store.recover(owner_is_dead)
+        logger.info("job store %s open", self._store.describe())
+        if not self.cfg.run_worker:
+            logger.info("no job worker in this process (EL_JOBS__RUN_WORKER=false): `el worker` runs the jobs")
+            return
         self._runner = JobRunner(self._store, self.settings, self.metrics, linker=self._linker,
                                  batcher=self._batcher)
         self._runner.start()
-        logger.info("job store %s open", path)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self._runner is not None:

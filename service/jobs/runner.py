@@ -1,13 +1,14 @@
-"""The job worker: one thread that claims the oldest queued job and runs it in chunks through the Linker.
+"""The job worker: one thread that leases the next chunk from the store and links it through the Linker.
 
 Per chunk: decode each item with the same decode stage as /v1/link (`service.conversions.to_query`; a bad
 item gets its own error code and fails alone), link the items through the micro-batcher (service/batcher.py:
 at job priority, in small batches that yield to /v1/link requests; an item that breaks its batch fails
-alone), then one transaction with the outcomes and the progress.
-The commit only lands while the job is still running under our lease, so a cancel stops output at the
-next chunk boundary. A second thread renews the lease (heartbeat) while a chunk computes. On shutdown
-the worker finishes its chunk and hands the job back to the queue (attempt refunded); after a crash the
-next start re-queues it and the job resumes at the first item without an outcome.
+alone), then one transaction with the outcomes, the chunk's completion and the job's progress.
+The commit only lands while the chunk is leased to us and the job still runs, so a cancel stops output at
+the next chunk boundary. A second thread renews the lease (heartbeat) while a chunk computes. Several workers
+(threads here, `el worker` processes, Ray actors) share one job's chunks. On shutdown the worker finishes its
+chunk and commits it; after a crash the chunk's lease runs out (or the next start on this host re-queues it)
+and another worker runs the chunk's items that have no outcome yet.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 from service.batcher import MicroBatcher
 from service.conversions import to_query, to_response
 from service.errors import ELError
-from service.jobs.store import ItemOutcome, JobRecord, JobStore, PendingItem
+from service.jobs.store import ChunkLease, ItemOutcome, JobStore, PendingItem
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery, LinkResult
@@ -70,20 +71,21 @@ def _error_json(code: str, message: str) -> str:
 
 class JobRunner:
     def __init__(self, store: JobStore, settings: Settings, metrics: Metrics, *,
-                 linker: Callable[[], Linker | None], batcher: MicroBatcher) -> None:
+                 linker: Callable[[], Linker | None], batcher: MicroBatcher, owner: str | None = None) -> None:
         self.store, self.settings, self.metrics = store, settings, metrics
         self.cfg = settings.jobs
-        self.owner = make_owner()
+        self.owner = owner or make_owner()
         self._linker = linker
         self._batcher = batcher
         self._stop = threading.Event()
         self._stop_heartbeat = threading.Event()
         self._wake = threading.Event()
-        self._current: str | None = None
-        self._lost: str | None = None  # job id whose lease the heartbeat found gone
+        self._current: ChunkLease | None = None
+        self._lost: ChunkLease | None = None  # the lease the heartbeat found gone
+        self._last_job: str | None = None
         self._threads: list[threading.Thread] = []
         self._next_sweep = 0.0
-        self._next_requeue = 0.0
+        self.chunks_done = 0
 
     def start(self) -> None:
         for target, name in ((self._loop, "el-job-worker"), (self._heartbeat_loop, "el-job-heartbeat")):
@@ -93,14 +95,15 @@ class JobRunner:
         logger.info("job worker %s started", self.owner)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the current chunk, hand the job back, stop. A chunk still computing after timeout_s is
-        abandoned (daemon thread): its lease expires or the next start re-queues the job."""
+        """Finish and commit the current chunk, then stop. A chunk still computing after timeout_s is abandoned
+        (daemon thread): its lease expires or the next start on this host re-queues it."""
         self._stop.set()
         self._wake.set()
         if self._threads:
             self._threads[0].join(timeout_s)
             if self._threads[0].is_alive():
-                logger.warning("job worker did not stop within %.0f s; the job is re-queued at the next start", timeout_s)
+                logger.warning("job worker did not stop within %.0f s; its chunk is re-queued when the lease ends",
+                               timeout_s)
         self._stop_heartbeat.set()
         for t in self._threads[1:]:
             t.join(5.0)
@@ -120,33 +123,38 @@ class JobRunner:
                     self._stop.wait(min(self.cfg.poll_interval_s, 0.2))
                     continue
                 self._wake.clear()
-                self._maybe_requeue()
-                job = self.store.claim(self.owner, lease_s=self.cfg.lease_s, max_attempts=self.cfg.max_attempts)
-                if job is None:
+                lease = self.store.claim(self.owner, lease_s=self.cfg.lease_s, max_attempts=self.cfg.max_attempts)
+                if lease is None:
+                    self._park()
                     self._wake.wait(self.cfg.poll_interval_s)
                     continue
-                self._run(job)
-            except Exception:  # the worker must outlive a bad moment (disk full, locked file); log and retry
+                self._last_job = lease.job_id
+                self._run(lease)
+            except Exception:  # the worker must outlive a bad moment (disk full, locked file, lost database)
                 logger.exception("job worker error")
                 self._stop.wait(1.0)
+        try:
+            self._park()
+        except Exception:
+            logger.exception("job worker: could not park its last job")
+
+    def _park(self) -> None:
+        """Between chunks with nothing left to claim or on the way out: the job we worked on goes back to
+        queued if no chunk of it is leased (it shows running only while someone works on it)."""
+        if self._last_job is not None:
+            self.store.park(self._last_job)
+            self._last_job = None
 
     def _heartbeat_loop(self) -> None:
         while not self._stop_heartbeat.wait(self.cfg.lease_s / 3):
-            job_id = self._current
-            if job_id is None:
+            lease = self._current
+            if lease is None:
                 continue
             try:
-                if not self.store.heartbeat(job_id, self.owner, lease_s=self.cfg.lease_s):
-                    self._lost = job_id
+                if not self.store.heartbeat(lease, lease_s=self.cfg.lease_s):
+                    self._lost = lease
             except Exception:
                 logger.exception("job heartbeat failed")
-
-    def _maybe_requeue(self) -> None:
-        """Another process's worker that died mid-job: its lease runs out and the job goes back to the queue."""
-        now = time.monotonic()
-        if now >= self._next_requeue:
-            self._next_requeue = now + self.cfg.lease_s / 3
-            self.store.requeue_expired()
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
@@ -154,47 +162,33 @@ class JobRunner:
             self._next_sweep = now + self.cfg.sweep_interval_s
             self.store.sweep()
 
-    # ---- one job ----
+    # ---- one chunk ----
 
-    def _run(self, job: JobRecord) -> None:
-        self._current, self._lost = job.id, None
-        logger.info("job %s: attempt %d, %d/%d items done", job.id, job.attempts, job.done, job.total)
-        cursor = 0
+    def _run(self, lease: ChunkLease) -> None:
+        self._current, self._lost = lease, None
+        logger.debug("job %s: chunk %d (items %d-%d), attempt %d", lease.job_id, lease.no, lease.first_seq,
+                     lease.last_seq, lease.attempts)
         try:
-            while True:
-                if self._stop.is_set():
-                    self.store.release(job.id, self.owner, refund=True)
-                    logger.info("job %s handed back to the queue (shutdown)", job.id)
-                    return
-                if self._lost == job.id or not self.store.is_ours(job.id, self.owner):
-                    logger.info("job %s: cancelled or lease lost; stopping", job.id)
-                    return
-                linker = self._linker()
-                if linker is None:
-                    self.store.release(job.id, self.owner, refund=True)
-                    logger.info("job %s handed back to the queue (service not ready)", job.id)
-                    return
-                self._maybe_sweep()
-                pending = self.store.pending(job.id, from_seq=cursor, limit=self.cfg.chunk_size)
-                if not pending:
-                    break
-                outcomes = self._link_chunk(pending)
-                if not self.store.commit_chunk(job.id, self.owner, outcomes, lease_s=self.cfg.lease_s):
-                    logger.info("job %s: cancelled or lease lost; chunk discarded", job.id)
-                    return
-                n_err = sum(o.error is not None for o in outcomes)
-                self.metrics.job_items.labels("ok").inc(len(outcomes) - n_err)
-                self.metrics.job_items.labels("error").inc(n_err)
-                cursor = pending[-1].seq + 1
-            if self.store.finish(job.id, self.owner):
-                logger.info("job %s succeeded", job.id)
+            pending = self.store.pending(lease)
+            outcomes = self._link_chunk(pending) if pending else []
+            if self._lost == lease:
+                logger.info("job %s: chunk %d lease lost (cancelled or taken over); discarded", lease.job_id, lease.no)
+                return
+            if not self.store.commit_chunk(lease, outcomes):
+                logger.info("job %s: cancelled or lease lost; chunk %d discarded", lease.job_id, lease.no)
+                return
+            self.chunks_done += 1
+            n_err = sum(o.error is not None for o in outcomes)
+            self.metrics.job_items.labels("ok").inc(len(outcomes) - n_err)
+            self.metrics.job_items.labels("error").inc(n_err)
         except Exception:
-            logger.exception("job %s: attempt %d failed", job.id, job.attempts)
+            logger.exception("job %s: chunk %d attempt %d failed", lease.job_id, lease.no, lease.attempts)
             try:
-                self.store.release(job.id, self.owner, error=f"attempt {job.attempts} failed: internal error in the worker")
+                self.store.release(lease, error=f"chunk {lease.no} attempt {lease.attempts} failed: "
+                                                "internal error in the worker")
             except Exception:
-                logger.exception("job %s: could not hand the job back; its lease will expire", job.id)
-            self._stop.wait(1.0)  # back off so a failing job does not spin through its attempts
+                logger.exception("job %s: could not hand chunk %d back; its lease will expire", lease.job_id, lease.no)
+            self._stop.wait(1.0)  # back off so a failing chunk does not spin through its attempts
         finally:
             self._current = None
 

@@ -126,7 +126,7 @@ async def create_job(
     sub = await _read_submission(request, jm)
     job, created = await run_in_threadpool(
         store.create_job, sub.items, fingerprint=sub.fingerprint, idempotency_key=idempotency_key,
-        max_queued=jm.cfg.max_queued, retry_after_s=jm.cfg.retry_after_s)
+        max_queued=jm.cfg.max_queued, retry_after_s=jm.cfg.retry_after_s, chunk_size=jm.cfg.chunk_size)
     if created:
         jm.notify()
         logger.info("job %s queued: %d items", job.id, job.total)

@@ -1,6 +1,8 @@
 """Fixtures for the job tests: real servers (`python -m service serve` subprocesses, started with the API
-tests' helpers) over a real SQLite job store in a temporary folder, and job items built from real WikiMEL
-test mentions. EL_STAGE_DELAY_MS and a small EL_JOBS__CHUNK_SIZE make jobs slow enough to interrupt."""
+tests' helpers) over a real job store, and job items built from real WikiMEL test mentions. Every test that
+touches a store runs twice, once per backend: a SQLite file in a temporary folder and a fresh database on a
+real PostgreSQL server started for the session (tests/postgres.py). EL_STAGE_DELAY_MS and a small
+EL_JOBS__CHUNK_SIZE make jobs slow enough to interrupt."""
 
 from __future__ import annotations
 
@@ -12,17 +14,31 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.jobs.db import BACKENDS, JobDB, new_db
 from tests.jobs.helpers import SLOW, start_server
 from tests.service.conftest import Server
 
 
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def make_db(backend: str, request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Callable[..., JobDB]:
+    """`make_db(name)`: a fresh, empty job store on this run's backend."""
+    pg = request.getfixturevalue("postgres") if backend == "postgresql" else None
+    return lambda name="jobs": new_db(backend, tmp_path_factory.mktemp(name), pg)
+
+
 @pytest.fixture
 def servers(settings) -> Iterator[Callable[..., Server]]:
-    """`servers(store_dir, **env)` starts a server; all are stopped when the test ends."""
+    """`servers(db, **env)` starts a server on that job store; all are stopped when the test ends."""
     started: list[Server] = []
 
-    def _start(store_dir: Path, **env: object) -> Server:
-        server = start_server(settings, store_dir, **env)
+    def _start(db: JobDB, **env: object) -> Server:
+        server = start_server(settings, db, **env)
         started.append(server)
         return server
 
@@ -32,14 +48,14 @@ def servers(settings) -> Iterator[Callable[..., Server]]:
 
 
 @pytest.fixture(scope="session")
-def jobs_store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("jobs-shared")
+def jobs_db(make_db: Callable[..., JobDB]) -> JobDB:
+    return make_db("jobs-shared")
 
 
 @pytest.fixture(scope="session")
-def jobs_server(settings, jobs_store_dir: Path) -> Iterator[Server]:
+def jobs_server(settings, jobs_db: JobDB) -> Iterator[Server]:
     """One slow-ish server shared by the API and CLI tests; its job body cap is small so 413 is cheap to hit."""
-    server = start_server(settings, jobs_store_dir, EL_JOBS__MAX_BODY_BYTES=2 * 1024 * 1024, **SLOW)
+    server = start_server(settings, jobs_db, EL_JOBS__MAX_BODY_BYTES=2 * 1024 * 1024, **SLOW)
     yield server
     server.stop()
 

@@ -1,27 +1,25 @@
-"""Helpers for the job tests: start a server on a given job store, submit, poll, read results, the SQLite file, metrics."""
+"""Helpers for the job tests: start a server on a given job store, submit, poll, read results, the store's rows, metrics."""
 
 from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.jobs.db import JobDB
 from tests.service.conftest import Server, launch, wait_until
 
-STORE_FILE = "jobs.sqlite3"
 # Slow enough that a job of a few dozen items takes seconds, fast enough to keep the suite short.
 SLOW = {"EL_STAGE_DELAY_MS": "40", "EL_JOBS__CHUNK_SIZE": "4", "EL_JOBS__POLL_INTERVAL_S": "0.1"}
 
 
-def start_server(settings, store_dir: Path, **env: object) -> Server:
-    overrides = {"EL_JOBS__DIR": str(store_dir), "EL_JOBS__POLL_INTERVAL_S": "0.1", "EL_SHUTDOWN__DRAIN_DELAY_S": "0"}
+def start_server(settings, db: JobDB, **env: object) -> Server:
+    overrides = {**db.env, "EL_JOBS__POLL_INTERVAL_S": "0.1", "EL_SHUTDOWN__DRAIN_DELAY_S": "0"}
     overrides.update({k: str(v) for k, v in env.items()})
     server = launch(settings, overrides)
     wait_until(server)
@@ -63,9 +61,8 @@ def result_lines(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in r.text.splitlines()]
 
 
-def db_rows(store_dir: Path, sql: str, *args: object) -> list[tuple]:
-    with sqlite3.connect(store_dir / STORE_FILE, timeout=30) as c:
-        return c.execute(sql, args).fetchall()
+def db_rows(db: JobDB, sql: str, *args: object) -> list[tuple]:
+    return db.rows(sql, *args)
 
 
 def metric(client: httpx.Client, name: str, **labels: str) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.jobs.db import JobDB
 from tests.jobs.helpers import db_rows, many
 from tests.service.conftest import Server
 
@@ -47,7 +48,7 @@ def test_link_file_writes_one_line_per_item_in_input_order(jobs_server: Server, 
     assert all(line["result"]["entities"] for line in lines)
 
 
-def test_link_file_delete_removes_the_job_once_its_results_are_written(jobs_server: Server, jobs_store_dir: Path,
+def test_link_file_delete_removes_the_job_once_its_results_are_written(jobs_server: Server, jobs_db: JobDB,
                                                                        tmp_path: Path, job_items: list[dict]) -> None:
     items = many(job_items, 6, "cli-delete")
     out = tmp_path / "results.jsonl"
@@ -57,11 +58,11 @@ def test_link_file_delete_removes_the_job_once_its_results_are_written(jobs_serv
     m = re.search(r"job (\w+) succeeded: 6/6 items, 0 failed; wrote 6 lines to .*; deleted the job on the server", r.stderr)
     assert m, r.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [i["id"] for i in items]
-    assert db_rows(jobs_store_dir, "SELECT count(*) FROM jobs WHERE id = ?", m.group(1)) == [(0,)]
-    assert db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", m.group(1)) == [(0,)]
+    assert db_rows(jobs_db, "SELECT count(*) FROM jobs WHERE id = ?", m.group(1)) == [(0,)]
+    assert db_rows(jobs_db, "SELECT count(*) FROM results WHERE job_id = ?", m.group(1)) == [(0,)]
 
 
-def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store_dir: Path, tmp_path: Path,
+def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_db: JobDB, tmp_path: Path,
                                                  job_items: list[dict]) -> None:
     items = many(job_items, 480, "cli")  # >= 4.8 s of work (120 chunks x 40 ms): Ctrl-C lands mid-job even on a loaded machine
     src = write_jsonl(tmp_path / "big.jsonl", items)
@@ -90,4 +91,4 @@ def test_an_interrupted_run_resumes_the_same_job(jobs_server: Server, jobs_store
     assert f"job {job_id} found (resuming)" in r.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [i["id"] for i in items]
     key = "link-file-sha256-" + hashlib.sha256(src.read_bytes()).hexdigest()
-    assert db_rows(jobs_store_dir, "SELECT id, attempts FROM jobs WHERE idempotency_key = ?", key) == [(job_id, 1)]
+    assert db_rows(jobs_db, "SELECT id, attempts FROM jobs WHERE idempotency_key = ?", key) == [(job_id, 1)]

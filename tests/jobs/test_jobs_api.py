@@ -1,15 +1,15 @@
-"""The /v1/jobs API over real HTTP against a real server and its SQLite store (jobs_server fixture)."""
+"""The /v1/jobs API over real HTTP against a real server and its job store, on each backend (jobs_server fixture)."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.jobs.db import JobDB
 from tests.jobs.helpers import db_rows, finished, many, metric, result_lines, submit, wait_idle, wait_job
 from tests.service.conftest import Server
 
@@ -61,7 +61,7 @@ def test_same_key_with_another_body_is_a_conflict(api: httpx.Client, job_items: 
     assert r.json()["error"]["code"] == "idempotency_conflict"
 
 
-def test_concurrent_duplicates_make_one_job_and_run_once(api: httpx.Client, jobs_server: Server, jobs_store_dir: Path,
+def test_concurrent_duplicates_make_one_job_and_run_once(api: httpx.Client, jobs_server: Server, jobs_db: JobDB,
                                                          job_items: list[dict]) -> None:
     items = many(job_items, 16, "dup")
     wait_idle(api)
@@ -85,8 +85,8 @@ def test_concurrent_duplicates_make_one_job_and_run_once(api: httpx.Client, jobs
     job_id = job_ids.pop()
     job = wait_job(api, job_id, finished)
     assert job["state"] == "succeeded" and job["attempts"] == 1
-    assert db_rows(jobs_store_dir, "SELECT count(*) FROM jobs WHERE idempotency_key = 'concurrent'") == [(1,)]
-    assert db_rows(jobs_store_dir, "SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = ?", job_id) == [(16, 16)]
+    assert db_rows(jobs_db, "SELECT count(*) FROM jobs WHERE idempotency_key = 'concurrent'") == [(1,)]
+    assert db_rows(jobs_db, "SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = ?", job_id) == [(16, 16)]
     assert metric(api, "el_job_items_total", outcome="ok") - ok_before == 16  # one execution
 
 
@@ -118,7 +118,7 @@ def test_poison_items_fail_alone_with_their_codes(api: httpx.Client, job_items: 
     assert metric(api, "el_job_items_total", outcome="error") - errors_before == 4
 
 
-def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_store_dir: Path, job_items: list[dict]) -> None:
+def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_db: JobDB, job_items: list[dict]) -> None:
     items = many(job_items, 160, "cancel")
     wait_idle(api)
     cancelled_before = metric(api, "el_jobs", state="cancelled")
@@ -132,9 +132,9 @@ def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_store_dir
     assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
     r = api.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
-    stored = db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", job_id)[0][0]
+    stored = db_rows(jobs_db, "SELECT count(*) FROM results WHERE job_id = ?", job_id)[0][0]
     time.sleep(1.0)  # several chunks' worth: nothing more may land
-    assert db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", job_id)[0][0] == stored
+    assert db_rows(jobs_db, "SELECT count(*) FROM results WHERE job_id = ?", job_id)[0][0] == stored
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "cancelled" and running["progress"]["done"] <= job["progress"]["done"] == stored < 160
     lines = result_lines(api, job_id)
@@ -146,7 +146,7 @@ def test_cancel_a_running_job_stops_its_output(api: httpx.Client, jobs_store_dir
 
 
 def test_delete_a_running_job_cancels_it_then_removes_it_and_its_results(
-        api: httpx.Client, jobs_store_dir: Path, job_items: list[dict]) -> None:
+        api: httpx.Client, jobs_db: JobDB, job_items: list[dict]) -> None:
     items = many(job_items, 160, "delete")
     wait_idle(api)
     job_id = submit(api, items, key="to-delete").json()["job_id"]
@@ -158,8 +158,8 @@ def test_delete_a_running_job_cancels_it_then_removes_it_and_its_results(
         assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (path, r.text)
     assert job_id not in {j["job_id"] for j in api.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]}
     time.sleep(1.0)  # several chunks' worth: the worker must not write results for (or recreate) the deleted job
-    for table, col in (("jobs", "id"), ("items", "job_id"), ("results", "job_id")):
-        assert db_rows(jobs_store_dir, f"SELECT count(*) FROM {table} WHERE {col} = ?", job_id) == [(0,)], table
+    for table, col in (("jobs", "id"), ("items", "job_id"), ("chunks", "job_id"), ("results", "job_id")):
+        assert db_rows(jobs_db, f"SELECT count(*) FROM {table} WHERE {col} = ?", job_id) == [(0,)], table
     # A second delete changes nothing and says so; cancelling a deleted job is a 404 too.
     r = api.delete(f"/v1/jobs/{job_id}")
     assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
@@ -170,14 +170,14 @@ def test_delete_a_running_job_cancels_it_then_removes_it_and_its_results(
     assert wait_job(api, again.json()["job_id"], finished)["state"] == "succeeded"
 
 
-def test_delete_a_finished_job_removes_its_results(api: httpx.Client, jobs_store_dir: Path,
+def test_delete_a_finished_job_removes_its_results(api: httpx.Client, jobs_db: JobDB,
                                                    job_items: list[dict]) -> None:
     job_id = submit(api, job_items[:2]).json()["job_id"]
     wait_job(api, job_id, finished)
     assert len(result_lines(api, job_id)) == 2
     assert api.delete(f"/v1/jobs/{job_id}").status_code == 204
     assert api.get(f"/v1/jobs/{job_id}/results").status_code == 404
-    assert db_rows(jobs_store_dir, "SELECT count(*) FROM results WHERE job_id = ?", job_id) == [(0,)]
+    assert db_rows(jobs_db, "SELECT count(*) FROM results WHERE job_id = ?", job_id) == [(0,)]
 
 
 def test_list_jobs_newest_first_with_state_filter(api: httpx.Client, job_items: list[dict]) -> None:
@@ -199,9 +199,9 @@ def test_job_state_metrics_move(api: httpx.Client, job_items: list[dict]) -> Non
     assert metric(api, "el_jobs", state="queued") == 0
 
 
-def test_bad_submissions_are_refused_before_anything_is_stored(api: httpx.Client, jobs_store_dir: Path,
+def test_bad_submissions_are_refused_before_anything_is_stored(api: httpx.Client, jobs_db: JobDB,
                                                                job_items: list[dict]) -> None:
-    n_jobs = db_rows(jobs_store_dir, "SELECT count(*) FROM jobs")[0][0]
+    n_jobs = db_rows(jobs_db, "SELECT count(*) FROM jobs")[0][0]
     dup = submit(api, [job_items[0], job_items[0]])
     assert dup.status_code == 422 and dup.json()["error"]["code"] == "duplicate_item_id"
     bad_line = api.post("/v1/jobs", content=b'{"id": "a", "mention": "x"}\n{"mention": "no id"}\n',
@@ -221,7 +221,7 @@ def test_bad_submissions_are_refused_before_anything_is_stored(api: httpx.Client
     chunked = api.post("/v1/jobs", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
                        headers={"Content-Type": "application/x-ndjson"})
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "payload_too_large"
-    assert db_rows(jobs_store_dir, "SELECT count(*) FROM jobs")[0][0] == n_jobs
+    assert db_rows(jobs_db, "SELECT count(*) FROM jobs")[0][0] == n_jobs
     for path in ("/v1/jobs/nope", "/v1/jobs/nope/results"):
         r = api.get(path)
         assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"

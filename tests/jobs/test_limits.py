@@ -4,24 +4,24 @@ with a 1 s result TTL, a fast sweep and room for one queued job (reliability.md 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
+from tests.jobs.db import JobDB
 from tests.jobs.helpers import db_rows, finished, many, result_lines, start_server, submit, wait_idle, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.onnx]  # real servers over the real encoders (tests/jobs/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("jobs-limits")
+def store(make_db: Callable[..., JobDB]) -> JobDB:
+    return make_db("jobs-limits")
 
 
 @pytest.fixture(scope="module")
-def client(settings, store: Path) -> Iterator[httpx.Client]:
+def client(settings, store: JobDB) -> Iterator[httpx.Client]:
     server = start_server(settings, store, EL_JOBS__RESULT_TTL_S=1, EL_JOBS__SWEEP_INTERVAL_S=0.2,
                           EL_JOBS__MAX_QUEUED=1, EL_JOBS__RETRY_AFTER_S=7, EL_STAGE_DELAY_MS=100, EL_JOBS__CHUNK_SIZE=2)
     with server.client() as c:
@@ -29,7 +29,7 @@ def client(settings, store: Path) -> Iterator[httpx.Client]:
     server.stop()
 
 
-def test_results_expire_then_every_row_is_deleted(client: httpx.Client, store: Path, job_items: list[dict]) -> None:
+def test_results_expire_then_every_row_is_deleted(client: httpx.Client, store: JobDB, job_items: list[dict]) -> None:
     items = job_items[:2]
     job_id = submit(client, items, key="short-lived").json()["job_id"]
     job = wait_job(client, job_id, finished)
@@ -50,7 +50,7 @@ def test_results_expire_then_every_row_is_deleted(client: httpx.Client, store: P
     assert seen[0] == 200 and seen[-1] == 404 and set(seen) <= {200, 410, 404}, seen
     assert client.get(f"/v1/jobs/{job_id}/results").status_code == 404
     assert db_rows(store, "SELECT count(*) FROM jobs WHERE id = ?", job_id) == [(0,)]
-    for table in ("items", "results"):
+    for table in ("items", "chunks", "results"):
         assert db_rows(store, f"SELECT count(*) FROM {table} WHERE job_id = ?", job_id) == [(0,)]
     # The key is free again once its job is gone.
     assert submit(client, items, key="short-lived").status_code == 202
