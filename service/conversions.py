@@ -60,6 +60,7 @@ def to_response(r: LinkResult) -> LinkResponse:
 
 
 def to_explained_response(r: LinkResult) -> ExplainedLinkResponse:
-    """/v1/link's answer: the LinkResponse, plus the alignments when the query asked for them (explain=true)."""
-    explain = None if r.explain is None else [asdict(a) for a in r.explain]
-    return ExplainedLinkResponse(**to_response(r).model_dump(), explain=explain)
+    """/v1/link's answer: the LinkResponse, plus the alignments when the query asked for them (explain=true). The
+    field is set only then, and the route leaves unset fields out: without explain the answer is a LinkResponse."""
+    extra = {} if r.explain is None else {"explain": [asdict(a) for a in r.explain]}
+    return ExplainedLinkResponse(**to_response(r).model_dump(), **extra)

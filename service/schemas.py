@@ -88,8 +88,8 @@ class CandidateAlignment(BaseModel):
 
 class ExplainedLinkResponse(LinkResponse):
     explain: list[CandidateAlignment] | None = Field(
-        None, description="With explain=true: the transport plans the reranker scored the top 3 entities with "
-                          "(words against words, patches against patches); null otherwise.")
+        None, description="Only with explain=true (absent otherwise): the transport plans the reranker scored the "
+                          "top 3 entities with (words against words, patches against patches).")
 
 
 class BatchLinkResponse(BaseModel):

@@ -21,6 +21,7 @@ column to 1 / len(entity tokens), up to the solver's tolerance (EL_RERANK__TOL).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,7 +144,7 @@ def explanations(index: KGIndex, runtime: EncoderRuntime, scorer: str, queries: 
                 v_val = float(vis.values[slot])
                 if q.image is not None:
                     p = vis.plan.shape[-1]
-                    side = int(round(p ** 0.5))
+                    side = math.isqrt(p)
                     grid = [side, side] if side * side == p else [1, p]
                     t_img = bool(index.image_rows[row] >= 0)
                     v_al = ImageAlignment(grid, _round(vis.plan[slot]), t_img)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -106,6 +105,7 @@ async def _parse_link_request(request: Request, settings: Settings) -> tuple[Lin
 @router.post(
     "/link",
     response_model=ExplainedLinkResponse,
+    response_model_exclude_unset=True,  # `explain` only when asked for (every other field is always set)
     responses=_ERRORS,
     summary="Link one mention (JSON, or multipart with an image file part)",
     openapi_extra={"requestBody": {"required": True, "content": {

@@ -295,7 +295,7 @@ function drawPatches(canvas, src, grid, shades) {
     const pw = canvas.width / cols, ph = canvas.height / rows;
     for (let p = 0; p < rows * cols; p++) {
       const r = Math.floor(p / cols), c = p % cols;
-      ctx.fillStyle = `rgba(0,0,0,${(0.75 * (1 - shades[p])).toFixed(3)})`; // dark where little mass is concentrated
+      ctx.fillStyle = `rgba(0,0,0,${(0.6 * (1 - shades[p])).toFixed(3)})`; // dark where little mass is concentrated
       ctx.fillRect(c * pw, r * ph, pw, ph);
       ctx.strokeStyle = "rgba(255,255,255,0.35)";
       ctx.strokeRect(c * pw, r * ph, pw, ph);

@@ -4,6 +4,7 @@
 
 const ERROR_MESSAGES = {
   // input
+  bad_request: "The request was not accepted",
   invalid_input: "The request was not accepted",
   text_too_long: "The sentence or the mention is too long",
   too_many_items: "Too many items in one request",
