@@ -118,3 +118,48 @@ def test_default_path_records_nothing(linker, monkeypatch) -> None:
     monkeypatch.setattr(PlanRecorder, "__init__", spy)
     out = linker.link(LinkQuery("Berlin", "Berlin in 1920", None, top_k=3))
     assert out.explain is None and made == []
+
+
+@pytest.fixture(scope="module")
+def zeroshot_linker(small_kg, zeroshot_runtime, settings, tmp_path_factory: pytest.TempPathFactory):
+    """A zero-shot index (backbone features under fitted projections) over a slice of the real KG with its images."""
+    from kg_index.build import build_index
+    from kg_index.load import load_index
+    from service.pipeline.linker import Linker
+
+    kg = [e for e in small_kg if e.image is not None] + [e for e in small_kg if e.image is None][:80]
+    out = tmp_path_factory.mktemp("zeroshot-explain") / "index"
+    build_index(kg, zeroshot_runtime, out, kg="mel-slice", local_dim=32, progress=False, batch_size=32)
+    return Linker(settings, zeroshot_runtime, load_index(out, encoder_signature=zeroshot_runtime.spec.signature()))
+
+
+def test_zero_shot_plans_give_the_transport_weighted_cosine(zeroshot_linker, image_entity) -> None:
+    lk = zeroshot_linker
+    index = lk.index
+    assert not index.heads
+    meta, photo = image_entity
+    q = LinkQuery(meta.name, f"A photo of {meta.name}.", photo, top_k=4, explain=True)
+    res = lk.link(q)
+    feats = lk.featurizer([q.mention], [q.context], [q.image])
+    q_pos = np.flatnonzero(feats.text_seg[0] > 0)
+    tol = 2 * lk.settings.rerank.tol
+    assert res.explain and {a.scorer for a in res.explain} == {"zero-shot"}
+    for a in res.explain:
+        row = index.row_of[a.id]
+        t = a.text
+        plan = np.asarray(t.plan)
+        assert t.entity_first == len(t.entity_tokens)  # the name's tokens only
+        _check_marginals(plan, tol)
+        e_pos = np.flatnonzero(np.asarray(index.text_seg[row]) == 1)
+        cos = feats.text_local[0, q_pos] @ index.text_local[row][e_pos].astype(np.float32).T
+        assert float((plan * cos).sum()) == pytest.approx(a.text_term, abs=1e-5)
+        if index.image_rows[row] >= 0:  # both images: the mean of the two units
+            v = np.asarray(a.image.plan)
+            _check_marginals(v, tol)
+            vcos = feats.image_local[0] @ index.image_local[index.image_rows[row]].astype(np.float32).T
+            assert float((v * vcos).sum()) == pytest.approx(a.visual_term, abs=1e-5)
+            assert (a.text_term + a.visual_term) / 2 == pytest.approx(a.rerank_score, abs=1e-5)
+        else:
+            assert a.image is None and a.visual_term is None
+            assert a.text_term == pytest.approx(a.rerank_score, abs=1e-6)
+    assert any(a.image is not None for a in res.explain)
