@@ -163,3 +163,20 @@ def test_zero_shot_plans_give_the_transport_weighted_cosine(zeroshot_linker, ima
             assert a.image is None and a.visual_term is None
             assert a.text_term == pytest.approx(a.rerank_score, abs=1e-6)
     assert any(a.image is not None for a in res.explain)
+
+
+def test_adaptive_rerank_explains_only_what_it_solved(linker, monkeypatch) -> None:
+    """With EL_RERANK__SKIP_MARGIN a skipped mention has no plan (its OT term is 0); a solved one in the same batch
+    gets the plans of its own solve (the sub-batch's recorder is merged back at the right position)."""
+    import service.pipeline.linker as linker_mod
+
+    qs = [LinkQuery("Berlin", "Berlin in 1920", None, top_k=3, explain=True),
+          LinkQuery("Douglas Adams", "Douglas Adams wrote books.", None, top_k=3, explain=True)]
+    full = linker.link_batch(qs).results
+    monkeypatch.setattr(linker_mod, "top_margin", lambda scores, rows: np.array([np.inf, -np.inf]))
+    part = linker.with_skip_margin(0.5).link_batch(qs).results
+    assert all(a.text is None and a.rerank_score == 0.0 for a in part[0].explain)
+    for a, b in zip(part[1].explain, full[1].explain):
+        assert a.id == b.id and a.text is not None
+        np.testing.assert_allclose(np.asarray(a.text.plan), np.asarray(b.text.plan), atol=1e-6)
+        assert a.rerank_score == pytest.approx(b.rerank_score, abs=1e-6)

@@ -325,6 +325,8 @@ function drawAlignment(li, a) {
   const box = $(".alignment", li);
   box.hidden = false;
   if (a.text) drawHeatmap($(".heatmap", li), a.text);
+  else $(".heatmap-box", li).textContent = "No transport plan: the OT solve was skipped for this mention " +
+    "(adaptive rerank, EL_RERANK__SKIP_MARGIN), so its OT term is 0.";
   if (!a.image || !state.imageUrl) return;
   const patches = $(".patches", li);
   patches.hidden = false;
