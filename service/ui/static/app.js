@@ -16,7 +16,7 @@ const TERM_LABELS = {
   description_overlap_score: "description overlap",
 };
 
-const state = { image: null, imageUrl: null };
+const state = { image: null, imageUrl: null, blobs: [] }; // blobs: KG image URLs of the shown result
 
 function headers() {
   const key = $("#api-key").value.trim();
@@ -173,6 +173,8 @@ async function render(result) {
 
   const list = $("#entities");
   list.innerHTML = "";
+  state.blobs.forEach((u) => URL.revokeObjectURL(u));
+  state.blobs = [];
   const ents = result.entities || [];
   const fields = termFields(ents);
   const scale = {};
@@ -206,6 +208,7 @@ async function loadEntity(li, id) {
       const blob = await (await apiFetch(`v1/entities/${encodeURIComponent(id)}/image`)).blob();
       const img = $(".kg-image", li);
       img.src = URL.createObjectURL(blob);
+      state.blobs.push(img.src);
       img.alt = `KG image of ${meta.name}`;
       img.hidden = false;
       $(".no-image", li).hidden = true;
