@@ -119,6 +119,8 @@ def canvas_ink(pg, selector: str) -> int:
 
 
 def test_api_key_is_asked_for_then_used(page, shots: Path) -> None:
+    page.wait_for_selector("#api-key.required")  # the page read from /openapi.json that this server wants a key
+    assert page.get_attribute("#top-k", "max") == "100"  # and its top_k cap (EL_LIMITS__MAX_TOP_K)
     mark_mention(page, SENTENCE, MENTION)
     assert page.input_value("#mention") == MENTION  # marked by the selection
     link(page)

@@ -94,8 +94,14 @@ async function checkStatus() {
   }
   try { // the server's own top_k cap, from its OpenAPI document
     const doc = await (await fetch(api("openapi.json"))).json();
-    const max = doc.components.schemas.LinkRequest.properties.top_k.maximum;
-    if (max) $("#top-k").max = max;
+    for (const schema of Object.values(doc.components.schemas || {})) { // BatchItem: a LinkRequest with an id
+      const topK = schema.properties && schema.properties.top_k;
+      if (topK && topK.maximum) { $("#top-k").max = topK.maximum; break; }
+    }
+    if (doc.components.securitySchemes) { // the server has API keys configured (service/auth.py documents them)
+      $("#api-key").placeholder = "required by this server";
+      $("#api-key").classList.add("required");
+    }
   } catch (e) { /* keep the default */ }
 }
 
