@@ -96,7 +96,8 @@ async function checkStatus() {
     const doc = await (await fetch(api("openapi.json"))).json();
     for (const schema of Object.values(doc.components.schemas || {})) { // BatchItem: a LinkRequest with an id
       const topK = schema.properties && schema.properties.top_k;
-      if (topK && topK.maximum) { $("#top-k").max = topK.maximum; break; }
+      const max = topK && [topK, ...(topK.anyOf || [])].map((t) => t.maximum).find((m) => m);
+      if (max) { $("#top-k").max = max; break; }
     }
     if (doc.components.securitySchemes) { // the server has API keys configured (service/auth.py documents them)
       $("#api-key").placeholder = "required by this server";
