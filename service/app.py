@@ -26,7 +26,7 @@ from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline.linker import BatchOutcome, Linker
 from service.pipeline.types import LinkQuery
 from service.routes import admin as admin_routes
-from service.routes import entities, health, link
+from service.routes import entities, health, link, ui
 from service.routes import jobs as job_routes
 from service.settings import Settings
 from service.state import AppState
@@ -147,6 +147,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     app.include_router(entities.router)
     app.include_router(job_routes.router)
     app.include_router(admin_routes.router)
+    ui.install(app)  # the web page at / (static files; it calls the routes above)
     openapi.install(app, settings)  # the document states the limits of these settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
                        path_limits={"/v1/jobs": settings.jobs.max_body_bytes})

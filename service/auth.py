@@ -24,7 +24,8 @@ from service.middleware import send_error
 logger = logging.getLogger(__name__)
 
 # Open even when keys are configured: probes, the API description, and (by default) Prometheus.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/", "/ui"})
+OPEN_PREFIXES = ("/ui/",)  # the web page and its static files (service/routes/ui.py): no data, it asks for the key
 
 
 def _digest(key: bytes) -> bytes:
@@ -70,7 +71,8 @@ class AuthMiddleware:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        return path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics)
+        return (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+                or (path == "/metrics" and not self.protect_metrics))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or self._open(scope):

@@ -7,15 +7,17 @@ decoding); callers run it inside the admission-controlled work, in a worker thre
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from pydantic import ValidationError
 
 from service.errors import InvalidInput
 from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
 from service.pipeline.types import LinkQuery, LinkResult
-from service.schemas import BatchItem, EntityScore, LinkRequest, LinkResponse
+from service.schemas import BatchItem, EntityScore, ExplainedLinkResponse, LinkRequest, LinkResponse
 from service.settings import Settings
 
-__all__ = ["first_error", "to_queries", "to_query", "to_response"]
+__all__ = ["first_error", "to_explained_response", "to_queries", "to_query", "to_response"]
 
 
 def first_error(exc: ValidationError) -> str:
@@ -55,3 +57,10 @@ def to_response(r: LinkResult) -> LinkResponse:
         timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
         entities=[EntityScore(**c.__dict__) for c in r.entities],
     )
+
+
+def to_explained_response(r: LinkResult) -> ExplainedLinkResponse:
+    """/v1/link's answer: the LinkResponse, plus the alignments when the query asked for them (explain=true). The
+    field is set only then, and the route leaves unset fields out: without explain the answer is a LinkResponse."""
+    extra = {} if r.explain is None else {"explain": [asdict(a) for a in r.explain]}
+    return ExplainedLinkResponse(**to_response(r).model_dump(), **extra)

@@ -63,6 +63,12 @@ class EntityNotFound(NotFound):
     code = "entity_not_found"
 
 
+class EntityImageNotFound(NotFound):
+    """The entity exists but its KG has no image for it (or none that may be served)."""
+
+    code = "entity_image_not_found"
+
+
 class NotReady(ELError):
     status, code = 503, "not_ready"
 

@@ -55,6 +55,43 @@ class BatchResult(LinkResponse):
     id: str | None = None
 
 
+class TextAlignment(BaseModel):
+    mention_tokens: list[str] = Field(..., description="Content tokens of `mention [SEP] sentence`, as the "
+                                      "tokenizer's wordpieces (a piece continuing a word starts with ##).")
+    mention_first: int = Field(..., description="How many of mention_tokens are the mention's (the rest: the sentence).")
+    entity_tokens: list[str] = Field(..., description="The entity's tokens the plan covers: `name [SEP] description` "
+                                     "(zero-shot indexes: the name).")
+    entity_first: int = Field(..., description="How many of entity_tokens are the name's.")
+    plan: list[list[float]] = Field(..., description="Transport plan [mention token][entity token]: each row sums to "
+                                    "1/len(mention_tokens), each column to 1/len(entity_tokens) (up to EL_RERANK__TOL).")
+
+
+class ImageAlignment(BaseModel):
+    grid: list[int] = Field(..., description="[rows, cols] of the image patch grid (7x7); patches are row-major.")
+    plan: list[list[float]] = Field(..., description="Transport plan [mention patch][entity patch], uniform marginals.")
+    entity_has_image: bool = Field(..., description="False: the entity side is the blank image's patches.")
+
+
+class CandidateAlignment(BaseModel):
+    id: str
+    name: str
+    rerank_score: float | None = Field(None, description="The candidate's OT term (null when its solve was skipped).")
+    scorer: Literal["student", "zero-shot"] = Field(..., description="student: rerank_score = (text_term + "
+                                                    "visual_term) / 6 (OT-MEL's g2l terms, from the plans normalised "
+                                                    "per row and per column); zero-shot: each term is the transport-"
+                                                    "weighted cosine, rerank_score the text term or the mean of both.")
+    text_term: float | None = None
+    visual_term: float | None = None
+    text: TextAlignment | None = None
+    image: ImageAlignment | None = Field(None, description="Only when the mention has an image.")
+
+
+class ExplainedLinkResponse(LinkResponse):
+    explain: list[CandidateAlignment] | None = Field(
+        None, description="Only with explain=true (absent otherwise): the transport plans the reranker scored the "
+                          "top 3 entities with (words against words, patches against patches).")
+
+
 class BatchLinkResponse(BaseModel):
     results: list[BatchResult]
     index_version: str

@@ -22,6 +22,7 @@ from kg_index.load import KGIndex, load_index
 from models.features import Features, Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
+from service.pipeline.explain import PlanRecorder, explanations
 from service.pipeline.kg_terms import KGTerms
 from service.pipeline.rerank import (
     CrossScorer,
@@ -108,13 +109,15 @@ def top_margin(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def adaptive_terms(snap: Snapshot, queries: list[LinkQuery], feats: Features, rows: np.ndarray,
                    retrieval: np.ndarray, cfg: RerankConfig, device: torch.device, skip_margin: float | None,
-                   timings: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], list[OTStats], np.ndarray]:
+                   timings: dict[str, float] | None = None, recorder: PlanRecorder | None = None,
+                   ) -> tuple[dict[str, np.ndarray], list[OTStats], np.ndarray]:
     """Every rerank term, the solver's stats and which mentions skipped the cross scorer ([B] bool).
 
     The cheap terms are computed for every mention; the cross scorer (the OT solves, most of the rerank's
     cost) only for those whose score without it (retrieval + cheap terms, mixed) has its top-1 ahead of its
     top-2 by at most `skip_margin`: elsewhere the order is taken as decided and the cross term is 0 (which,
-    within one mention, ranks exactly as an OT weight of 0). None never skips; -inf skips every mention."""
+    within one mention, ranks exactly as an OT weight of 0). None never skips; -inf skips every mention.
+    A `recorder` (explain=true) receives the plans of the mentions it wants that were solved."""
     cheap = snap.cheap_terms(queries, rows, timings)
     cross = np.zeros(rows.shape, np.float32)
     if skip_margin is None:
@@ -124,12 +127,20 @@ def adaptive_terms(snap: Snapshot, queries: list[LinkQuery], feats: Features, ro
     stats: list[OTStats] = []
     keep = np.flatnonzero(~skip)
     if len(keep) == len(queries):
-        cross, stats = snap.cross(snap.index, feats, rows, cfg, device, timings)
+        cross, stats = snap.cross(snap.index, feats, rows, cfg, device, timings, **_rec(recorder))
     elif len(keep):
         sub = replace(feats, **{f.name: getattr(feats, f.name)[keep] for f in fields(feats)
                                 if getattr(feats, f.name) is not None})
-        cross[keep], stats = snap.cross(snap.index, sub, rows[keep], cfg, device, timings)
+        sub_rec = recorder.sub(keep) if recorder is not None else None
+        cross[keep], stats = snap.cross(snap.index, sub, rows[keep], cfg, device, timings, **_rec(sub_rec))
+        if recorder is not None and sub_rec is not None:
+            recorder.merge(sub_rec, keep)
     return {"rerank_score": cross, **cheap}, stats, skip
+
+
+def _rec(recorder: PlanRecorder | None) -> dict[str, PlanRecorder]:
+    """The recorder keyword for a cross scorer, only when there is one (scorers without explain support still run)."""
+    return {"recorder": recorder} if recorder is not None else {}
 
 
 @dataclass
@@ -222,13 +233,15 @@ class Linker:
 
         stats: list[OTStats] = []
         skipped = np.zeros(len(queries), bool)
+        want = np.asarray([q.explain for q in queries], bool)
+        recorder = PlanRecorder(want) if do_rerank and want.any() else None  # explain=true only: no cost otherwise
         terms = {"retrieval_score": retrieval}
         final = retrieval.copy()
         if do_rerank:
             check_deadline(deadline)
             sub = dict.fromkeys(RERANK_STAGES, 0.0)
             values, stats, skipped = adaptive_terms(snap, queries, feats, rows, retrieval, cfg, self.device,
-                                                    self.skip_margin, sub)
+                                                    self.skip_margin, sub, recorder)
             terms.update(values)
             final = mix(cfg, retrieval, values)
             timings["rerank"], t = _lap(t)  # the total; its parts follow
@@ -236,6 +249,12 @@ class Linker:
 
         results = build_results(snap.index, queries, rows, terms, final,
                                 nil_threshold=s.nil_threshold, model_version=self.model_version)
+        if want.any():
+            scorer = "student" if snap.cross is student_rerank else "zero-shot"
+            found = explanations(snap.index, self.runtime, scorer, queries, rows, results,
+                                 recorder or PlanRecorder(want))
+            for i, aligned in found.items():
+                results[i].explain = aligned
         timings["respond"], t = _lap(t)
         timings["total"] = (t - t0) * 1000
         for r in results:

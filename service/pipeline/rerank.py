@@ -30,6 +30,7 @@ from service.pipeline.terms import TERMS
 from service.pipeline.types import OTStats
 
 if TYPE_CHECKING:
+    from service.pipeline.explain import PlanRecorder
     from service.settings import RerankSettings
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,10 @@ def _solve(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: RerankConf
 
 
 def _ot_scores(q: torch.Tensor, q_mask: torch.Tensor, e: torch.Tensor, e_mask: torch.Tensor,
-               cfg: RerankConfig, timings: dict[str, float] | None = None) -> tuple[torch.Tensor, OTStats]:
-    """q [B, N, d], q_mask [B, N], e [B, K, M, d], e_mask [B, K, M] -> OT scores [B, K]."""
+               cfg: RerankConfig, timings: dict[str, float] | None = None,
+               keep: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, OTStats]:
+    """q [B, N, d], q_mask [B, N], e [B, K, M, d], e_mask [B, K, M] -> OT scores [B, K]. With `keep`, the
+    plans [B*K, N, M] it scored with are appended to it (explain=true)."""
     b, k, m, d = e.shape
     n = q.shape[1]
     with timed(timings, "rerank_pool"):
@@ -102,6 +105,8 @@ def _ot_scores(q: torch.Tensor, q_mask: torch.Tensor, e: torch.Tensor, e_mask: t
         a = uniform_marginals((q_mask.unsqueeze(1) & has).reshape(b * k, n), dtype=sim.dtype)
         bm = uniform_marginals(e_mask.reshape(b * k, m), dtype=sim.dtype)
         plan, stats = _solve(1.0 - sim, a, bm, cfg)
+    if keep is not None:
+        keep.append(plan)
     with timed(timings, "rerank_pool"):
         score = (plan * sim).sum((1, 2)).reshape(b, k)
     return score, stats
@@ -113,8 +118,10 @@ CrossScorer = Callable[..., tuple[np.ndarray, list[OTStats]]]
 
 
 def ot_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConfig,
-              device: torch.device, timings: dict[str, float] | None = None) -> tuple[np.ndarray, list[OTStats]]:
-    """OT scores [B, K] for the candidate rows [B, K] (row -1 = no candidate, score 0)."""
+              device: torch.device, timings: dict[str, float] | None = None,
+              recorder: PlanRecorder | None = None) -> tuple[np.ndarray, list[OTStats]]:
+    """OT scores [B, K] for the candidate rows [B, K] (row -1 = no candidate, score 0). With a `recorder`, the
+    plans of the mentions it wants are kept in it (service/pipeline/explain.py)."""
     b, k = rows.shape
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
@@ -131,9 +138,17 @@ def ot_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConf
         q_tok = torch.from_numpy(feats.text_local[:, :n])
         q_mask = torch.from_numpy(feats.text_seg[:, :n] > 0)
         args = (q_tok.to(device), q_mask.to(device), ent_tok.to(device), ent_mask_t.to(device))
-    text, tstats = _ot_scores(*args, cfg, timings)
+    keep: list[torch.Tensor] | None = [] if recorder is not None else None
+    text, tstats = _ot_scores(*args, cfg, timings, keep)
     scores = text.cpu().numpy()
     stats = [tstats]
+    if recorder is not None and keep:
+        from service.pipeline.explain import UnitPlans
+
+        plans = keep[0].reshape(b, k, n, m).cpu().numpy()
+        for _, p in recorder.wanted(np.arange(b)):
+            recorder.text[p] = UnitPlans(plans[p], q_mask[p].numpy(), ent_mask[p, :, :m], scores[p].copy(),
+                                         valid[p].copy())
 
     # Visual unit: only for (query, candidate) pairs where both sides have an image.
     img_rows = index.image_rows[safe] * valid - (~valid)  # [B, K], -1 when absent
@@ -146,17 +161,34 @@ def ot_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConf
             ones_q = torch.ones(qp.shape[:2], dtype=torch.bool)
             ones_e = torch.ones(ep.shape[:2], dtype=torch.bool)
             args = (qp.to(device), ones_q.to(device), ep.unsqueeze(1).to(device), ones_e.unsqueeze(1).to(device))
-        vis, vstats = _ot_scores(*args, cfg, timings)
-        scores[qi, cj] = 0.5 * (scores[qi, cj] + vis.squeeze(1).cpu().numpy())
+        keep = [] if recorder is not None else None
+        vis, vstats = _ot_scores(*args, cfg, timings, keep)
+        vis_np = vis.squeeze(1).cpu().numpy()
+        scores[qi, cj] = 0.5 * (scores[qi, cj] + vis_np)
         stats.append(vstats)
+        if recorder is not None and keep:
+            from service.pipeline.explain import UnitPlans
+
+            plans = keep[0].cpu().numpy()  # [P, patches, patches], one per pair
+            for _, p in recorder.wanted(np.arange(b)):
+                mine = np.flatnonzero(qi == p)
+                if not len(mine):
+                    continue
+                n_p = plans.shape[1]
+                unit = UnitPlans(np.zeros((k, n_p, plans.shape[2]), np.float32), np.ones(n_p, bool),
+                                 np.ones((k, plans.shape[2]), bool), np.zeros(k, np.float32), np.zeros(k, bool))
+                unit.plan[cj[mine]], unit.values[cj[mine]], unit.solved[cj[mine]] = plans[mine], vis_np[mine], True
+                recorder.visual[p] = unit
     return np.where(valid, scores, 0.0).astype(np.float32), stats
 
 
 # ---------------------------------------------------------------- trained student (OT-MEL units)
 
 
-def _ot_assignment(cfg: RerankConfig, stats: list[OTStats], timings: dict[str, float] | None = None):
-    """OT-MEL's correlation assignment with the serving solver: plan normalised per row and per column."""
+def _ot_assignment(cfg: RerankConfig, stats: list[OTStats], timings: dict[str, float] | None = None,
+                   keep: list[torch.Tensor] | None = None):
+    """OT-MEL's correlation assignment with the serving solver: plan normalised per row and per column. With
+    `keep`, each solved plan (shaped as the similarities) is appended to it (explain=true)."""
 
     def assign(sim: torch.Tensor, mask_r: torch.Tensor, mask_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with timed(timings, "rerank_sinkhorn"):
@@ -167,6 +199,8 @@ def _ot_assignment(cfg: RerankConfig, stats: list[OTStats], timings: dict[str, f
             plan, st = _solve(1.0 - s, a, b, cfg)
             stats.append(st)
             plan = plan.reshape(sim.shape)
+            if keep is not None:
+                keep.append(plan)
             rows = plan / plan.sum(-1, keepdim=True).clamp_min(1e-30)
             cols = plan / plan.sum(-2, keepdim=True).clamp_min(1e-30)
         return rows, cols
@@ -193,11 +227,13 @@ def _last_content(seg: np.ndarray) -> np.ndarray:
 
 
 def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConfig,
-                   device: torch.device, timings: dict[str, float] | None = None) -> tuple[np.ndarray, list[OTStats]]:
+                   device: torch.device, timings: dict[str, float] | None = None,
+                   recorder: PlanRecorder | None = None) -> tuple[np.ndarray, list[OTStats]]:
     """The student's cross terms for candidate rows [B, K] (-1 = none): (g2l_text + g2l_visual) / 6 [B, K].
 
     Added to the retrieval score (the separable part) this is OT-MEL's overall score, with Sinkhorn over
-    the student's local features (models/otmel.py: candidate_g2l, cross_g2l's serving path)."""
+    the student's local features (models/otmel.py: candidate_g2l, cross_g2l's serving path). With a `recorder`,
+    the plans of the mentions it wants and their g2l terms are kept in it (service/pipeline/explain.py)."""
     from models.otmel import candidate_g2l, cross_g2l
 
     assert index.unit_globals is not None and index.image_blank is not None and feats.unit_globals is not None
@@ -225,7 +261,17 @@ def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: Reran
             e_tok = np.asarray(index.text_local[safe[g].reshape(-1), :m])  # fp16 [G*K, m, d]
             args = (t(feats.text_local[g, :n]), t(feats.text_seg[g, :n] > 0), t(feats.unit_globals[g, 0]),
                     t(e_tok).float().view(len(g), k, m, -1), t(e_seg[g, :, :m] > 0), t(ug[g, :, 0]))
-        text[g] = _pool_timed(timings, candidate_g2l, *args, assign).cpu().numpy()
+        mine = recorder.wanted(g) if recorder is not None else []
+        keep: list[torch.Tensor] | None = [] if mine else None
+        group_assign = _ot_assignment(cfg, stats, timings, keep) if mine else assign
+        text[g] = _pool_timed(timings, candidate_g2l, *args, group_assign).cpu().numpy()
+        if mine:
+            from service.pipeline.explain import UnitPlans
+
+            plans = keep[0].view(len(g), k, n, m).cpu().numpy()
+            for gi, p in mine:
+                recorder.text[p] = UnitPlans(plans[gi], feats.text_seg[p, :n] > 0, e_seg[p, :, :m] > 0,
+                                             text[p].copy(), valid[p].copy())
 
     # Visual unit: one problem per distinct (mention image, entity image) in the batch, a missing image on either
     # side being the blank image's features (the same for every mention and entity without one). A mention with
@@ -243,6 +289,18 @@ def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: Reran
         ones_e = torch.ones(len(todo), e_img.shape[1], dtype=torch.bool, device=device)
         vis_args = (t(feats.image_local[qi[todo]]), ones_q, t(feats.unit_globals[qi[todo], 1]),
                     t(e_img.astype(np.float32)), ones_e, t(ug.reshape(b * k, 2, -1)[todo, 1]))
-    vis = _pool_timed(timings, cross_g2l, *vis_args, assign, pairwise=False, fast=True)[0].cpu().numpy()
-    scores = (text + vis[inverse.reshape(-1)].reshape(b, k)) / 6.0
+    want_vis = recorder is not None and bool(recorder.want.any())
+    keep = [] if want_vis else None
+    vis_assign = _ot_assignment(cfg, stats, timings, keep) if want_vis else assign
+    vis = _pool_timed(timings, cross_g2l, *vis_args, vis_assign, pairwise=False, fast=True)[0].cpu().numpy()
+    per_pair = inverse.reshape(b, k)
+    scores = (text + vis[per_pair]) / 6.0
+    if want_vis:
+        from service.pipeline.explain import UnitPlans
+
+        plans = keep[0].cpu().numpy()  # [distinct pairs, patches, patches]
+        for _, p in recorder.wanted(np.arange(b)):
+            pp = per_pair[p]
+            recorder.visual[p] = UnitPlans(plans[pp], np.ones(plans.shape[1], bool),
+                                           np.ones((k, plans.shape[2]), bool), vis[pp].copy(), valid[p].copy())
     return np.where(valid, scores, 0.0).astype(np.float32), stats

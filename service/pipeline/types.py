@@ -26,6 +26,7 @@ class LinkQuery:
     image: Image.Image | None = None
     top_k: int = 10
     id: str | None = None
+    explain: bool = False  # return the alignment pictures of the top candidates (service/pipeline/explain.py)
 
 
 # One ranked entity: its final score, its retrieval score, and one field per rerank term (terms.TERMS, in that
@@ -47,6 +48,7 @@ class LinkResult:
     model_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     id: str | None = None
+    explain: list | None = None  # explain.Alignment of the top candidates, when the query asked for them
 
 
 @dataclass
