@@ -63,3 +63,32 @@ def test_excluded_rows_are_exactly_the_kb_without_them() -> None:
     assert plain[0, 0] == 0 and rows[0, 0] != 0  # the masked row was the top-1 before
     # k larger than what is left: k' = KB size - excluded
     assert retrieve(_Index(vectors[:10]), queries, 10, np.array([1, 2]))[1].shape == (8, 8)
+
+
+def _scored(name: str, no_answer: list[int], right: list[int]):
+    from service.offline.calibration import Scored
+
+    n = len(no_answer)
+    gold = np.where(np.array(right, bool), 0, -1)
+    return Scored(name, np.array(["m"] * n), np.zeros((n, 2, 9), np.float32), gold, np.array(no_answer, bool))
+
+
+def test_threshold_is_the_best_f1_within_one_h1_point_on_every_split() -> None:
+    from service.offline.calibration import choose_threshold
+
+    # 100 mentions: 20 without an answer (P(answerable) 0.05-0.24), 80 with one, 79 of them right; answerable
+    # mentions at 0.30 (the wrong one) and 0.35 (one right one): a threshold above 0.35 costs 1.27 H@1 points
+    no_answer = [1] * 20 + [0] * 80
+    right = [0] * 20 + [0] + [1] * 79
+    p = np.concatenate([np.linspace(0.05, 0.24, 20), [0.30, 0.35], np.full(78, 0.9)])
+    split = _scored("toy", no_answer, right)
+    today = split.top1_right
+    t = choose_threshold([p], [split], [today])
+    assert 0.24 < t <= 0.35  # all 20 NIL caught, the right answer at 0.35 kept (0.30 may go: it was wrong anyway)
+    said = p < t
+    assert said[:20].all() and not said[21]
+    # a second split where any threshold above 0.1 costs more than a point pins it lower for both
+    tight = _scored("tight", [1] * 5 + [0] * 10, [0] * 5 + [1] * 10)
+    p2 = np.concatenate([np.full(5, 0.05), np.full(10, 0.12)])
+    t2 = choose_threshold([p, p2], [split, tight], [today, tight.top1_right])
+    assert t2 <= 0.12

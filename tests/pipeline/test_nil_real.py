@@ -26,3 +26,30 @@ def test_excluded_entities_never_answer_and_the_rest_is_unchanged(linker, test_m
         assert [e.score for e in common] == pytest.approx([old[e.id] for e in common], abs=1e-4)
         assert [e.id for e in common] == [e.id for e in b.entities if e.id in {c.id for c in common}]
     assert sum(len([e for e in a.entities if e.id in {x.id for x in b.entities}]) for a, b in zip(after, before)) > 12
+
+
+def test_fit_calibration_on_labelled_mentions_of_ones_own_kg(linker, test_mentions, tmp_path) -> None:
+    """The refit path for another KG (`el fit-calibration --mentions`): labelled mentions, real pipeline, a JSON
+    that the Linker then serves with (EL_CALIBRATION__PATH)."""
+    import json
+
+    from service.offline.calibration import run_fit
+    from service.pipeline.calibration import Calibration
+    from service.pipeline.linker import load_verdict
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"mention": m.mention, "context": m.context, "answer": m.answer}) + "\n"
+                            for m in test_mentions[:40]))
+    cal = run_fit(linker, linker.settings.data_dir, [], files=[path])
+    assert cal.fitted_for["splits"] == ["mine labelled"] and cal.model_version == linker.model_version
+    assert 0.0 < cal.nil_threshold < 1.0 or cal.nil_threshold == 0.0
+    assert set(cal.report) == {"in_sample", "cross_fitted", "platt_top_score_only_ece"}
+    cal.save(tmp_path / "cal.json")
+    settings = linker.settings.model_copy(update={"calibration": linker.settings.calibration.model_copy(
+        update={"path": tmp_path / "cal.json"})})
+    verdict = load_verdict(settings, linker.model_version)
+    assert verdict.calibration == Calibration.load(tmp_path / "cal.json")
+    served = linker.with_excluded(frozenset())
+    served.verdict = verdict
+    r = served.link(LinkQuery(test_mentions[0].mention, test_mentions[0].context, top_k=3))
+    assert r.confidence is not None and 0.0 <= r.confidence <= 1.0
