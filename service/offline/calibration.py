@@ -267,15 +267,16 @@ def fit_calibration(pairs: list[SplitPair], model_version: str, fitted_for: dict
     return Calibration(conf, answerable, threshold, model_version, fitted_for, report)
 
 
-def plot_reliability(p: np.ndarray, y: np.ndarray, title: str, path: Path) -> None:
-    """Reliability diagram: accuracy against mean confidence per bin (the diagonal is perfect calibration), with
-    the share of mentions per bin below."""
+def plot_reliability(rows: list[dict], title: str, path: Path) -> None:
+    """Reliability diagram from `reliability` rows: accuracy against mean confidence per bin (the diagonal is perfect
+    calibration), with the share of mentions per bin below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = reliability(p, y)
+    n = max(sum(r["n"] for r in rows), 1)
+    error = sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in rows) / n
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     ax.bar([(r["lo"] + r["hi"]) / 2 for r in rows], [r["accuracy"] for r in rows], width=1 / ECE_BINS,
@@ -284,10 +285,9 @@ def plot_reliability(p: np.ndarray, y: np.ndarray, title: str, path: Path) -> No
             label="(mean confidence, accuracy)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{title}: ECE {ece(p, y):.3f} ({len(p)} mentions)")
+    ax.set_title(f"{title}: ECE {error:.3f} ({n} mentions)")
     ax.legend(loc="upper left", fontsize=8)
-    bx.bar([(r["lo"] + r["hi"]) / 2 for r in rows], [r["n"] / len(p) for r in rows], width=1 / ECE_BINS,
-           edgecolor="black")
+    bx.bar([(r["lo"] + r["hi"]) / 2 for r in rows], [r["n"] / n for r in rows], width=1 / ECE_BINS, edgecolor="black")
     bx.set_yscale("log")
     bx.set_xlabel("confidence")
     bx.set_ylabel("share")

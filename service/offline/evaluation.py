@@ -156,8 +156,9 @@ def confidence_and_nil(linker: Linker, mentions: list[Mention], name: str) -> di
     masked = collect(linker, mentions, f"{name} nil", removed=removed)
     served = full.served_metrics()
     cal = linker.verdict.calibration
+    known = ~np.isnan(full.confidence)  # null only without entities
     calibration: dict = {"ece": served["ece"], "mean_confidence": served["mean_confidence"], "h@1": served["h@1"],
-                         "bins": reliability(np.nan_to_num(full.confidence, nan=0.0), full.top1_right)}
+                         "bins": reliability(full.confidence[known], full.top1_right[known])}
     if cal is not None:  # dev splits the calibration was fitted on: the ECE above is in-sample
         calibration["in_sample"] = name in cal.fitted_for.get("splits", [])
         if name in cal.report.get("cross_fitted", {}):
@@ -170,7 +171,7 @@ def confidence_and_nil(linker: Linker, mentions: list[Mention], name: str) -> di
     nil["threshold"] = (v.threshold if v.threshold is not None else cal.nil_threshold) \
         if nil["rule"] == "calibrated" and cal is not None else v.score_threshold
     nil["protocol"] = {"fraction": NIL_FRACTION, "seed": NIL_SEED, "removed_entities": len(removed)}
-    return {"calibration": calibration, "nil": nil, "_confidence": (full.confidence, full.top1_right)}
+    return {"calibration": calibration, "nil": nil}
 
 
 def what_ot_adds(systems: dict[str, dict]) -> dict[str, float]:
@@ -218,16 +219,13 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     suffix += "-int8" if report.get("mention_encoder") == "int8" else ""  # never overwrites the fp32 report
     stem = f"eval-{report['dataset']}-{report['split']}{suffix}"
     path = out_dir / f"{stem}.json"
-    confidence = report.pop("_confidence", None)
     path.write_text(json.dumps(report, indent=2))
     plot = out_dir / f"{stem}.png"
     _plot(report, plot)
-    if confidence is not None:  # the reliability diagram of the served confidence
+    if "calibration" in report:  # the reliability diagram of the served confidence
         from service.offline.calibration import plot_reliability
 
-        p, right = confidence
-        known = ~np.isnan(p)
-        plot_reliability(p[known], right[known], f"{report['dataset']} {report['split']}",
+        plot_reliability(report["calibration"]["bins"], f"{report['dataset']} {report['split']}",
                          out_dir / f"{stem}-reliability.png")
     return path, plot
 
