@@ -16,7 +16,7 @@ ifeq ($(strip $(EL_DATA_DIR)),)
   endif
 endif
 
-.PHONY: install index serve serve-ray worker scale-report test test-fast eval bench train model-card data lint clean
+.PHONY: install index serve serve-ray worker scale-report test test-fast eval fit-calibration bench train model-card data lint clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ test-fast: install
 
 eval: index
 	$(BIN)/el eval --dataset $(DATASET) --split $(SPLIT)
+
+# Refit the served confidence and NIL rule on the dev splits (writes models/weights/calibration.json).
+fit-calibration: index
+	$(BIN)/el fit-calibration
 
 bench: index
 	$(BIN)/el bench

@@ -45,6 +45,32 @@ def _table(reports: Path) -> list[str]:
     return lines
 
 
+def _confidence_table(reports: Path) -> list[str]:
+    """Calibration (ECE of the served confidence) and the NIL rule under the NIL protocol, per split, from the
+    evaluation reports (`el eval` writes both since models/weights/calibration.json shipped)."""
+    lines = []
+    for ds, sp in SPLITS:
+        path = reports / f"eval-{ds}-{sp}.json"
+        rep = json.loads(path.read_text()) if path.exists() else {}
+        c, n = rep.get("calibration"), rep.get("nil")
+        if not c or not n:
+            continue
+        ece = f"{c['ece']:.4f}" + (f" (in-sample; cross-fitted {c['cross_fitted_ece']:.4f})" if c.get("in_sample")
+                                   and "cross_fitted_ece" in c else "")
+        lines.append(f"| {ds} {sp} | {ece} | {n['nil_precision']:.4f} | {n['nil_recall']:.4f} | {n['nil_f1']:.4f} | "
+                     f"{n['h@1_answerable']:.4f} | {n['h@1_answerable_today']:.4f} |")
+    if not lines:
+        return []
+    return ["## Confidence and NIL (`models/weights/calibration.json`, fitted by `el fit-calibration` on the dev splits)",
+            "",
+            "ECE of the served `confidence` (15 bins); NIL precision, recall and F1 of the served `nil` when a fixed-seed",
+            "20 % of the split's gold entities are masked out of the KB; H@1 of the mentions that keep their answer (a NIL",
+            "verdict counts as a miss) against their H@1 on the whole KB without any NIL rule.",
+            "",
+            "| split | ECE | NIL precision | NIL recall | NIL F1 | H@1 answerable | H@1 answerable, no NIL rule |",
+            "|---|---|---|---|---|---|---|", *lines, ""]
+
+
 def _student_depth(cfg: dict) -> list[str]:
     layers, tuned = cfg.get("mention_layers", 0), cfg.get("tuned_layers", 0)
     if not layers:
@@ -88,6 +114,7 @@ def render(reports: Path = Path("reports")) -> str:
         "",
         *_table(reports),
         "",
+        *_confidence_table(reports),
     ]
     if timing:
         out += [

@@ -1,4 +1,5 @@
-"""The `el` command: serve, worker, build-index, eval, bench, bench-scale, train, tune-weights, link-file.
+"""The `el` command: serve, worker, build-index, eval, bench, bench-scale, train, tune-weights, fit-skip-margin,
+fit-calibration, link-file.
 
 Settings come from EL_ variables (see README); the offline commands run service/offline/."""
 
@@ -14,6 +15,8 @@ from service.logging_setup import configure_logging
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION = "models/weights/calibration.json"
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -126,6 +129,20 @@ def _fit_skip_margin(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(row))
     print(json.dumps({"at_fit": result["at_fit"]}))
     print(f"EL_RERANK__SKIP_MARGIN={result['skip_margin']}")
+    return 0
+
+
+def _fit_calibration(settings: Settings, args: argparse.Namespace) -> int:
+    from service.offline.calibration import run_fit
+    from service.pipeline.linker import Linker
+
+    cal = run_fit(Linker.from_settings(settings), settings.data_dir, args.datasets, args.split, limit=args.limit,
+                  files=[Path(f) for f in args.mentions])
+    out = Path(args.out)
+    cal.save(out)
+    print(json.dumps(cal.report, indent=1))
+    print(f"nil threshold on P(answerable): {cal.nil_threshold}")
+    print(f"wrote {out}" + ("" if args.out == DEFAULT_CALIBRATION else f"; serve it with EL_CALIBRATION__PATH={out}"))
     return 0
 
 
@@ -333,6 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--limit", type=int, default=None, help="first N mentions of each split only")
     f.add_argument("--max-loss-points", type=float, default=0.1, help="H@1 points the skip may cost on any split")
     f.set_defaults(fn=_fit_skip_margin)
+    fc = sub.add_parser("fit-calibration", help="fit the served confidence and NIL rule on dev splits (writes "
+                        "models/weights/calibration.json)",
+                        description="Link each split against the whole KB and under the NIL protocol (a fixed-seed "
+                                    "20 % of its gold entities masked out of the KB), fit the confidence and answerable "
+                                    "models and the NIL threshold, print in-sample and cross-fitted figures.")
+    fc.add_argument("datasets", nargs="*", default=["wikimel", "richpedia", "wikidiverse"])
+    fc.add_argument("--split", default="dev")
+    fc.add_argument("--limit", type=int, default=None, help="first N mentions of each split only")
+    fc.add_argument("--mentions", action="append", default=[], metavar="JSONL",
+                    help="your own KG: a file of labelled mentions, one {\"mention\", \"context\", \"answer\"} per "
+                         "line, fitted on instead of the benchmarks (repeat for several)")
+    fc.add_argument("--out", default=DEFAULT_CALIBRATION, help="where to write the calibration JSON")
+    fc.set_defaults(fn=_fit_calibration)
     lf = sub.add_parser("link-file", help="link a JSONL file of mentions as a server-side job (rerun to resume)")
     lf.add_argument("input", help="JSONL, one link request with an \"id\" per line")
     lf.add_argument("--out", required=True, help="where to write the results (JSONL, input order)")

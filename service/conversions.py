@@ -53,7 +53,7 @@ def to_queries(items: list[BatchItem], settings: Settings) -> list[LinkQuery]:
 
 def to_response(r: LinkResult) -> LinkResponse:
     return LinkResponse(
-        mention=r.mention, nil=r.nil, index_version=r.index_version, model_version=r.model_version,
+        mention=r.mention, nil=r.nil, confidence=r.confidence, index_version=r.index_version, model_version=r.model_version,
         timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
         entities=[EntityScore(**c.__dict__) for c in r.entities],
     )

@@ -45,7 +45,12 @@ EntityScore = create_model(
 class LinkResponse(BaseModel):
     mention: str
     entities: list[EntityScore]
-    nil: bool
+    confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="Calibrated probability that the top entity is the right one (fitted on the "
+        "benchmarks' dev splits, models/weights/calibration.json); null when there are no entities.")
+    nil: bool = Field(..., description="True when the mention's entity is probably not in the KG: the calibrated "
+                      "probability that it is (answerable) is below the fitted threshold (EL_CALIBRATION__NIL_RULE), "
+                      "or there are no entities.")
     index_version: str
     model_version: str
     timings_ms: dict[str, float]

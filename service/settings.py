@@ -87,6 +87,19 @@ class RerankSettings(BaseModel):
     torch_threads: int = Field(1, ge=0, description="torch threads on CPU (Sinkhorn, pooling, exact retrieval of Flat indexes); 0 leaves torch's default. 1: with about one request in flight per core, more threads fight each other and ONNX Runtime for cores.")
 
 
+class CalibrationSettings(BaseModel):
+    """The calibrated `confidence` and the NIL rule (README: Confidence and NIL)."""
+
+    path: Path | None = Field(None, description="Fitted calibration JSON (`el fit-calibration --out`); None uses the "
+                                                "shipped models/weights/calibration.json.")
+    nil_rule: Literal["calibrated", "score_threshold"] = Field(
+        "calibrated", description="'calibrated': nil when the calibrated probability that the mention's entity is "
+        "in the KG is below the fitted threshold; 'score_threshold' (deprecated): nil when the top score is below "
+        "EL_NIL_THRESHOLD (the rule before calibration; setting EL_NIL_THRESHOLD alone selects it).")
+    nil_min_answerable: float | None = Field(
+        None, ge=0.0, le=1.0, description="Override of the fitted threshold on P(answerable) (higher: more nil).")
+
+
 class LimitSettings(BaseModel):
     """Input caps; anything beyond them is a 4xx."""
 
@@ -254,12 +267,14 @@ class Settings(BaseSettings):
     features_dir: Path = Field(Path("artifacts/features"), description="Cache of frozen backbone features "
                                                                        "(training, teacher evaluation).")
     top_k: int = Field(10, ge=1, description="Entities returned when a request names no top_k.")
-    nil_threshold: float = Field(0.0, description="Top score below this marks the mention NIL.")
+    nil_threshold: float = Field(0.0, description="Deprecated (EL_CALIBRATION__NIL_RULE=score_threshold): top score "
+                                                  "below this marks the mention NIL; set alone, it selects that rule.")
     stage_delay_ms: int = Field(0, ge=0, description="Test hook: sleep this long in the encode stage.")
 
     encoder: EncoderSettings = EncoderSettings()
     index: IndexSettings = IndexSettings()
     rerank: RerankSettings = RerankSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
     limits: LimitSettings = LimitSettings()
     admission: AdmissionSettings = AdmissionSettings()
     batching: BatchingSettings = BatchingSettings()
@@ -276,4 +291,7 @@ class Settings(BaseSettings):
             raise ValueError("EL_ENCODER__CLIP_PATH must name a local CLIP checkpoint for the 'clip' backbones")
         if self.top_k > self.limits.max_top_k:
             raise ValueError("EL_TOP_K exceeds EL_LIMITS__MAX_TOP_K")
+        if "nil_threshold" in self.model_fields_set and "nil_rule" not in self.calibration.model_fields_set:
+            # the setting of the rule before calibration keeps working (the Linker logs that it is deprecated)
+            self.calibration.nil_rule = "score_threshold"
         return self

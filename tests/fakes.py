@@ -153,7 +153,10 @@ class FakeLinker:
             ents = [Candidate(id=index.entities[r].id, name=index.entities[r].name, score=float(scores[r]),
                               retrieval_score=float(scores[r])) for r in order]
             nil = not ents or ents[0].score < self.settings.nil_threshold
-            results.append(LinkResult(q.mention, ents, nil, index.version, self.model_version, id=q.id))
+            # a fake confidence: the top score squashed into [0, 1] (the real one is calibrated, service/pipeline/calibration.py)
+            confidence = float(1 / (1 + np.exp(-4 * ents[0].score))) if ents else None
+            results.append(LinkResult(q.mention, ents, nil, index.version, self.model_version, id=q.id,
+                                      confidence=confidence))
         total = (time.perf_counter() - t0) * 1000
         timings = {"encode": total / 2, "retrieve": total / 2, "respond": 0.0, "total": total}
         for r in results:

@@ -179,6 +179,13 @@ def test_evaluate_writes_report_and_plot(linker, mel_dir: Path, tmp_path: Path) 
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert "retrieval+ot" in format_table(report)
     assert path.name == "eval-wikimel-test.json"  # zero-shot reports get a -zeroshot suffix
+    # the served confidence's calibration and the NIL rule under the NIL protocol, with a reliability diagram
+    cal, nil = report["calibration"], report["nil"]
+    assert 0.0 <= cal["ece"] <= 1.0 and sum(b["n"] for b in cal["bins"]) == 40 and cal["in_sample"] is False
+    assert nil["n_nil"] > 0 and nil["rule"] == "calibrated" and nil["protocol"]["fraction"] == 0.2
+    assert 0.0 <= nil["nil_f1"] <= 1.0 and nil["h@1_answerable"] <= nil["h@1_answerable_ranked"]
+    assert "NIL (" in format_table(report) and "confidence: ECE" in format_table(report)
+    assert (tmp_path / "eval-wikimel-test-reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert report["mention_encoder"] == "fp32"
     int8, _ = write_report({**report, "mention_encoder": "int8"}, tmp_path)
     assert int8.name == "eval-wikimel-test-int8.json" and path.exists()  # the fp32 report is kept

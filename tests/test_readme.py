@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from service.settings_doc import render, setting_rows
 from tests.conftest import ROOT
 
@@ -47,3 +49,24 @@ def test_headline_figures_match_the_reports() -> None:
         for quoted, measured in ((h1, served["h@1"]), (mrr, served["mrr"]), (t_h1, exhaustive["h@1"]),
                                  (t_mrr, exhaustive["mrr"])):
             assert abs(float(quoted) - measured) <= 0.0005 + 1e-9, f"{split}: README {quoted}, report {measured}"
+
+
+def test_confidence_and_nil_figures_match_the_reports() -> None:
+    """The README's Confidence and NIL table quotes the `calibration` and `nil` blocks of reports/eval-*.json."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Confidence and NIL", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells[0] in HEADLINE_REPORTS and len(cells) == 11:
+            rows[cells[0]] = cells
+    assert set(rows) == set(HEADLINE_REPORTS)
+    for split, cells in rows.items():
+        report = json.loads((ROOT / "reports" / f"eval-{HEADLINE_REPORTS[split]}.json").read_text())
+        c, n = report["calibration"], report["nil"]
+        assert float(cells[2].split()[0]) == c["ece"], split
+        quoted = [float(x) for x in cells[5:10]]
+        measured = [n["nil_precision"], n["nil_recall"], n["nil_f1"], n["h@1_answerable"], n["h@1_answerable_today"]]
+        assert quoted == pytest.approx(measured, abs=0.0005 + 1e-9), split

@@ -5,6 +5,8 @@ surface-form score (the served default), each with the index's features (the tra
 zero-shot); with the student also (e) the OT-MEL teacher scoring every KB entity (the paper's protocol,
 models/exhaustive.py) and the encode time per mention of teacher and student. Metrics H@1, H@3, H@5 and
 MRR; for (b)-(d) ranks beyond the reranked candidate list (settings.rerank.candidates) count as misses.
+Confidence and NIL (`confidence_and_nil`): the ECE of the served confidence with its reliability diagram, and the
+served NIL rule's precision, recall and F1 under the NIL protocol (service/offline/nil_protocol.py).
 What OT adds: `retrieval+name+kg` is the served score without the OT term (no solve at all), and with a skip
 margin (EL_RERANK__SKIP_MARGIN or `el eval --skip-margin`) the `adaptive` row is the served score with the OT
 solve skipped where the rest is decisive (its share skipped and rerank time beside it).
@@ -119,6 +121,7 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
     extra: dict = {"what_ot_adds": what_ot_adds(systems)}
     if margin is not None:
         extra["what_ot_adds"]["skip_margin"] = margin
+    extra.update(confidence_and_nil(linker, mentions, f"{dataset} {split}"))
     if index.heads and teacher:
         from service.offline.evaluation_teacher import encode_timing, teacher_exhaustive
 
@@ -139,6 +142,36 @@ def evaluate(linker: Linker, data_dir: Path, dataset: str, split: str, *, batch:
         "systems": systems,
         "machine": machine_info(linker.runtime.providers),  # ms_per_mention compares only within one machine
     }
+
+
+def confidence_and_nil(linker: Linker, mentions: list[Mention], name: str) -> dict:
+    """The served confidence's calibration on the split (ECE, reliability bins) and the served NIL rule under the
+    NIL protocol (service/offline/nil_protocol.py): NIL precision, recall, F1 and H@1 on the answerable mentions,
+    beside their H@1 against the whole KB without any NIL verdict (`h@1_answerable_today`)."""
+    from service.offline.calibration import collect, reliability
+    from service.offline.nil_protocol import NIL_FRACTION, NIL_SEED, removed_entities
+
+    full = collect(linker, mentions, name)
+    removed = removed_entities(m.answer for m in mentions)
+    masked = collect(linker, mentions, f"{name} nil", removed=removed)
+    served = full.served_metrics()
+    cal = linker.verdict.calibration
+    known = ~np.isnan(full.confidence)  # null only without entities
+    calibration: dict = {"ece": served["ece"], "mean_confidence": served["mean_confidence"], "h@1": served["h@1"],
+                         "bins": reliability(full.confidence[known], full.top1_right[known])}
+    if cal is not None:  # dev splits the calibration was fitted on: the ECE above is in-sample
+        calibration["in_sample"] = name in cal.fitted_for.get("splits", [])
+        if name in cal.report.get("cross_fitted", {}):
+            calibration["cross_fitted_ece"] = cal.report["cross_fitted"][name]["ece"]
+    nil = masked.served_metrics()["nil"]
+    nil["h@1_answerable_today"] = round(float(full.top1_right[~masked.no_answer].mean()), 4)
+    nil["h@1_points_vs_today"] = round(100 * (nil["h@1_answerable"] - nil["h@1_answerable_today"]), 2)
+    v = linker.verdict
+    nil["rule"] = v.rule if cal is not None else "score_threshold"
+    nil["threshold"] = (v.threshold if v.threshold is not None else cal.nil_threshold) \
+        if nil["rule"] == "calibrated" and cal is not None else v.score_threshold
+    nil["protocol"] = {"fraction": NIL_FRACTION, "seed": NIL_SEED, "removed_entities": len(removed)}
+    return {"calibration": calibration, "nil": nil}
 
 
 def what_ot_adds(systems: dict[str, dict]) -> dict[str, float]:
@@ -167,6 +200,16 @@ def format_table(report: dict) -> str:
         lines.append("what OT adds: " + json.dumps(report["what_ot_adds"]))
     if "encode_ms_per_mention" in report:
         lines.append("encode ms/mention: " + json.dumps(report["encode_ms_per_mention"]))
+    if "calibration" in report:
+        c = report["calibration"]
+        lines.append(f"confidence: ECE {c['ece']:.4f}" + (" (in-sample: fitted on this split" + (
+            f"; cross-fitted {c['cross_fitted_ece']:.4f})" if "cross_fitted_ece" in c else ")")
+            if c.get("in_sample") else ""))
+    if "nil" in report:
+        n = report["nil"]
+        lines.append(f"NIL ({n['n_nil']} of {n['n_mentions']} mentions without answer): precision "
+                     f"{n['nil_precision']:.4f} recall {n['nil_recall']:.4f} F1 {n['nil_f1']:.4f}; H@1 answerable "
+                     f"{n['h@1_answerable']:.4f} (whole KB, no NIL rule: {n['h@1_answerable_today']:.4f})")
     return "\n".join(lines)
 
 
@@ -179,6 +222,11 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     path.write_text(json.dumps(report, indent=2))
     plot = out_dir / f"{stem}.png"
     _plot(report, plot)
+    if "calibration" in report:  # the reliability diagram of the served confidence
+        from service.offline.calibration import plot_reliability
+
+        plot_reliability(report["calibration"]["bins"], f"{report['dataset']} {report['split']}",
+                         out_dir / f"{stem}-reliability.png")
     return path, plot
 
 

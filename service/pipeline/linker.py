@@ -21,6 +21,7 @@ import numpy as np
 from kg_index.load import KGIndex, load_index
 from models.features import Features, Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
+from service.pipeline.calibration import Calibration, Verdict
 from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.explain import PlanRecorder, explanations
 from service.pipeline.kg_terms import KGTerms
@@ -159,8 +160,10 @@ class Linker:
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
         self.rerank = RerankConfig.from_settings(settings.rerank)
         self.skip_margin = settings.rerank.skip_margin
+        self.excluded: frozenset[str] = frozenset()  # evaluation only (with_excluded): entities masked out of the KB
         self.device = pick_device(settings.rerank.device)
         self._snapshot = make_snapshot(runtime, index, source_warning)
+        self.verdict = load_verdict(settings, self.model_version)
         self._swap_lock = threading.Lock()
 
     @classmethod
@@ -228,7 +231,8 @@ class Linker:
         timings["encode"], t = _lap(t)
 
         k = max(max(q.top_k for q in queries), s.rerank.candidates if do_rerank else 0)
-        retrieval, rows = retrieve(snap.index, feats.global_, k)
+        excluded = _rows_of(snap.index, self.excluded) if self.excluded else None
+        retrieval, rows = retrieve(snap.index, feats.global_, k, excluded)
         timings["retrieve"], t = _lap(t)
 
         stats: list[OTStats] = []
@@ -248,7 +252,7 @@ class Linker:
             timings.update(sub)
 
         results = build_results(snap.index, queries, rows, terms, final,
-                                nil_threshold=s.nil_threshold, model_version=self.model_version)
+                                verdict=self.verdict, model_version=self.model_version)
         if want.any():
             scorer = "student" if snap.cross is student_rerank else "zero-shot"
             found = explanations(snap.index, self.runtime, scorer, queries, rows, results,
@@ -272,6 +276,39 @@ class Linker:
         other = copy.copy(self)
         other.skip_margin = margin
         return other
+
+    def with_excluded(self, ids: frozenset[str] | set[str]) -> Linker:
+        """A shallow copy that answers as if `ids` were not in the KB (evaluation only: the NIL protocol,
+        service/offline/nil_protocol.py). Their rows are masked at search time, never rebuilt: the retrieve stage
+        takes extra hits and drops them before the rerank, so what is left is exactly the KB without them."""
+        other = copy.copy(self)
+        other.excluded = frozenset(ids)
+        return other
+
+
+def load_verdict(settings: Settings, model_version: str) -> Verdict:
+    """The confidence and NIL rule of the settings: the calibration JSON (shipped unless EL_CALIBRATION__PATH),
+    with a warning when it was fitted for other encoders or heads (refit: `el fit-calibration`)."""
+    from models.checkpoint import WEIGHTS_DIR
+
+    c = settings.calibration
+    path = c.path or WEIGHTS_DIR / "calibration.json"
+    calibration = None
+    if path.is_file():
+        calibration = Calibration.load(path)
+        if calibration.model_version != model_version:
+            logger.warning("calibration %s was fitted for model %s, this is %s: confidence and nil may be off; "
+                           "refit with `el fit-calibration`", path, calibration.model_version, model_version)
+    else:
+        logger.warning("no calibration at %s: confidence is null and nil falls back to EL_NIL_THRESHOLD", path)
+    if c.nil_rule == "score_threshold":
+        logger.warning("nil by EL_NIL_THRESHOLD (top score < %g) is deprecated: unset it to use the calibrated rule "
+                       "(EL_CALIBRATION__NIL_RULE=calibrated)", settings.nil_threshold)
+    return Verdict(calibration, c.nil_rule, c.nil_min_answerable, settings.nil_threshold)
+
+
+def _rows_of(index: KGIndex, ids: frozenset[str]) -> np.ndarray:
+    return np.fromiter((r for e in ids if (r := index.row_of.get(e)) is not None), np.int64)
 
 
 def _lap(t: float) -> tuple[float, float]:

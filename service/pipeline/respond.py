@@ -1,24 +1,32 @@
-"""Respond stage: mix the scores, order the candidates, apply the NIL rule."""
+"""Respond stage: order the candidates, attach the calibrated confidence and the NIL verdict."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from kg_index.load import KGIndex
+from service.pipeline.calibration import SCORE_FIELDS, Verdict
 from service.pipeline.types import Candidate, LinkQuery, LinkResult
 
 
 def build_results(index: KGIndex, queries: list[LinkQuery], rows: np.ndarray, terms: dict[str, np.ndarray],
-                  final: np.ndarray, *, nil_threshold: float, model_version: str) -> list[LinkResult]:
+                  final: np.ndarray, *, verdict: Verdict, model_version: str) -> list[LinkResult]:
     """terms: each score the candidates carry, by Candidate field name ([B, K]; retrieval_score always)."""
+    orders = [[j for j in np.argsort(-final[i], kind="stable") if rows[i, j] >= 0] for i in range(len(queries))]
+    # every candidate's scores in served order (not only the top_k returned): what the calibration reads
+    table = np.full((len(queries), rows.shape[1], len(SCORE_FIELDS)), np.nan, np.float32)
+    values = {"score": final, **terms}
+    for i, order in enumerate(orders):
+        for c, f in enumerate(SCORE_FIELDS):
+            table[i, : len(order), c] = values[f][i, order] if f in values else 0.0
+    confidence, nil = verdict.judge([q.mention for q in queries], table)
     results = []
     for i, q in enumerate(queries):
-        order = [j for j in np.argsort(-final[i], kind="stable") if rows[i, j] >= 0][: q.top_k]
         cands = []
-        for j in order:
+        for j in orders[i][: q.top_k]:
             meta = index.entities[rows[i, j]]
-            scores = {field: float(values[i, j]) for field, values in terms.items()}
+            scores = {field: float(v[i, j]) for field, v in terms.items()}
             cands.append(Candidate(id=meta.id, name=meta.name, score=float(final[i, j]), **scores))
-        nil = not cands or cands[0].score < nil_threshold
-        results.append(LinkResult(q.mention, cands, nil, index.version, model_version, id=q.id))
+        results.append(LinkResult(q.mention, cands, nil[i], index.version, model_version, id=q.id,
+                                  confidence=confidence[i]))
     return results

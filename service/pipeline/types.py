@@ -48,6 +48,7 @@ class LinkResult:
     model_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     id: str | None = None
+    confidence: float | None = None  # calibrated P(the top entity is right); None without entities
     explain: list | None = None  # explain.Alignment of the top candidates, when the query asked for them
 
 

@@ -148,7 +148,7 @@ def test_link_response_fields_and_order(client: httpx.Client, versions: dict) ->
     r = client.post("/v1/link", json={**DOUGLAS, "top_k": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"mention", "entities", "nil", "index_version", "model_version", "timings_ms"}
+    assert set(body) == {"mention", "entities", "confidence", "nil", "index_version", "model_version", "timings_ms"}
     assert body["mention"] == "Douglas Adams"
     assert body["nil"] is False
     assert body["index_version"] == versions["index_version"]
@@ -167,6 +167,32 @@ def test_link_response_fields_and_order(client: httpx.Client, versions: dict) ->
     assert scores == sorted(scores, reverse=True)
     assert len({e["id"] for e in ents}) == 5
     assert ents[0]["id"] == "Q42" and ents[0]["name"] == "Douglas Adams"
+
+
+def test_link_confidence_and_nil_follow_the_shipped_rule(client: httpx.Client, settings, test_mentions) -> None:
+    """Every served link carries a confidence in [0, 1]; both it and `nil` are what the shipped calibration
+    (models/weights/calibration.json) gives for the candidates' scores (all of them returned: top_k = candidates)."""
+    import numpy as np
+
+    from models.checkpoint import WEIGHTS_DIR
+    from service.pipeline.calibration import SCORE_FIELDS, Calibration
+
+    cal = Calibration.load(WEIGHTS_DIR / "calibration.json")
+    k = settings.rerank.candidates
+    items = [{"id": str(i), "mention": m.mention, "context": m.context, "top_k": k} for i, m in enumerate(test_mentions[:24])]
+    r = client.post("/v1/link/batch", json={"items": items})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    table = np.full((len(results), k, len(SCORE_FIELDS)), np.nan, np.float32)
+    for i, res in enumerate(results):
+        for c, e in enumerate(res["entities"]):
+            table[i, c] = [e[f] for f in SCORE_FIELDS]
+    confidence, answerable = cal.assess([res["mention"] for res in results], table)
+    assert [res["confidence"] for res in results] == pytest.approx(confidence.tolist(), abs=1e-4)
+    assert all(0.0 <= res["confidence"] <= 1.0 for res in results)
+    assert [res["nil"] for res in results] == (answerable < cal.nil_threshold).tolist()
+    one = client.post("/v1/link", json={**DOUGLAS, "top_k": 1}).json()  # top_k 1: the rule still reads every candidate
+    assert one["nil"] is False and 0.5 < one["confidence"] <= 1.0
 
 
 def test_link_text_is_normalised(client: httpx.Client) -> None:

@@ -161,7 +161,7 @@ def test_link_answer_shape_top_k_and_normalised_text(client: TestClient) -> None
     r = client.post("/v1/link", json={"mention": "  Douglas \t Adams\n", "top_k": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"mention", "entities", "nil", "index_version", "model_version", "timings_ms"}
+    assert set(body) == {"mention", "entities", "confidence", "nil", "index_version", "model_version", "timings_ms"}
     assert body["mention"] == "Douglas Adams"
     assert (body["index_version"], body["model_version"]) == ("fake-index@1", "fake-encoder@0")
     ents = body["entities"]

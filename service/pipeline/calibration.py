@@ -1,0 +1,159 @@
+"""How sure the linker is: the calibrated `confidence` and the `nil` verdict of each link.
+
+Both come from features of a mention's reranked candidates in served order (`features`: the top final score, its
+margin over the second, the top candidate's retrieval, OT, name and KG terms, how many candidates carry the
+mention's tokens, ...), through two logistic models fitted offline on the dev splits (`el fit-calibration`,
+service/offline/calibration.py) and shipped as JSON beside the heads (models/weights/calibration.json):
+
+- `confidence`: P(the top entity is the gold), fitted on the dev splits' mentions against the whole KB;
+- `answerable`: P(the mention's entity is in the KB at all), fitted on the same mentions under the NIL protocol
+  (service/offline/nil_protocol.py: 20 % of their gold entities masked out of the KB); `nil` is
+  answerable < the fitted threshold (chosen on dev: best NIL F1 losing at most 1 H@1 point on any dev split).
+
+Pure numpy; the respond stage calls `Calibration.assess` once per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.pipeline.terms import TERMS
+
+logger = logging.getLogger(__name__)
+
+SCORE_FIELDS = ("score", "retrieval_score", *(t.field for t in TERMS))  # columns of a candidate score table
+_F = {f: i for i, f in enumerate(SCORE_FIELDS)}
+_PAD = -10.0  # score of a missing candidate (scores are about -1..1)
+
+FEATURES = ("top", "margin", "log_margin", "gap5", "retrieval", "ot", "name", "context_name", "name_tokens",
+            "description", "p20", "p50", "name_second", "one_token", "name_multi", "context_name_multi",
+            "name_exact", "retrieval_max", "n_name_tokens", "n_name_close", "top_minus_best_tokens",
+            "log_n_name_tokens")
+
+
+def features(mentions: list[str], cands: np.ndarray) -> np.ndarray:
+    """[B, len(FEATURES)] from the mentions and their candidates' scores [B, K, len(SCORE_FIELDS)] in served order
+    (final score descending; NaN rows where a mention has fewer than K). Serving and fitting both call this."""
+    b = cands.shape[0]
+    if cands.shape[1] < 2:  # margins need a second candidate: pad one
+        cands = np.concatenate([cands, np.full((b, 2 - cands.shape[1], cands.shape[2]), np.nan, cands.dtype)], 1)
+    s = np.nan_to_num(cands[:, :, _F["score"]].astype(np.float64), nan=_PAD)
+    col = {f: np.nan_to_num(cands[:, :, i].astype(np.float64), nan=0.0) for f, i in _F.items()}
+    top = s[:, 0]
+    margin = top - s[:, 1]
+    one = np.array([len(m.split()) <= 1 for m in mentions], np.float64)
+    name = col["name_score"][:, 0]
+    tokens = col["name_tokens_score"]
+    n_tokens = tokens.sum(1)
+    with np.errstate(over="ignore"):
+        out = {
+            "top": top, "margin": margin, "log_margin": np.log(np.maximum(margin, 1e-4)),
+            "gap5": top - s[:, 1:5].mean(1),
+            "retrieval": col["retrieval_score"][:, 0], "ot": col["rerank_score"][:, 0], "name": name,
+            "context_name": col["context_name_score"][:, 0], "name_tokens": tokens[:, 0],
+            "description": col["description_overlap_score"][:, 0],
+            "p20": 1 / np.exp(20 * (s - top[:, None])).sum(1), "p50": 1 / np.exp(50 * (s - top[:, None])).sum(1),
+            "name_second": col["name_score"][:, 1], "one_token": one, "name_multi": name * (1 - one),
+            "context_name_multi": col["context_name_score"][:, 0] * (1 - one), "name_exact": (name >= 0.999) * 1.0,
+            "retrieval_max": np.where(np.isnan(cands[:, :, _F["retrieval_score"]]), -1.0,
+                                      col["retrieval_score"]).max(1),
+            "n_name_tokens": n_tokens, "n_name_close": (col["name_score"] >= 0.85).sum(1) * 1.0,
+            "top_minus_best_tokens": top - np.where(tokens > 0, s, _PAD).max(1),
+            "log_n_name_tokens": np.log1p(n_tokens),
+        }
+    return np.stack([out[f] for f in FEATURES], 1)
+
+
+@dataclass
+class LogisticModel:
+    """P(y=1) = sigmoid(intercept + coef . expand((x - mean) / scale)), expand = the features, and with degree 2
+    also their pairwise products (i <= j); optionally mapped through an isotonic curve (knots, linear between)."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    degree: int = 1
+    isotonic_x: list[float] = field(default_factory=list)
+    isotonic_y: list[float] = field(default_factory=list)
+
+    def design(self, x: np.ndarray) -> np.ndarray:
+        """x [N, len(FEATURES)] -> the standardised, expanded design matrix [N, len(coef)]."""
+        cols = [FEATURES.index(f) for f in self.features]
+        z = (x[:, cols] - np.asarray(self.mean)) / np.asarray(self.scale)
+        return expand(z, self.degree)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        logit = self.intercept + self.design(x) @ np.asarray(self.coef)
+        p = 1 / (1 + np.exp(-np.clip(logit, -40, 40)))
+        if self.isotonic_x:
+            p = np.interp(p, self.isotonic_x, self.isotonic_y)
+        return p
+
+
+def expand(z: np.ndarray, degree: int) -> np.ndarray:
+    if degree == 1:
+        return z
+    i, j = np.triu_indices(z.shape[1])
+    return np.concatenate([z, z[:, i] * z[:, j]], 1)
+
+
+@dataclass
+class Calibration:
+    """The shipped confidence and answerable models, the NIL threshold and what they were fitted for."""
+
+    confidence: LogisticModel
+    answerable: LogisticModel
+    nil_threshold: float  # nil when P(answerable) is below it
+    model_version: str  # the encoders + heads they were fitted with (Linker.model_version)
+    fitted_for: dict[str, Any] = field(default_factory=dict)  # index version, rerank weights, data, seed
+    report: dict[str, Any] = field(default_factory=dict)  # figures measured at fit time (cross-fitted ECE, NIL)
+
+    def assess(self, mentions: list[str], cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence [B], P(answerable) [B]) for candidate score tables [B, K, len(SCORE_FIELDS)]."""
+        x = features(mentions, cands)
+        return self.confidence.predict(x), self.answerable.predict(x)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        raw = json.loads(Path(path).read_text())
+        return cls(**{**raw, "confidence": LogisticModel(**raw["confidence"]),
+                      "answerable": LogisticModel(**raw["answerable"])})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The respond stage's confidence and NIL rule. rule "calibrated": nil when P(answerable) < threshold (the
+    shipped one unless overridden); "score_threshold" (deprecated): nil when the top final score < score_threshold.
+    Either way a mention with no candidate is nil with confidence None."""
+
+    calibration: Calibration | None
+    rule: str = "calibrated"
+    threshold: float | None = None  # overrides calibration.nil_threshold
+    score_threshold: float = 0.0
+
+    def judge(self, mentions: list[str], cands: np.ndarray) -> tuple[list[float | None], list[bool]]:
+        has = ~np.isnan(cands[:, 0, _F["score"]]) if cands.shape[1] else np.zeros(len(mentions), bool)
+        if self.calibration is not None and len(mentions):
+            conf, answerable = self.calibration.assess(mentions, cands)
+        else:
+            conf = answerable = np.full(len(mentions), np.nan)
+        if self.rule == "calibrated" and self.calibration is not None:
+            t = self.calibration.nil_threshold if self.threshold is None else self.threshold
+            nil = answerable < t
+        else:
+            nil = np.nan_to_num(cands[:, 0, _F["score"]], nan=-np.inf) < self.score_threshold if cands.shape[1] \
+                else np.ones(len(mentions), bool)
+        confidence = [float(c) if h and np.isfinite(c) else None for c, h in zip(conf, has)]
+        return confidence, [bool(n) or not h for n, h in zip(nil, has)]
