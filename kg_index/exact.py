@@ -58,12 +58,14 @@ class ExactSearch:
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, dead: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [B, k] fp32 descending, rows [B, k] int64) for 1 <= k <= N, as FAISS returns them. Equal scores
         (duplicate entities, which a KG has) are ordered as FAISS's heap orders them within its top k, the larger
         row first, so that the same duplicate wins (measured: identical rows to FAISS on 600 RichpediaMEL dev
         mentions x 32 candidates, where an unordered top-k changed 2 top-1s). Scores that differ only by float
-        rounding (~1e-7: the GEMM sums in another order than FAISS's SIMD loop) may swap places."""
+        rounding (~1e-7: the GEMM sums in another order than FAISS's SIMD loop) may swap places.
+
+        `dead` [N] bool: rows never returned (removed entities of a live index); k must not exceed the live rows."""
         n = len(self)
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}], got {k}")
@@ -71,6 +73,8 @@ class ExactSearch:
         kk = min(n, k + TIE_MARGIN)
         with torch.no_grad():
             scores = q @ self._t.T  # [B, N]
+            if dead is not None:
+                scores.masked_fill_(dead, float("-inf"))
             top, rows = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
         top, rows = _faiss_order(top.numpy(), rows.numpy())
         if kk < n:  # rare: a tie group reaching the kk-th score may go on past it; that row's whole group decides

@@ -155,3 +155,51 @@ def inline_schema(model: type[BaseModel]) -> dict:
         return node
 
     return resolve(schema)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ live entity changes (PUT/DELETE /v1/entities)
+
+class EntityRequest(BaseModel):
+    """The JSONL KG fields of one entity (README: Build an index over your own KG); the image as base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="The entity's name.", examples=["Douglas Adams"])
+    description: str | None = Field(None, description="Attribute text (as in the KG's JSONL).",
+                                    examples=["Sex: male. Birth: 1952, Cambridge. Occupation: writer."])
+    image: str | None = Field(None, description="Base64 image (JPEG, PNG or WebP), optionally a data: URL; the "
+                                                "image rules of /v1/link apply.")
+    start_year: int | None = Field(None, ge=-10_000, le=10_000, description="Birth or founding year.")
+    end_year: int | None = Field(None, ge=-10_000, le=10_000, description="Death or dissolution year.")
+
+
+class EntityBatchItem(EntityRequest):
+    id: str = Field(..., min_length=1, max_length=256, description="The entity id.")
+    op: Literal["put", "delete"] = Field("put", description="put: create or replace; delete: remove.")
+    name: str | None = Field(None, description="The entity's name (required for put).")  # type: ignore[assignment]
+
+
+class EntityChangeResponse(BaseModel):
+    id: str
+    op: Literal["put", "delete"]
+    index_version: str = Field(..., description="The index version that includes the change (and serves from now on).")
+    entities: int = Field(..., description="Entities served by that version.")
+
+
+class EntityBatchResult(BaseModel):
+    id: str
+    op: Literal["put", "delete"]
+
+
+class EntityBatchResponse(BaseModel):
+    applied: int
+    index_version: str = Field(..., description="The index version that includes every change of the batch.")
+    entities: int
+    results: list[EntityBatchResult]
+
+
+class CompactResponse(BaseModel):
+    state: Literal["started", "done"]
+    index_version: str = Field(..., description="done: the compacted version now served; started: the version "
+                                                "being compacted.")
+    changes: int = Field(..., description="Changes in the log when it started.")

@@ -69,14 +69,20 @@ class KGTerms:
     arrays. Scoring a batch is then a few array operations over its (candidate, word) pairs instead of
     re-tokenising every candidate's name and description."""
 
-    def __init__(self, entities: list[EntityMeta]) -> None:
+    def __init__(self, entities: list[EntityMeta], *, idf_from: KGTerms | None = None) -> None:
+        """`idf_from`: take the description words' IDF from another KGTerms (a live index's appended rows use the
+        base's; a word the base never saw gets the IDF of one in 1 description of the base's size)."""
         self.entities = entities
         desc = [tokens(e.description) for e in entities]
         df: Counter[str] = Counter()
         for words in desc:
             df.update(words)
         n = len(entities)
-        self.idf = {t: math.log((n + 1) / (c + 1)) for t, c in df.items()}  # >= 0: a word in every description is 0
+        if idf_from is None:
+            self.idf = {t: math.log((n + 1) / (c + 1)) for t, c in df.items()}  # >= 0: a word in every description is 0
+        else:
+            rare = math.log((len(idf_from.entities) + 1) / 2)
+            self.idf = {t: idf_from.idf.get(t, rare) for t in df}
         self._vocab = {t: i for i, t in enumerate(self.idf)}
         self._idf = np.fromiter(self.idf.values(), np.float64, len(self.idf))
         self._desc_ids, self._desc_ptr = _flat_ids(desc, self._vocab)
@@ -89,7 +95,8 @@ class KGTerms:
         nan = float("nan")
         self._start = np.array([nan if e.start_year is None else e.start_year for e in entities], np.float64)
         self._end = np.array([nan if e.end_year is None else e.end_year for e in entities], np.float64)
-        logger.info("KG terms: %d description words over %d entities", len(self.idf), len(entities))
+        (logger.debug if idf_from is not None else logger.info)(
+            "KG terms: %d description words over %d entities", len(self.idf), len(entities))
 
     def score(self, mentions: list[str], contexts: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Each term for every candidate row [B, K] (zeros where rows < 0), by its response field."""
@@ -147,3 +154,22 @@ def _flat_ids(texts: list[set[str]], vocab: dict[str, int]) -> tuple[np.ndarray,
     ptr = np.zeros(len(texts) + 1, np.int64)
     np.cumsum([len(i) for i in per_text], out=ptr[1:])
     return np.fromiter(itertools.chain.from_iterable(per_text), np.int32, int(ptr[-1])), ptr
+
+
+class LayeredKGTerms:
+    """The KG terms of a live index snapshot (kg_index/live.py): the base's rows scored by the base's KGTerms (built
+    once per base), the appended rows [n_base, ...) by a small KGTerms over them alone (rebuilt per change, with
+    the base's IDF). Dead rows are never candidates, so what they would score does not matter."""
+
+    def __init__(self, base: KGTerms, appended: list[EntityMeta]) -> None:
+        self.base = base
+        self.n_base = len(base.entities)
+        self.tail = KGTerms(appended, idf_from=base) if appended else None
+
+    def score(self, mentions: list[str], contexts: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        in_tail = rows >= self.n_base
+        if self.tail is None or not in_tail.any():
+            return self.base.score(mentions, contexts, rows)
+        out = self.base.score(mentions, contexts, np.where(in_tail, -1, rows))
+        tail = self.tail.score(mentions, contexts, np.where(in_tail, rows - self.n_base, -1))
+        return {f: out[f] + tail[f] for f in out}

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kg_index.load import KGIndex, load_index
+from kg_index.live import Change, EntityRow, rows_from_features
+from kg_index.live_store import LiveStore
+from kg_index.load import EntityMeta, KGIndex, load_index
 from models.features import Features, Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.encode import check_deadline, encode_queries
-from service.pipeline.kg_terms import KGTerms
+from service.pipeline.kg_terms import KGTerms, LayeredKGTerms
 from service.pipeline.rerank import (
     CrossScorer,
     RerankConfig,
@@ -52,7 +54,7 @@ class Snapshot:
     index: KGIndex
     featurizer: Featurizer | StudentFeaturizer
     cross: CrossScorer
-    kg_terms: KGTerms
+    kg_terms: KGTerms | LayeredKGTerms
     source_warning: str | None = None  # served although built from another KG (EL_INDEX__ALLOW_SOURCE_MISMATCH)
 
     def score_terms(self, queries: list[LinkQuery], feats: Features, rows: np.ndarray, cfg: RerankConfig,
@@ -76,10 +78,12 @@ class Snapshot:
         return {**strings, **kg}
 
 
-def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None) -> Snapshot:
+def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None,
+                  kg_terms: KGTerms | LayeredKGTerms | None = None) -> Snapshot:
     """Mentions are encoded the way the index encoded its entities, the student's encoders or zero-shot, and
-    compared with the cross scorer of those features; chosen here, once per index."""
-    terms = KGTerms(index.entities)
+    compared with the cross scorer of those features; chosen here, once per index (and per change of a live one:
+    `kg_terms` then layers the appended rows' terms over the base's)."""
+    terms = kg_terms if kg_terms is not None else KGTerms(index.entities)
     if index.heads:
         return Snapshot(index, StudentFeaturizer(runtime, "mention"), student_rerank, terms, source_warning)
     assert index.projections is not None
@@ -142,18 +146,40 @@ class BatchOutcome:
 
 class Linker:
     def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex,
-                 source_warning: str | None = None) -> None:
+                 source_warning: str | None = None, *, live: bool = False) -> None:
+        """`live`: open the index folder's change log (replaying it) so that entities can change while serving
+        (`apply_changes`, `compact`); the log lives in the folder, so only the serving process opens it."""
         self.settings = settings
         self.runtime = runtime
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
         self.rerank = RerankConfig.from_settings(settings.rerank)
         self.skip_margin = settings.rerank.skip_margin
         self.device = pick_device(settings.rerank.device)
-        self._snapshot = make_snapshot(runtime, index, source_warning)
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.RLock()  # index swaps, entity changes and compaction's swap: one at a time
+        self._base_terms = KGTerms(index.entities)
+        self._snapshot = make_snapshot(runtime, index, source_warning, self._base_terms)
+        self.store: LiveStore | None = None
+        if live:
+            self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish)
+
+    def _publish(self, index: KGIndex) -> None:
+        """A live index changed (called under the swap lock): serve the new snapshot from the next batch on."""
+        if index.delta is None:  # a new base (compaction)
+            self._base_terms = KGTerms(index.entities)
+            terms: KGTerms | LayeredKGTerms = self._base_terms
+        else:
+            if len(self._base_terms.entities) != index.delta.n_base:  # compaction: a new base with changes on top
+                self._base_terms = KGTerms(index.entities[: index.delta.n_base])
+            terms = LayeredKGTerms(self._base_terms, index.entities[index.delta.n_base :])
+        self._snapshot = make_snapshot(self.runtime, index, self._snapshot.source_warning, terms)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Linker:
+    def for_serving(cls, settings: Settings) -> Linker:
+        """`from_settings` with the change log open when live updates are on (EL_UPDATES__ENABLED)."""
+        return cls.from_settings(settings, live=settings.updates.enabled)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, live: bool = False) -> Linker:
         """Export the encoders if needed, load and verify the index, return a ready Linker."""
         from service.encoders import export_encoders
 
@@ -164,7 +190,7 @@ class Linker:
 
             torch.set_num_threads(settings.rerank.torch_threads)
         index, warning = load_checked_index(settings, runtime, settings.index.dir)
-        return cls(settings, runtime, index, warning)
+        return cls(settings, runtime, index, warning, live=live)
 
     @property
     def index(self) -> KGIndex:
@@ -184,9 +210,47 @@ class Linker:
         """Load and verify folder, then switch to it atomically; the old index stays in use on failure."""
         with self._swap_lock:
             new, warning = load_checked_index(self.settings, self.runtime, folder)
-            self._snapshot = make_snapshot(self.runtime, new, warning)
+            if self.store is not None and self.store.compacting:
+                raise RuntimeError("a compaction is running; reload after it")
+            base_terms = KGTerms(new.entities)
+            store = LiveStore(new, lock=self._swap_lock) if self.store is not None else None  # replays its log
+            if self.store is not None:
+                self.store.close()
+            self.store, self._base_terms = store, base_terms
+            self._snapshot = make_snapshot(self.runtime, new, warning, base_terms)
+            if store is not None:
+                store._publish = self._publish
+                self._publish(store.snapshot)
+                new = store.snapshot
         logger.info("index swapped to %s", new.version)
         return new
+
+    # ------------------------------------------------------------------ live entity changes
+
+    def encode_entities(self, metas: list[EntityMeta], images: list) -> list[EntityRow]:
+        """Encode entities exactly as the index build does (the same runtime and featurizer of the index's kind)."""
+        index = self._snapshot.index
+        featurizer: Featurizer | StudentFeaturizer
+        if index.heads:
+            featurizer = StudentFeaturizer(self.runtime, "entity")
+        else:
+            assert index.projections is not None
+            featurizer = Featurizer(self.runtime, index.projections)
+        feats = featurizer([m.name for m in metas], [m.description for m in metas], images)
+        return rows_from_features(metas, feats, index.manifest.max_tokens)
+
+    def apply_changes(self, changes: list[Change]) -> KGIndex:
+        """Log and apply entity changes; the returned snapshot (served from now on) includes them. Raises
+        kg_index.live_store.UnknownEntity for a removal of an id the index does not hold (nothing applied)."""
+        if self.store is None:
+            raise RuntimeError("live updates are off for this linker")
+        return self.store.apply(changes)
+
+    def compact(self) -> KGIndex:
+        """Fold the change log into a fresh index folder and serve it (RuntimeError when one is running)."""
+        if self.store is None:
+            raise RuntimeError("live updates are off for this linker")
+        return self.store.compact(encoder_signature=self.runtime.spec.signature())
 
     def warm_up(self) -> None:
         """Run every stage once (text and image) so the first real request pays no lazy-init costs."""

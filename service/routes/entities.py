@@ -1,14 +1,50 @@
-"""GET /v1/entities/{id}."""
+"""GET /v1/entities/{id}; and changing the KG while serving: PUT and DELETE /v1/entities/{id},
+POST /v1/entities:batch (JSON list or JSONL). Changes go through service/updates.py."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import json
+import re
 
-from service.errors import EntityNotFound
-from service.schemas import EntityResponse, ErrorResponse
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from service.conversions import first_error
+from service.errors import (
+    EntityNotFound,
+    ImageTooLarge,
+    InvalidInput,
+    TooManyItems,
+    UnsupportedMediaType,
+)
+from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
+from service.schemas import (
+    EntityBatchItem,
+    EntityBatchResponse,
+    EntityBatchResult,
+    EntityChangeResponse,
+    EntityRequest,
+    EntityResponse,
+    ErrorResponse,
+    inline_schema,
+)
+from service.settings import Settings
 from service.state import AppState
+from service.updates import PendingChange
 
 router = APIRouter(prefix="/v1", tags=["entities"])
+
+_ID = re.compile(r"[^\s/\x00-\x1f\x7f]{1,256}")
+_CHANGE_ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 429, 503)}
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "start_year": {"type": "integer"}, "end_year": {"type": "integer"},
+        "image": {"type": "string", "format": "binary"},
+    },
+}
 
 
 @router.get("/entities/{entity_id}", response_model=EntityResponse,
@@ -21,3 +57,140 @@ async def get_entity(entity_id: str, request: Request) -> EntityResponse:
         raise EntityNotFound(f"no entity with id {entity_id!r} in index {index.version}")
     e = index.entities[row]
     return EntityResponse(id=e.id, name=e.name, description=e.description, has_image=e.has_image)
+
+
+def _check_id(entity_id: str) -> str:
+    if not _ID.fullmatch(entity_id):
+        raise InvalidInput("id: 1-256 characters, no whitespace, slash or control characters")
+    return entity_id
+
+
+def _decode(entity_id: str, req: EntityRequest | EntityBatchItem, settings: Settings,
+            image_bytes: bytes | None = None) -> PendingChange:
+    """The decode stage of one change: text rules as for /v1/link, the description's own cap, the image rules."""
+    from kg_index.load import EntityMeta
+
+    if isinstance(req, EntityBatchItem) and req.op == "delete":
+        return PendingChange(entity_id, None)
+    lim = settings.limits
+    if req.name is None:
+        raise InvalidInput(f"{entity_id}: name: field required for put")
+    name = clean_text(req.name, field="name", max_chars=lim.max_text_chars, required=True)
+    description = clean_text(req.description, field="description", max_chars=settings.updates.max_description_chars)
+    if image_bytes is None and req.image:
+        image_bytes = base64_image_bytes(req.image, max_bytes=lim.max_image_bytes)
+    image = decode_image(image_bytes, lim, target_size=settings.encoder.image_size) if image_bytes else None
+    if req.start_year is not None and req.end_year is not None and req.end_year < req.start_year:
+        raise InvalidInput(f"{entity_id}: end_year {req.end_year} is before start_year {req.start_year}")
+    meta = EntityMeta(entity_id, name, description, image is not None, req.start_year, req.end_year)
+    if req.start_year is None and req.end_year is None:  # as the loader does: years read from the description
+        from kg_index.attributes import lifespan
+
+        meta.start_year, meta.end_year = lifespan(None, None, description)
+    return PendingChange(entity_id, meta, image)
+
+
+async def _parse_put(request: Request, settings: Settings) -> tuple[EntityRequest, bytes | None]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            return EntityRequest.model_validate_json(await request.body()), None
+        except ValidationError as exc:
+            raise InvalidInput(first_error(exc)) from None
+    if ctype == "multipart/form-data":
+        lim = settings.limits
+        form = await request.form(max_files=1, max_fields=8, max_part_size=lim.max_image_bytes)
+        image = form.get("image")
+        image_bytes = None
+        if image is not None and not isinstance(image, str):
+            image_bytes = await image.read(lim.max_image_bytes + 1)
+            if len(image_bytes) > lim.max_image_bytes:
+                raise ImageTooLarge(f"image exceeds {lim.max_image_bytes} bytes")
+        allowed = ("name", "description", "start_year", "end_year")
+        if unknown := sorted(set(form.keys()) - {*allowed, "image"}):
+            raise InvalidInput(f"{unknown[0]}: unknown form field; send {', '.join(allowed)}, image")
+        fields = {k: v for k, v in form.items() if k in allowed and isinstance(v, str)}
+        try:
+            req = EntityRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})
+        except ValidationError as exc:
+            raise InvalidInput(first_error(exc)) from None
+        return req, image_bytes
+    raise UnsupportedMediaType("send application/json or multipart/form-data")
+
+
+@router.put(
+    "/entities/{entity_id}", response_model=EntityChangeResponse, responses=_CHANGE_ERRORS,
+    summary="Create or replace an entity (JSON, or multipart with an image file part); live from the answer on",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": inline_schema(EntityRequest)},
+        "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+    }}},
+)
+async def put_entity(entity_id: str, request: Request) -> EntityChangeResponse:
+    state: AppState = request.app.state.el
+    state.require_linker()
+    _check_id(entity_id)
+    req, image_bytes = await _parse_put(request, state.settings)
+    snap = await state.updater.submit(1, lambda: [_decode(entity_id, req, state.settings, image_bytes)])
+    return EntityChangeResponse(id=entity_id, op="put", index_version=snap.version, entities=len(snap))
+
+
+@router.delete("/entities/{entity_id}", response_model=EntityChangeResponse, responses=_CHANGE_ERRORS,
+               summary="Remove an entity; no /v1/link answer from then on returns it")
+async def delete_entity(entity_id: str, request: Request) -> EntityChangeResponse:
+    state: AppState = request.app.state.el
+    state.require_linker()
+    _check_id(entity_id)
+    snap = await state.updater.submit(1, lambda: [PendingChange(entity_id, None)])
+    return EntityChangeResponse(id=entity_id, op="delete", index_version=snap.version, entities=len(snap))
+
+
+def _parse_batch(body: bytes, ctype: str, cap: int) -> list[EntityBatchItem]:
+    if ctype == "application/json":
+        try:
+            raw = json.loads(body)
+        except ValueError as exc:
+            raise InvalidInput(f"body: invalid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(raw, list):
+            raise InvalidInput("body: send a JSON list of entity changes")
+        lines = list(enumerate(raw, 1))
+    elif ctype in ("application/x-ndjson", "application/jsonl", "application/x-jsonlines"):
+        lines = []
+        for n, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    lines.append((n, json.loads(line)))
+                except ValueError:
+                    raise InvalidInput(f"line {n}: invalid JSON") from None
+    else:
+        raise UnsupportedMediaType("send application/json (a list) or application/x-ndjson (JSONL)")
+    if not lines:
+        raise InvalidInput("body: no entity changes")
+    if len(lines) > cap:
+        raise TooManyItems(f"at most {cap} changes per batch (got {len(lines)})")
+    items = []
+    for n, obj in lines:
+        try:
+            items.append(EntityBatchItem.model_validate(obj))
+        except ValidationError as exc:
+            raise InvalidInput(f"item {n}: {first_error(exc)}") from None
+        _check_id(items[-1].id)
+    return items
+
+
+@router.post(
+    "/entities:batch", response_model=EntityBatchResponse, responses=_CHANGE_ERRORS,
+    summary="Put or delete many entities in one call, all or nothing, in order (JSON list or JSONL)",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "array", "items": inline_schema(EntityBatchItem)}},
+        "application/x-ndjson": {"schema": {"type": "string"}},
+    }}},
+)
+async def batch_entities(request: Request) -> EntityBatchResponse:
+    state: AppState = request.app.state.el
+    state.require_linker()
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    items = _parse_batch(await request.body(), ctype, state.settings.updates.max_batch_items)
+    snap = await state.updater.submit(len(items), lambda: [_decode(i.id, i, state.settings) for i in items])
+    return EntityBatchResponse(applied=len(items), index_version=snap.version, entities=len(snap),
+                               results=[EntityBatchResult(id=i.id, op=i.op) for i in items])
