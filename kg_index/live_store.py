@@ -17,7 +17,6 @@ import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 from kg_index.changelog import LOG_NAME, ChangeLog, read_log
 from kg_index.compact import exchange_dirs, write_compacted

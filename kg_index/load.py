@@ -10,18 +10,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from kg_index.attributes import lifespan
+from kg_index.delta import Delta
 from kg_index.exact import ExactSearch
 from kg_index.manifest import IndexIntegrityError, Manifest, verify_files
 from models.features import Projections
-
-if TYPE_CHECKING:
-    from kg_index.live import Delta
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +79,7 @@ class KGIndex:
         several times faster than FAISS's own search here); IVF/HNSW: FAISS."""
         k = max(1, min(k, len(self)))
         if self.delta is not None:
-            from kg_index.live import search_live
-
-            return search_live(self, queries, k)
+            return self.delta.search(self.exact, self.faiss_index, queries, k)
         if self.exact is not None:
             return self.exact.search(queries, k)
         scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

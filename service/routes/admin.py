@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Body, Request
 
 from service.reloading import reload_index
-import anyio
-
 from service.schemas import CompactResponse, ErrorResponse, ReloadRequest, ReloadResponse
 from service.state import AppState
 
