@@ -24,6 +24,7 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -125,23 +126,33 @@ def _torn(path: Path, pos: int, left: int, changes: list[Change], why: str, repa
 
 
 class ChangeLog:
-    """The open log of one index folder: appends records durably. Holds an exclusive lock on the file while open,
-    so a second process (another server, an offline `el compact-index`) cannot write the same log."""
+    """The log of one index folder: appends records durably. The file is created, and an exclusive lock on it
+    taken, at the first append: several processes may serve one folder read-only, only one may change it."""
 
     def __init__(self, folder: Path, base_version: str, next_seq: int) -> None:
+        self.folder = folder
         self.path = folder / LOG_NAME
         self.base_version = base_version
         self.next_seq = next_seq
-        created = not self.path.exists()
-        self._f = self.path.open("ab")
-        try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._f.close()
-            raise IndexIntegrityError(f"{self.path}: in use by another process (a server serving this index?)") from None
-        if created:  # the new directory entry must survive a crash too
-            _fsync_dir(folder)
-        self.bytes = self._f.tell()
+        self.bytes = self.path.stat().st_size if self.path.exists() else 0
+        self._f: BinaryIO | None = None
+
+    def _open(self) -> BinaryIO:
+        if self._f is None:
+            created = not self.path.exists()
+            f = self.path.open("ab")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise LogBusy(f"{self.path}: held by another process serving this index folder") from None
+            if f.tell() != self.bytes:  # someone else wrote since we read it: our view is stale
+                f.close()
+                raise LogBusy(f"{self.path}: changed by another process since this one read it; restart to replay")
+            if created:  # the new directory entry must survive a crash too
+                _fsync_dir(self.folder)
+            self._f = f
+        return self._f
 
     def append(self, changes: Iterable[Change]) -> int:
         """Write the changes, fsync, return the sequence number of the last one. Only then may they be applied."""
@@ -150,19 +161,26 @@ class ChangeLog:
         for c in changes:
             blob += encode_record(seq, self.base_version, c)
             seq += 1
+        f = self._open()
         try:
-            self._f.write(blob)
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
         except OSError:  # disk full, I/O error: nothing acknowledged, and no half record left for the next append
-            self._f.truncate(self.bytes)
+            f.truncate(self.bytes)
             raise
         self.next_seq = seq
         self.bytes += len(blob)
         return seq - 1
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class LogBusy(RuntimeError):
+    """Another process holds (or has changed) this folder's change log."""
 
 
 def _fsync_dir(folder: Path) -> None:

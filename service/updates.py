@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from kg_index.changelog import LogBusy
 from kg_index.live import Change
 from kg_index.live_store import UnknownEntity
 from kg_index.load import EntityMeta, KGIndex
@@ -84,6 +85,12 @@ class EntityUpdater:
             snap = linker.apply_changes(changes)
         except UnknownEntity as exc:
             raise EntityNotFound(f"no entity with id {exc.args[0]!r} to delete (nothing in this request applied)") from None
+        except LogBusy as exc:
+            raise Conflict(f"cannot change this index: {exc.__class__.__name__}; another process writes its change log "
+                           "(nothing applied)") from None
+        except OSError as exc:  # a read-only or full index folder: nothing was acknowledged
+            logger.error("cannot write the change log: %s", exc)
+            raise UpdatesDisabled(f"cannot write the change log ({exc.__class__.__name__}); nothing applied") from None
         if self.compact_after and linker.store is not None and linker.store.pending >= self.compact_after:
             self.start_compaction(linker)
         return snap
