@@ -38,8 +38,11 @@ def base_vectors(index: KGIndex, rows: np.ndarray) -> np.ndarray:
         return np.asarray(index.exact.vectors[rows], np.float32)
     inner = faiss.downcast_index(index.faiss_index)
     if isinstance(inner, faiss.IndexIVF):  # reconstruct needs a direct map: made on a copy, not the served index
-        inner = faiss.downcast_index(faiss.clone_index(inner))
+        copy = faiss.clone_index(inner)  # kept in a name: the downcast view below does not own it
+        inner = faiss.extract_index_ivf(copy)
         inner.make_direct_map()
+        return np.asarray(copy.reconstruct_batch(np.asarray(rows, np.int64)), np.float32) if len(rows) else \
+            np.zeros((0, index.faiss_index.d), np.float32)
     if not len(rows):
         return np.zeros((0, index.faiss_index.d), np.float32)
     return np.asarray(inner.reconstruct_batch(np.asarray(rows, np.int64)), np.float32)
