@@ -123,7 +123,7 @@ def test_put_delete_replace_search(base: KGIndex) -> None:
                        Change("E5", make_row("E5", "entity five renamed", rng, vector=q[1].copy()))])  # replaced
     assert snap.version == "v0+3" if base.version == "v0" else snap.version.endswith("+3")
     assert len(snap) == len(base) and len(snap.ids) == len(base.ids) + 2
-    scores, rows = snap.search(q, 10)
+    _scores, rows = snap.search(q, 10)
     ids = [[snap.ids[r] for r in row] for row in rows]
     assert ids[0][0] == "NEW" and ids[1][0] == "E5"
     assert snap.entities[rows[1][0]].name == "entity five renamed"

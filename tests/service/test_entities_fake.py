@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.service.test_api_fake import DOUGLAS, JSON, KEY, assert_error, b64, jpeg, png_header, serve
+from tests.service.test_api_fake import DOUGLAS, KEY, assert_error, b64, jpeg, png_header, serve
 
 NDJSON = {"content-type": "application/x-ndjson"}
 
@@ -19,7 +19,7 @@ def top_ids(client, mention: str) -> list[str]:
 
 
 def test_put_creates_then_link_sees_it(tmp_path: Path) -> None:
-    with serve(tmp_path) as (client, linker):
+    with serve(tmp_path) as (client, _linker):
         assert "Q999" not in top_ids(client, "Zorblax Quintavian")
         r = client.put("/v1/entities/Q999", json={"name": "Zorblax Quintavian", "description": "A painter.",
                                                   "start_year": 1901, "end_year": 1980})
@@ -46,7 +46,7 @@ def test_put_replaces_and_delete_removes(tmp_path: Path) -> None:
 
 
 def test_put_multipart_and_base64_image(tmp_path: Path) -> None:
-    with serve(tmp_path) as (client, linker):
+    with serve(tmp_path) as (client, _linker):
         r = client.put("/v1/entities/Q1", data={"name": "Red Square", "start_year": "1500"},
                        files={"image": ("x.jpg", jpeg(), "image/jpeg")})
         assert r.status_code == 200, r.text
@@ -126,7 +126,7 @@ def test_changes_need_the_api_key(tmp_path: Path) -> None:
 
 
 def test_updates_disabled(tmp_path: Path) -> None:
-    with serve(tmp_path, updates={"enabled": False}) as (client, linker):
+    with serve(tmp_path, updates={"enabled": False}) as (client, _linker):
         assert_error(client.put("/v1/entities/Q1", json={"name": "x"}), 409, "updates_disabled")
         assert_error(client.delete("/v1/entities/Q42"), 409, "updates_disabled")
         assert client.post("/v1/link", json=DOUGLAS).status_code == 200
