@@ -4,9 +4,10 @@ Starts `python -m service serve` over a private copy of the configured index (ha
 writes into an existing index file, the change log and compaction make new ones), then alternates idle phases
 (client threads sending text-only WikiMEL test mentions to /v1/link, each waiting for its answer) with phases of
 the same link load while one client streams POST /v1/entities:batch calls of new entities (real KB names and
-descriptions under new ids): text-only, then each with a real photo (WikiMEL test images, base64). Reports the
-entities acknowledged per second in each loaded phase, the link p50/p99 of every phase, and the ratio of the
-loaded p99 to the idle p99 (idle phases pooled, taken before and after each loaded one on the same server).
+descriptions under new ids): text-only, then each with a real photo (the WikiMEL release's images, base64). Before
+each loaded phase, a few change calls run with no link load (the update path's own rate on the machine at that
+moment). Reports the entities acknowledged per second in each phase, the link p50/p99 of every phase, and the ratio
+of the loaded p99 to the idle p99 (idle phases pooled, taken before and after each loaded one on the same server).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Options:
     clients: int = 2
     batch: int = 32  # entities per POST /v1/entities:batch
     rounds: int = 1  # text-only and image phases, each between idle ones
+    alone_calls: int = 8  # change calls timed without link load before each loaded phase
     out: Path = Path("reports/updates.json")
 
 
@@ -142,6 +144,21 @@ def with_updates(url: str, batches: list[list[dict]], measure) -> tuple[list[flo
     return out, {**done, "seconds": round(elapsed, 2), "entities_per_s": round(done["entities"] / elapsed, 1)}
 
 
+def updates_alone(url: str, batches: list[list[dict]]) -> dict:
+    """The same change calls with no link load: the update path's own rate on this machine, now (the baseline of
+    the rate under load)."""
+    t0 = time.perf_counter()
+    n = 0
+    with httpx.Client(base_url=url, timeout=120.0) as c:
+        for items in batches:
+            r = c.post("/v1/entities:batch", json=items)
+            if r.status_code != 200:
+                raise SystemExit(f"entities:batch answered {r.status_code}: {r.text[:200]}")
+            n += len(items)
+    elapsed = time.perf_counter() - t0
+    return {"entities": n, "seconds": round(elapsed, 2), "entities_per_s": round(n / elapsed, 1)}
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
@@ -169,6 +186,7 @@ def run(settings: Settings, opts: Options) -> dict:
     idle: list[list[float]] = []
     loaded: dict[str, list[list[float]]] = {"text": [], "image": []}
     rates: dict[str, list[dict]] = {"text": [], "image": []}
+    alone: dict[str, list[dict]] = {"text": [], "image": []}
     with tempfile.TemporaryDirectory(prefix="bench-updates-") as tmp:
         work = Path(tmp)
         index_dir = work / "index"
@@ -179,6 +197,7 @@ def run(settings: Settings, opts: Options) -> dict:
             idle.append(link_load(url, bodies, opts.clients))
             for r in range(opts.rounds):
                 for kind in ("text", "image"):
+                    alone[kind].append(updates_alone(url, batches(f"alone-{kind}-{r}-", kind == "image")[:opts.alone_calls]))
                     during, rate = with_updates(url, batches(f"bench-{kind}-{r}-", kind == "image"),
                                                 lambda: link_load(url, bodies, opts.clients))
                     loaded[kind].append(during)
@@ -200,6 +219,8 @@ def run(settings: Settings, opts: Options) -> dict:
         report[f"during_{kind}_updates"] = summary(during)
         report[f"{kind}_updates"] = rates[kind]
         report[f"{kind}_entities_per_s"] = round(statistics.fmean(r["entities_per_s"] for r in rates[kind]), 1)
+        report[f"{kind}_updates_alone"] = alone[kind]
+        report[f"{kind}_entities_per_s_alone"] = round(statistics.fmean(r["entities_per_s"] for r in alone[kind]), 1)
         report[f"p99_ratio_{kind}_updates_to_idle"] = round(pct(during, 0.99) / pct(idle_all, 0.99), 3)
         report[f"p50_ratio_{kind}_updates_to_idle"] = round(pct(during, 0.50) / pct(idle_all, 0.50), 3)
     opts.out.parent.mkdir(parents=True, exist_ok=True)

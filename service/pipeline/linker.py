@@ -159,6 +159,7 @@ class Linker:
         self._base_terms = KGTerms(index.entities)
         self._snapshot = make_snapshot(runtime, index, source_warning, self._base_terms)
         self.store: LiveStore | None = None
+        self._entity_runtime: EncoderRuntime | None = None
         if live:
             self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish)
 
@@ -227,15 +228,30 @@ class Linker:
 
     # ------------------------------------------------------------------ live entity changes
 
+    def entity_runtime(self) -> EncoderRuntime:
+        """The encoder the update worker uses: the same model files and runtime class as the serving one (and as
+        the index build), in sessions of their own with EL_UPDATES__ENCODER_THREADS threads, so that encoding a
+        batch of entities takes one core and /v1/link keeps the others (0: the serving sessions themselves)."""
+        threads = self.settings.updates.encoder_threads
+        if not threads:
+            return self.runtime
+        if self._entity_runtime is None:
+            enc = self.settings.encoder
+            self._entity_runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads)
+            if self._entity_runtime.spec.signature() != self.runtime.spec.signature():
+                raise RuntimeError("the encoder files changed under the running server; restart it")
+        return self._entity_runtime
+
     def encode_entities(self, metas: list[EntityMeta], images: list) -> list[EntityRow]:
         """Encode entities exactly as the index build does (the same runtime and featurizer of the index's kind)."""
         index = self._snapshot.index
+        runtime = self.entity_runtime()
         featurizer: Featurizer | StudentFeaturizer
         if index.heads:
-            featurizer = StudentFeaturizer(self.runtime, "entity")
+            featurizer = StudentFeaturizer(runtime, "entity")
         else:
             assert index.projections is not None
-            featurizer = Featurizer(self.runtime, index.projections)
+            featurizer = Featurizer(runtime, index.projections)
         feats = featurizer([m.name for m in metas], [m.description for m in metas], images)
         return rows_from_features(metas, feats, index.manifest.max_tokens)
 
