@@ -144,10 +144,17 @@ def with_updates(url: str, batches: list[list[dict]], measure) -> tuple[list[flo
     return out, {**done, "seconds": round(elapsed, 2), "entities_per_s": round(done["entities"] / elapsed, 1)}
 
 
-def updates_alone(url: str, batches: list[list[dict]]) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def updates_alone(url: str, batches: list[list[dict]], pid: int) -> dict:
     """The same change calls with no link load: the update path's own rate on this machine, now (the baseline of
-    the rate under load)."""
-    t0 = time.perf_counter()
+    the rate under load), and the server's CPU time per entity (what the rate would be on a core of its own,
+    whatever else the machine is running)."""
+    t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
     n = 0
     with httpx.Client(base_url=url, timeout=120.0) as c:
         for items in batches:
@@ -155,8 +162,9 @@ def updates_alone(url: str, batches: list[list[dict]]) -> dict:
             if r.status_code != 200:
                 raise SystemExit(f"entities:batch answered {r.status_code}: {r.text[:200]}")
             n += len(items)
-    elapsed = time.perf_counter() - t0
-    return {"entities": n, "seconds": round(elapsed, 2), "entities_per_s": round(n / elapsed, 1)}
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    return {"entities": n, "seconds": round(elapsed, 2), "entities_per_s": round(n / elapsed, 1),
+            "server_cpu_ms_per_entity": round(1000 * cpu / n, 2), "entities_per_cpu_s": round(n / cpu, 1)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -197,7 +205,8 @@ def run(settings: Settings, opts: Options) -> dict:
             idle.append(link_load(url, bodies, opts.clients))
             for r in range(opts.rounds):
                 for kind in ("text", "image"):
-                    alone[kind].append(updates_alone(url, batches(f"alone-{kind}-{r}-", kind == "image")[:opts.alone_calls]))
+                    alone[kind].append(updates_alone(url, batches(f"alone-{kind}-{r}-", kind == "image")[:opts.alone_calls],
+                                                     proc.pid))
                     during, rate = with_updates(url, batches(f"bench-{kind}-{r}-", kind == "image"),
                                                 lambda: link_load(url, bodies, opts.clients))
                     loaded[kind].append(during)
@@ -221,6 +230,7 @@ def run(settings: Settings, opts: Options) -> dict:
         report[f"{kind}_entities_per_s"] = round(statistics.fmean(r["entities_per_s"] for r in rates[kind]), 1)
         report[f"{kind}_updates_alone"] = alone[kind]
         report[f"{kind}_entities_per_s_alone"] = round(statistics.fmean(r["entities_per_s"] for r in alone[kind]), 1)
+        report[f"{kind}_entities_per_server_cpu_s"] = round(statistics.fmean(r["entities_per_cpu_s"] for r in alone[kind]), 1)
         report[f"p99_ratio_{kind}_updates_to_idle"] = round(pct(during, 0.99) / pct(idle_all, 0.99), 3)
         report[f"p50_ratio_{kind}_updates_to_idle"] = round(pct(during, 0.50) / pct(idle_all, 0.50), 3)
     opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,8 @@ class Linker:
 
         self.link_batch([LinkQuery("warm up", "warm-up sentence", Image.new("RGB", (32, 32)), top_k=1)])
         self.link_batch([LinkQuery("warm up", "", None, top_k=1)])
+        if self.store is not None:  # the update worker's encoder too: the first entity change pays no load either
+            self.encode_entities([EntityMeta("warm-up", "warm up", "", False)], [Image.new("RGB", (32, 32))])
 
     def link(self, query: LinkQuery) -> LinkResult:
         return self.link_batch([query]).results[0]
