@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import anyio
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
@@ -190,7 +191,8 @@ async def batch_entities(request: Request) -> EntityBatchResponse:
     state: AppState = request.app.state.el
     state.require_linker()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    items = _parse_batch(await request.body(), ctype, state.settings.updates.max_batch_items)
+    body = await request.body()
+    items = await anyio.to_thread.run_sync(_parse_batch, body, ctype, state.settings.updates.max_batch_items)
     snap = await state.updater.submit(len(items), lambda: [_decode(i.id, i, state.settings) for i in items])
     return EntityBatchResponse(applied=len(items), index_version=snap.version, entities=len(snap),
                                results=[EntityBatchResult(id=i.id, op=i.op) for i in items])
