@@ -158,18 +158,38 @@ def _flat_ids(texts: list[set[str]], vocab: dict[str, int]) -> tuple[np.ndarray,
 
 class LayeredKGTerms:
     """The KG terms of a live index snapshot (kg_index/live.py): the base's rows scored by the base's KGTerms (built
-    once per base), the appended rows [n_base, ...) by a small KGTerms over them alone (rebuilt per change, with
-    the base's IDF). Dead rows are never candidates, so what they would score does not matter."""
+    once per base), the appended rows [n_base, ...) by small KGTerms over runs of them, with the base's IDF. Runs
+    are kept like a binary counter (a new run merges with the one before while that one is no larger), so each
+    change re-reads O(log n) appended entities' words on average and a snapshot holds O(log n) runs; a run without
+    candidates in a batch costs nothing. Dead rows are never candidates, so what they would score does not matter."""
 
-    def __init__(self, base: KGTerms, appended: list[EntityMeta]) -> None:
+    def __init__(self, base: KGTerms, runs: list[tuple[int, KGTerms]]) -> None:
         self.base = base
         self.n_base = len(base.entities)
-        self.tail = KGTerms(appended, idf_from=base) if appended else None
+        self.runs = runs  # (first row, terms over rows first .. first + len - 1)
+
+    @classmethod
+    def extended(cls, base: KGTerms, previous: LayeredKGTerms | None, appended: list[EntityMeta]) -> LayeredKGTerms:
+        """The terms of a snapshot whose appended rows are `appended` (all of them, in row order), reusing the runs
+        of `previous` (the same base's previous snapshot, whose appended rows are a prefix of these)."""
+        n_base = len(base.entities)
+        runs = list(previous.runs) if previous is not None and previous.base is base else []
+        covered = runs[-1][0] + len(runs[-1][1].entities) - n_base if runs else 0
+        if len(appended) > covered:
+            runs.append((n_base + covered, KGTerms(appended[covered:], idf_from=base)))
+            while len(runs) >= 2 and len(runs[-2][1].entities) <= len(runs[-1][1].entities):
+                (first, a), (_, b) = runs[-2], runs[-1]
+                runs[-2:] = [(first, KGTerms(a.entities + b.entities, idf_from=base))]
+        return cls(base, runs)
 
     def score(self, mentions: list[str], contexts: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        in_tail = rows >= self.n_base
-        if self.tail is None or not in_tail.any():
+        in_base = rows < self.n_base
+        if in_base.all() or not self.runs:
             return self.base.score(mentions, contexts, rows)
-        out = self.base.score(mentions, contexts, np.where(in_tail, -1, rows))
-        tail = self.tail.score(mentions, contexts, np.where(in_tail, rows - self.n_base, -1))
-        return {f: out[f] + tail[f] for f in out}
+        out = self.base.score(mentions, contexts, np.where(in_base, rows, -1))
+        for first, terms in self.runs:
+            inside = (rows >= first) & (rows < first + len(terms.entities))
+            if inside.any():
+                part = terms.score(mentions, contexts, np.where(inside, rows - first, -1))
+                out = {f: out[f] + part[f] for f in out}
+        return out

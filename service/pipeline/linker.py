@@ -157,6 +157,7 @@ class Linker:
         self.device = pick_device(settings.rerank.device)
         self._swap_lock = threading.RLock()  # index swaps, entity changes and compaction's swap: one at a time
         self._base_terms = KGTerms(index.entities)
+        self._base_terms_version = index.manifest.version
         self._snapshot = make_snapshot(runtime, index, source_warning, self._base_terms)
         self.store: LiveStore | None = None
         self._entity_runtime: EncoderRuntime | None = None
@@ -165,13 +166,15 @@ class Linker:
 
     def _publish(self, index: KGIndex) -> None:
         """A live index changed (called under the swap lock): serve the new snapshot from the next batch on."""
-        if index.delta is None:  # a new base (compaction)
-            self._base_terms = KGTerms(index.entities)
+        if index.manifest.version != self._base_terms_version:  # a new base folder (compaction, reload)
+            n_base = len(index.entities) if index.delta is None else index.delta.n_base
+            self._base_terms = KGTerms(index.entities[:n_base])
+            self._base_terms_version = index.manifest.version
+        if index.delta is None:
             terms: KGTerms | LayeredKGTerms = self._base_terms
         else:
-            if len(self._base_terms.entities) != index.delta.n_base:  # compaction: a new base with changes on top
-                self._base_terms = KGTerms(index.entities[: index.delta.n_base])
-            terms = LayeredKGTerms(self._base_terms, index.entities[index.delta.n_base :])
+            previous = self._snapshot.kg_terms if isinstance(self._snapshot.kg_terms, LayeredKGTerms) else None
+            terms = LayeredKGTerms.extended(self._base_terms, previous, index.entities[index.delta.n_base :])
         self._snapshot = make_snapshot(self.runtime, index, self._snapshot.source_warning, terms)
 
     @classmethod
@@ -217,7 +220,7 @@ class Linker:
             store = LiveStore(new, lock=self._swap_lock) if self.store is not None else None  # replays its log
             if self.store is not None:
                 self.store.close()
-            self.store, self._base_terms = store, base_terms
+            self.store, self._base_terms, self._base_terms_version = store, base_terms, new.manifest.version
             self._snapshot = make_snapshot(self.runtime, new, warning, base_terms)
             if store is not None:
                 store._publish = self._publish
