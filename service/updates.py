@@ -1,7 +1,7 @@
 """Entity changes while serving: decode, encode, log, apply; and compaction in the background.
 
-Each request is decoded in a worker thread of its own (text rules and the image rules of /v1/link), then one
-update worker thread takes the requests in arrival order: it encodes the entities to put in batches of EL_UPDATES__ENCODE_BATCH through the same runtime and
+Each request is decoded in a decoding thread (one request at a time: text rules and the image rules of /v1/link),
+then one update worker thread takes the requests in arrival order: it encodes the entities to put in batches of EL_UPDATES__ENCODE_BATCH through the same runtime and
 featurizer as the index build (Linker.encode_entities), then hands all of a request's changes to the live index
 in one call (Linker.apply_changes: one log write and fsync, then the new snapshot is published). The answer is
 sent after that: the change is on disk and the next /v1/link batch sees it. One worker keeps updates to about one
@@ -52,6 +52,7 @@ class EntityUpdater:
         self.enabled = enabled
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="el-updates")
         self.pending = 0
+        self._decoding = anyio.CapacityLimiter(1)
         self._compactor: threading.Thread | None = None
         self.last_compaction_error: str | None = None
 
@@ -68,9 +69,10 @@ class EntityUpdater:
             raise Overloaded(f"{self.pending} entity changes are waiting; retry later", headers={"Retry-After": "1"})
         self.pending += n
         try:
-            # Decoding (JSON items, base64, images: ~20 ms for a large photo) runs in a worker thread of its own,
-            # so that it overlaps the update worker's encoding of the previous request and never blocks the loop.
-            pending = await anyio.to_thread.run_sync(decode)
+            # Decoding (JSON items, base64, images: ~20 ms of CPU for a large photo) runs in one thread of its own,
+            # one request at a time: it overlaps the update worker's encoding of the previous request and never
+            # blocks the loop, and updates never take more than these two threads from /v1/link.
+            pending = await anyio.to_thread.run_sync(decode, limiter=self._decoding)
             return await asyncio.wrap_future(self._pool.submit(self._run, pending))
         finally:
             self.pending -= n
