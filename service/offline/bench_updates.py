@@ -191,6 +191,7 @@ def run(settings: Settings, opts: Options) -> dict:
                   **({"image": photos[i % len(photos)]} if with_image else {})} for i, e in enumerate(kb[:20_000])]
         return [items[i : i + opts.batch] for i in range(0, len(items), opts.batch)]
 
+    machine = machine_info()  # the load average before the run
     idle: list[list[float]] = []
     loaded: dict[str, list[list[float]]] = {"text": [], "image": []}
     rates: dict[str, list[dict]] = {"text": [], "image": []}
@@ -218,7 +219,7 @@ def run(settings: Settings, opts: Options) -> dict:
             proc.wait(60)
     idle_all = [ms for p in idle for ms in p]
     report: dict = {
-        "machine": machine_info() | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": str(settings.index.dir), "clients": opts.clients, "requests_per_phase": opts.requests,
         "entities_per_call": opts.batch, "rounds": opts.rounds,
         "idle_phases": [summary(p) for p in idle], "idle": summary(idle_all), "check_entity": check,
