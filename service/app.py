@@ -43,6 +43,8 @@ def _load(state: AppState, factory: LinkerFactory) -> None:
     try:
         linker = factory(state.settings)
         linker.warm_up()
+        if hasattr(linker, "warm_up_updates"):  # before ready: a first change pays no load, a first link no contention
+            linker.warm_up_updates()
     except IndexIntegrityError as exc:  # the message names the file (and both KGs): no traceback needed
         logger.error("start-up failed: %s", exc)
         state.load_error = f"start-up failed: {exc}"

@@ -161,6 +161,7 @@ class Linker:
         self._snapshot = make_snapshot(runtime, index, source_warning, self._base_terms)
         self.store: LiveStore | None = None
         self._entity_runtime: EncoderRuntime | None = None
+        self._entity_runtime_lock = threading.Lock()
         if live:
             self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish)
 
@@ -238,11 +239,13 @@ class Linker:
         threads = self.settings.updates.encoder_threads
         if not threads:
             return self.runtime
-        if self._entity_runtime is None:
-            enc = self.settings.encoder
-            self._entity_runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads)
-            if self._entity_runtime.spec.signature() != self.runtime.spec.signature():
-                raise RuntimeError("the encoder files changed under the running server; restart it")
+        with self._entity_runtime_lock:  # the background warm-up and a first change may race: load it once
+            if self._entity_runtime is None:
+                enc = self.settings.encoder
+                runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads)
+                if runtime.spec.signature() != self.runtime.spec.signature():
+                    raise RuntimeError("the encoder files changed under the running server; restart it")
+                self._entity_runtime = runtime
         return self._entity_runtime
 
     def encode_entities(self, metas: list[EntityMeta], images: list) -> list[EntityRow]:
@@ -271,14 +274,20 @@ class Linker:
             raise RuntimeError("live updates are off for this linker")
         return self.store.compact(encoder_signature=self.runtime.spec.signature())
 
+    def warm_up_updates(self) -> None:
+        """Load and run the update worker's encoder once, so that the first entity change pays no load."""
+        from PIL import Image
+
+        if self.store is not None:
+            self.encode_entities([EntityMeta("warm-up", "warm up", "", False)], [Image.new("RGB", (32, 32))])
+
     def warm_up(self) -> None:
         """Run every stage once (text and image) so the first real request pays no lazy-init costs."""
         from PIL import Image
 
         self.link_batch([LinkQuery("warm up", "warm-up sentence", Image.new("RGB", (32, 32)), top_k=1)])
         self.link_batch([LinkQuery("warm up", "", None, top_k=1)])
-        if self.store is not None:  # the update worker's encoder too: the first entity change pays no load either
-            self.encode_entities([EntityMeta("warm-up", "warm up", "", False)], [Image.new("RGB", (32, 32))])
+
 
     def link(self, query: LinkQuery) -> LinkResult:
         return self.link_batch([query]).results[0]
