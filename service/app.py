@@ -91,7 +91,8 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
                             batcher=batcher)
     up = settings.updates
     state.updater = EntityUpdater(lambda: state.require_linker(), encode_batch=up.encode_batch,
-                                  max_pending=up.max_pending, compact_after=up.compact_after, enabled=up.enabled)
+                                  max_pending=up.max_pending, compact_after=up.compact_after, enabled=up.enabled,
+                                  metrics=metrics)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager

@@ -28,6 +28,7 @@ from kg_index.live import Change
 from kg_index.live_store import UnknownEntity
 from kg_index.load import EntityMeta, KGIndex
 from service.errors import Conflict, EntityNotFound, Overloaded, UpdatesDisabled
+from service.metrics import Metrics
 from service.pipeline.linker import Linker
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class PendingChange:
 
 class EntityUpdater:
     def __init__(self, linker: Callable[[], Linker], *, encode_batch: int, max_pending: int, compact_after: int,
-                 enabled: bool) -> None:
+                 enabled: bool, metrics: Metrics | None = None) -> None:
         self._linker = linker
+        self.metrics = metrics
         self.encode_batch = encode_batch
         self.max_pending = max_pending
         self.compact_after = compact_after
@@ -96,6 +98,11 @@ class EntityUpdater:
         except OSError as exc:  # a read-only or full index folder: nothing was acknowledged
             logger.error("cannot write the change log: %s", exc)
             raise UpdatesDisabled(f"cannot write the change log ({exc.__class__.__name__}); nothing applied") from None
+        if self.metrics is not None:
+            for op in ("put", "delete"):
+                if n := sum(1 for c in changes if c.op == op):
+                    self.metrics.entity_changes.labels(op).inc(n)
+            self.metrics.change_log.set(linker.store.pending if linker.store is not None else 0)
         if self.compact_after and linker.store is not None and linker.store.pending >= self.compact_after:
             self.start_compaction(linker)
         return snap
@@ -113,9 +120,14 @@ class EntityUpdater:
         try:
             linker.compact()
             self.last_compaction_error = None
-        except Exception as exc:  # logged and kept for /readyz-style inspection; the old index keeps serving
+            outcome = "ok"
+        except Exception as exc:  # logged and kept for the admin route; the old index keeps serving
             logger.exception("compaction failed; still serving the index and its change log")
             self.last_compaction_error = f"{type(exc).__name__}: {exc}"
+            outcome = "failed"
+        if self.metrics is not None:
+            self.metrics.compactions.labels(outcome).inc()
+            self.metrics.change_log.set(linker.store.pending if linker.store is not None else 0)
 
     def wait_compaction(self, timeout: float | None = None) -> None:
         if self._compactor is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.server_process import metric, scrape
 from tests.service.test_api_fake import DOUGLAS, KEY, assert_error, b64, jpeg, png_header, serve
 
 NDJSON = {"content-type": "application/x-ndjson"}
@@ -89,6 +90,10 @@ def test_batch_json_and_jsonl_in_order(tmp_path: Path) -> None:
         assert linker.encoded == [2, 2, 2]  # six puts, encoded in batches of EL_UPDATES__ENCODE_BATCH
         assert_error(client.get("/v1/entities/N1"), 404, "entity_not_found")
         assert client.get("/v1/entities/Q859").json()["name"] == "Plato of Athens"
+        samples = scrape(client)
+        assert metric(samples, "el_entity_changes_total", op="put") == 6
+        assert metric(samples, "el_entity_changes_total", op="delete") == 1
+        assert metric(samples, "el_change_log_changes") == 7
         lines = "\n".join(json.dumps(x) for x in [{"id": "J1", "name": "Jay One"}, {"id": "N0", "op": "delete"}])
         r = client.post("/v1/entities:batch", content=lines + "\n", headers=NDJSON)
         assert r.status_code == 200 and r.json()["applied"] == 2, r.text
@@ -140,6 +145,9 @@ def test_compact_route(tmp_path: Path) -> None:
         assert r.json() == {"state": "done", "index_version": "fake-index@c1", "changes": 1}
         assert linker.store.compactions == 1
         assert client.get("/v1/entities/Q1").json()["name"] == "x"
+        samples = scrape(client)
+        assert metric(samples, "el_index_compactions_total", outcome="ok") == 1
+        assert metric(samples, "el_change_log_changes") == 0
 
 
 def test_auto_compaction_threshold(tmp_path: Path) -> None:
