@@ -8,7 +8,7 @@ import re
 
 import anyio
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from service.conversions import first_error
 from service.errors import (
@@ -20,7 +20,10 @@ from service.errors import (
 )
 from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
 from service.schemas import (
+    ENTITY_ID_PATTERN,
+    EntityBatchDelete,
     EntityBatchItem,
+    EntityBatchPut,
     EntityBatchResponse,
     EntityBatchResult,
     EntityChangeResponse,
@@ -35,14 +38,16 @@ from service.updates import PendingChange
 
 router = APIRouter(prefix="/v1", tags=["entities"])
 
-_ID = re.compile(r"[^\s/\x00-\x1f\x7f]{1,256}")
+_ID = re.compile(ENTITY_ID_PATTERN)
+_ITEM: TypeAdapter[EntityBatchItem] = TypeAdapter(EntityBatchItem)
 _CHANGE_ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 429, 503)}
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["name"],
     "properties": {
         "name": {"type": "string"}, "description": {"type": "string"},
-        "start_year": {"type": "integer"}, "end_year": {"type": "integer"},
+        "start_year": {"type": "integer", "minimum": -10_000, "maximum": 10_000},
+        "end_year": {"type": "integer", "minimum": -10_000, "maximum": 10_000},
         "image": {"type": "string", "format": "binary"},
     },
 }
@@ -71,18 +76,14 @@ def _decode(entity_id: str, req: EntityRequest | EntityBatchItem, settings: Sett
     """The decode stage of one change: text rules as for /v1/link, the description's own cap, the image rules."""
     from kg_index.load import EntityMeta
 
-    if isinstance(req, EntityBatchItem) and req.op == "delete":
+    if isinstance(req, EntityBatchDelete):
         return PendingChange(entity_id, None)
     lim = settings.limits
-    if req.name is None:
-        raise InvalidInput(f"{entity_id}: name: field required for put")
     name = clean_text(req.name, field="name", max_chars=lim.max_text_chars, required=True)
     description = clean_text(req.description, field="description", max_chars=settings.updates.max_description_chars)
     if image_bytes is None and req.image:
         image_bytes = base64_image_bytes(req.image, max_bytes=lim.max_image_bytes)
     image = decode_image(image_bytes, lim, target_size=settings.encoder.image_size) if image_bytes else None
-    if req.start_year is not None and req.end_year is not None and req.end_year < req.start_year:
-        raise InvalidInput(f"{entity_id}: end_year {req.end_year} is before start_year {req.start_year}")
     meta = EntityMeta(entity_id, name, description, image is not None, req.start_year, req.end_year)
     if req.start_year is None and req.end_year is None:  # as the loader does: years read from the description
         from kg_index.attributes import lifespan
@@ -110,7 +111,13 @@ async def _parse_put(request: Request, settings: Settings) -> tuple[EntityReques
         allowed = ("name", "description", "start_year", "end_year")
         if unknown := sorted(set(form.keys()) - {*allowed, "image"}):
             raise InvalidInput(f"{unknown[0]}: unknown form field; send {', '.join(allowed)}, image")
-        fields = {k: v for k, v in form.items() if k in allowed and isinstance(v, str)}
+        fields: dict[str, object] = {k: v for k, v in form.items() if k in allowed and isinstance(v, str)}
+        for year in ("start_year", "end_year"):  # form fields are text; the JSON body's years must be integers
+            if isinstance(text := fields.get(year), str):
+                try:
+                    fields[year] = int(text.strip())
+                except ValueError:
+                    raise InvalidInput(f"{year}: an integer year") from None
         try:
             req = EntityRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})
         except ValidationError as exc:
@@ -172,7 +179,7 @@ def _parse_batch(body: bytes, ctype: str, cap: int) -> list[EntityBatchItem]:
     items = []
     for n, obj in lines:
         try:
-            items.append(EntityBatchItem.model_validate(obj))
+            items.append(_ITEM.validate_python(obj))
         except ValidationError as exc:
             raise InvalidInput(f"item {n}: {first_error(exc)}") from None
         _check_id(items[-1].id)
@@ -182,10 +189,12 @@ def _parse_batch(body: bytes, ctype: str, cap: int) -> list[EntityBatchItem]:
 @router.post(
     "/entities:batch", response_model=EntityBatchResponse, responses=_CHANGE_ERRORS,
     summary="Put or delete many entities in one call, all or nothing, in order (JSON list or JSONL)",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "array", "items": inline_schema(EntityBatchItem)}},
-        "application/x-ndjson": {"schema": {"type": "string"}},
-    }}},
+    openapi_extra={"requestBody": {
+        "required": True,
+        "description": "A JSON list of changes, or the same as JSONL (one change per line) with content type "
+                       "application/x-ndjson, application/jsonl or application/x-jsonlines.",
+        "content": {"application/json": {"schema": {"type": "array", "minItems": 1, "items": {
+            "anyOf": [inline_schema(EntityBatchPut), inline_schema(EntityBatchDelete)]}}}}}},
 )
 async def batch_entities(request: Request) -> EntityBatchResponse:
     state: AppState = request.app.state.el

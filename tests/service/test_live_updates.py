@@ -31,7 +31,8 @@ def index_copy(small_index: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def server(settings, index_copy: Path) -> Iterator[Server]:
-    s = wait_until(launch(settings, {"EL_INDEX__DIR": str(index_copy), "EL_UPDATES__COMPACT_AFTER": "0"}))
+    s = wait_until(launch(settings, {"EL_INDEX__DIR": str(index_copy), "EL_UPDATES__ENABLED": "true",
+                                     "EL_UPDATES__COMPACT_AFTER": "0"}))
     yield s
     s.stop()
 
@@ -226,7 +227,7 @@ def test_compaction_under_load_drops_nothing(server: Server, client: httpx.Clien
 def test_sigkill_after_an_acknowledged_change_loses_nothing(settings, small_index: Path, tmp_path: Path) -> None:
     folder = tmp_path / "index"
     shutil.copytree(small_index, folder)
-    env = {"EL_INDEX__DIR": str(folder)}
+    env = {"EL_INDEX__DIR": str(folder), "EL_UPDATES__ENABLED": "true"}
     first = wait_until(launch(settings, env))
     try:
         with first.client(timeout=120.0) as c:
