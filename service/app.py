@@ -92,7 +92,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
     up = settings.updates
     state.updater = EntityUpdater(lambda: state.require_linker(), encode_batch=up.encode_batch,
                                   max_pending=up.max_pending, compact_after=up.compact_after, enabled=up.enabled,
-                                  metrics=metrics)
+                                  metrics=metrics, nice=up.nice)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager

@@ -238,6 +238,9 @@ class UpdateSettings(BaseModel):
     encoder_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the update worker's own encoder "
                                                       "sessions (same model files as the served ones): 1 leaves the "
                                                       "other cores to /v1/link; 0 shares the serving sessions.")
+    nice: int = Field(10, ge=0, le=19, description="How much lower the update threads' CPU priority is than the "
+                                                  "server's (Linux nice value), so that /v1/link gets the cores "
+                                                  "first under contention; 0: the same.")
     max_pending: int = Field(4096, ge=1, description="Entity changes waiting for the update worker; beyond it 429.")
     compact_after: int = Field(20_000, ge=0, description="Fold the change log into a fresh index folder in the "
                                                          "background once it holds this many changes (0: only on "

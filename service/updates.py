@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import anyio
 from PIL import Image
 
 from kg_index.changelog import LogBusy
@@ -34,6 +34,15 @@ from service.pipeline.linker import Linker
 logger = logging.getLogger(__name__)
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by `nice` (Linux schedules threads alone; elsewhere the whole process)."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except (OSError, AttributeError):  # not permitted or not supported: updates run at normal priority
+            logger.warning("could not lower the update threads' CPU priority")
+
+
 @dataclass
 class PendingChange:
     """One decoded change: meta and image for a put, meta None for a delete."""
@@ -45,16 +54,20 @@ class PendingChange:
 
 class EntityUpdater:
     def __init__(self, linker: Callable[[], Linker], *, encode_batch: int, max_pending: int, compact_after: int,
-                 enabled: bool, metrics: Metrics | None = None) -> None:
+                 enabled: bool, metrics: Metrics | None = None, nice: int = 0) -> None:
         self._linker = linker
         self.metrics = metrics
         self.encode_batch = encode_batch
         self.max_pending = max_pending
         self.compact_after = compact_after
         self.enabled = enabled
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="el-updates")
+        # Both update threads run at a lower CPU priority (a higher nice value, Linux: per thread), so that under
+        # contention the kernel gives /v1/link's threads the cores first and updates take what is left.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="el-updates", initializer=_lower_priority,
+                                        initargs=(nice,))
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="el-updates-decode",
+                                           initializer=_lower_priority, initargs=(nice,))
         self.pending = 0
-        self._decoding = anyio.CapacityLimiter(1)
         self._compactor: threading.Thread | None = None
         self.last_compaction_error: str | None = None
 
@@ -74,7 +87,7 @@ class EntityUpdater:
             # Decoding (JSON items, base64, images: ~20 ms of CPU for a large photo) runs in one thread of its own,
             # one request at a time: it overlaps the update worker's encoding of the previous request and never
             # blocks the loop, and updates never take more than these two threads from /v1/link.
-            pending = await anyio.to_thread.run_sync(decode, limiter=self._decoding)
+            pending = await asyncio.wrap_future(self._decoder.submit(decode))
             return await asyncio.wrap_future(self._pool.submit(self._run, pending))
         finally:
             self.pending -= n
@@ -134,5 +147,6 @@ class EntityUpdater:
             self._compactor.join(timeout)
 
     def close(self) -> None:
+        self._decoder.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         self.wait_compaction()

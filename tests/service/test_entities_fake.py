@@ -162,3 +162,24 @@ def test_body_cap_of_the_batch_route(tmp_path: Path) -> None:
     with serve(tmp_path, updates={"max_body_bytes": 2048}) as (client, _):
         big = [{"id": f"B{i}", "name": "x" * 100} for i in range(40)]
         assert_error(client.post("/v1/entities:batch", json=big), 413, "payload_too_large")
+
+
+def test_update_threads_run_at_lower_priority() -> None:
+    """EL_UPDATES__NICE: the update worker and the decoding thread get a higher nice value than the server's
+    threads (Linux schedules threads alone), so /v1/link gets the cores first under contention."""
+    import os
+    import threading
+
+    from service.updates import EntityUpdater
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    updater = EntityUpdater(lambda: None, encode_batch=8, max_pending=8, compact_after=0, enabled=True, nice=5)
+    try:
+        base = nice_here()
+        assert updater._pool.submit(nice_here).result() == min(base + 5, 19)
+        assert updater._decoder.submit(nice_here).result() == min(base + 5, 19)
+        assert nice_here() == base  # the caller's own thread is untouched
+    finally:
+        updater.close()
