@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from kg_index.attributes import lifespan
+from kg_index.delta import Delta
 from kg_index.exact import ExactSearch
 from kg_index.manifest import IndexIntegrityError, Manifest, verify_files
 from models.features import Projections
@@ -48,6 +49,9 @@ class KGIndex:
     unit_globals: np.ndarray | None = None  # student indexes: [N, 2, d] fp16
     image_blank: np.ndarray | None = None  # student indexes: [P, d] fp16, the missing image's patches
     exact: ExactSearch | None = None  # Flat (exact inner-product) indexes: searched by a matmul, not by FAISS
+    # Live snapshots only (kg_index/live.py): rows appended and rows removed since the folder was loaded. The
+    # array fields above then include the appended rows (Stacked views), and ids/entities the dead rows too.
+    delta: Delta | None = None
 
     @property
     def n_image_rows(self) -> int:
@@ -59,17 +63,23 @@ class KGIndex:
 
     @property
     def version(self) -> str:
-        return self.manifest.version
+        """The folder's version, then `+<n>` once n changes have been applied on top of it (live snapshots)."""
+        if self.delta is None or not self.delta.applied:
+            return self.manifest.version
+        return f"{self.manifest.version}+{self.delta.applied}"
 
     def __len__(self) -> int:
-        return len(self.ids)
+        """Entities served (a live snapshot's rows less the removed and replaced ones)."""
+        return len(self.ids) if self.delta is None else self.delta.n_live
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows and inner-product scores for queries [B, D]; rows are -1 past the KB size.
 
         Flat indexes: an exact matmul + top-k over FAISS's stored vectors (kg_index/exact.py says why it is
         several times faster than FAISS's own search here); IVF/HNSW: FAISS."""
-        k = max(1, min(k, len(self.ids)))
+        k = max(1, min(k, len(self)))
+        if self.delta is not None:
+            return self.delta.search(self.exact, self.faiss_index, queries, k)
         if self.exact is not None:
             return self.exact.search(queries, k)
         scores, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

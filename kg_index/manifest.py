@@ -39,6 +39,9 @@ class Manifest:
     # location, each source file's size and hash, and the fingerprint. None in manifests written before
     # sources were recorded, and for indexes built from entities handed to build_index without one.
     source: dict | None = None
+    # Folded from a live index's change log (kg_index/compact.py): {"from": the previous version, "changes": how
+    # many changes it folded in, "at": when}; None for a build.
+    compacted: dict | None = None
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

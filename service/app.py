@@ -30,6 +30,7 @@ from service.routes import entities, health, link, ui
 from service.routes import jobs as job_routes
 from service.settings import Settings
 from service.state import AppState
+from service.updates import EntityUpdater
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def _load(state: AppState, factory: LinkerFactory) -> None:
     try:
         linker = factory(state.settings)
         linker.warm_up()
+        if hasattr(linker, "warm_up_updates"):  # before ready: a first change pays no load, a first link no contention
+            linker.warm_up_updates()
     except IndexIntegrityError as exc:  # the message names the file (and both KGs): no traceback needed
         logger.error("start-up failed: %s", exc)
         state.load_error = f"start-up failed: {exc}"
@@ -68,7 +71,7 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.from_settings) -> FastAPI:
+def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for_serving) -> FastAPI:
     metrics = Metrics()
     adm = settings.admission
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
@@ -86,6 +89,10 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     # The job worker runs only while ready and not draining (on SIGTERM it hands its job back at the next chunk).
     state.jobs = JobManager(settings, metrics, linker=lambda: state.linker if state.ready and not state.draining else None,
                             batcher=batcher)
+    up = settings.updates
+    state.updater = EntityUpdater(lambda: state.require_linker(), encode_batch=up.encode_batch,
+                                  max_pending=up.max_pending, compact_after=up.compact_after, enabled=up.enabled,
+                                  metrics=metrics, nice=up.nice)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager
@@ -100,6 +107,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
             state.ready = False
             metrics.ready.set(0)
             await asyncio.to_thread(state.jobs.stop)  # finish the chunk, hand the job back to the queue
+            await asyncio.to_thread(state.updater.close)  # acknowledged changes are logged already; finish the rest
 
     app = FastAPI(
         title="OT-MEL entity linking",
@@ -150,7 +158,8 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     ui.install(app)  # the web page at / (static files; it calls the routes above)
     openapi.install(app, settings)  # the document states the limits of these settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
-                       path_limits={"/v1/jobs": settings.jobs.max_body_bytes})
+                       path_limits={"/v1/jobs": settings.jobs.max_body_bytes,
+                                    "/v1/entities:batch": settings.updates.max_body_bytes})
     # Outside the body cap: a request without a key is refused before its body is read.
     keys = ApiKeys(k.get_secret_value() for k in settings.auth.api_keys)
     app.add_middleware(AuthMiddleware, keys=keys, metrics=metrics, protect_metrics=settings.auth.protect_metrics)
@@ -159,7 +168,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.fro
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors.allow_origins:  # outermost: preflights need no key, and 4xx answers carry CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors.allow_origins,
-                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Idempotency-Key"],
                            expose_headers=["Retry-After", "Location"])
     return app

@@ -1,5 +1,5 @@
-"""The `el` command: serve, worker, build-index, eval, bench, bench-scale, train, tune-weights, fit-skip-margin,
-fit-calibration, link-file.
+"""The `el` command: serve, worker, build-index, compact-index, eval, bench, bench-scale, bench-updates, train,
+tune-weights, fit-skip-margin, fit-calibration, link-file.
 
 Settings come from EL_ variables (see README); the offline commands run service/offline/."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,54 @@ def _build_index(settings: Settings, args: argparse.Namespace) -> int:
     m = build_configured_index(settings)
     print(json.dumps({"version": m.version, "dir": str(settings.index.dir), "entities": m.n_entities,
                       "images": m.n_images, "faiss": m.faiss_factory}))
+    return 0
+
+
+def _compact_index(settings: Settings, args: argparse.Namespace) -> int:
+    """Through a running server (--url: POST /v1/admin/compact), else offline on EL_INDEX__DIR (refused while a
+    server writes its change log)."""
+    if args.url:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {os.environ['EL_API_KEY']}"} if os.environ.get("EL_API_KEY") else {}
+        r = httpx.post(f"{args.url.rstrip('/')}/v1/admin/compact", params={"wait": str(not args.no_wait).lower()},
+                       headers=headers, timeout=None)
+        print(r.text)
+        return 0 if r.status_code == 200 else 1
+    from kg_index.changelog import LogBusy
+    from kg_index.live_store import LiveStore
+    from service.encoders import export_encoders
+    from service.pipeline.linker import load_checked_index
+
+    runtime = export_encoders(settings)
+    index, _ = load_checked_index(settings, runtime, settings.index.dir)
+    store = LiveStore(index)
+    try:
+        before, changes = store.snapshot.version, store.pending
+        if not changes and not args.force:
+            print(json.dumps({"index_version": before, "changes": 0, "compacted": False}))
+            return 0
+        store.log._open()  # take the log's lock: refused while a server writes it
+        snap = store.compact(encoder_signature=runtime.spec.signature())
+    except LogBusy as exc:
+        print(f"el compact-index: {exc}; compact through the server: el compact-index --url URL", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps({"previous_version": before, "index_version": snap.version, "changes": changes,
+                      "entities": len(snap), "compacted": True}))
+    return 0
+
+
+def _bench_updates(settings: Settings, args: argparse.Namespace) -> int:
+    from service.offline.bench_updates import Options, run
+
+    report = run(settings, Options(requests=args.requests, clients=args.clients, batch=args.batch, rounds=args.rounds,
+                                   out=Path(args.out)))
+    keys = ("text_entities_per_s", "image_entities_per_s", "text_entities_per_s_alone", "image_entities_per_s_alone",
+            "text_entities_per_server_cpu_s", "image_entities_per_server_cpu_s", "p99_ratio_text_updates_to_idle",
+            "p99_ratio_image_updates_to_idle", "idle", "during_text_updates", "during_image_updates")
+    print(json.dumps({k: report[k] for k in keys}))
     return 0
 
 
@@ -269,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--if-missing", action="store_true", help="keep the index already there when it was built with "
                    "the configured encoders from the configured KG (same file contents); else rebuild")
     b.set_defaults(fn=_build_index)
+    ci = sub.add_parser("compact-index", help="fold the entity change log into a fresh index folder and swap it in")
+    ci.add_argument("--url", default=None, help="a running server to compact (POST /v1/admin/compact; key from "
+                    "$EL_API_KEY); default: offline, on EL_INDEX__DIR")
+    ci.add_argument("--no-wait", action="store_true", help="with --url: return once the compaction has started")
+    ci.add_argument("--force", action="store_true", help="offline: rewrite the folder even with an empty log")
+    ci.set_defaults(fn=_compact_index)
     e = sub.add_parser("eval", help="evaluate on a benchmark split (writes reports/eval-<dataset>-<split>.json)")
     e.add_argument("--dataset", default="wikimel", choices=["wikimel", "richpedia", "wikidiverse"])
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -313,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--cache", default="artifacts/scale", help="where vectors and built indexes are kept for reruns")
     sc.add_argument("--out", default="reports/bench-scale.json")
     sc.set_defaults(fn=_bench_scale)
+    bu = sub.add_parser("bench-updates", help="entity changes per second while /v1/link serves, and the link p99 "
+                        "against idle (writes reports/updates.json)")
+    bu.add_argument("--requests", type=int, default=150, help="/v1/link requests per phase")
+    bu.add_argument("--clients", type=int, default=2, help="concurrent /v1/link client threads")
+    bu.add_argument("--batch", type=int, default=32, help="entities per POST /v1/entities:batch")
+    bu.add_argument("--rounds", type=int, default=1, help="text-only and image phases, each between idle ones")
+    bu.add_argument("--out", default="reports/updates.json")
+    bu.set_defaults(fn=_bench_updates)
     t = sub.add_parser("train", help="train the OT-MEL teacher and the distilled student (writes models/weights/)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--limit", type=int, default=None, help="first N training mentions only (smoke runs)")

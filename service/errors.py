@@ -123,3 +123,9 @@ class InvalidIndex(ELError):
     """An index folder given to reload failed verification; the message names the file."""
 
     status, code = 422, "invalid_index"
+
+
+class UpdatesDisabled(Conflict):
+    """Entity changes were asked of a server that does not take them (EL_UPDATES__ENABLED=false)."""
+
+    code = "updates_disabled"

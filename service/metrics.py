@@ -37,6 +37,11 @@ class Metrics:
         self.draining = Gauge("el_draining", "1 once shutdown has begun (readiness answers 503)", registry=r)
         self.index_reloads = Counter("el_index_reloads", "Index reloads (admin route or SIGHUP)", ["outcome"], registry=r)
         self.auth_failures = Counter("el_auth_failures", "Requests refused for a missing or wrong API key", registry=r)
+        self.entity_changes = Counter("el_entity_changes", "Entity changes applied (logged, then served)", ["op"],
+                                      registry=r)
+        self.change_log = Gauge("el_change_log_changes", "Changes in the index folder's change log (since its last "
+                                "build or compaction)", registry=r)
+        self.compactions = Counter("el_index_compactions", "Change-log compactions", ["outcome"], registry=r)
         self.batch_size = Histogram("el_batch_size", "Mentions per link_batch call of the micro-batcher", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_queue_wait = Histogram("el_batch_queue_wait_seconds", "Time a request (or job item) waited in the "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from service.pipeline.decode import text_pattern
+from service.schemas import ENTITY_ID_PATTERN
 from service.settings import Settings
 
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # uuid4().hex, as the job store makes them
@@ -60,7 +61,58 @@ def constrain(doc: Schema, settings: Settings) -> Schema:
             for param in op.get("parameters", []) if isinstance(op, dict) else []:
                 if param.get("in") == "path" and param.get("name") == "job_id":
                     _set(param["schema"], pattern=JOB_ID_PATTERN)
+                if param.get("in") == "path" and param.get("name") == "entity_id":
+                    _set(param["schema"], pattern=ENTITY_ID_PATTERN)
+    for schema in _entity_request_schemas(doc):
+        _constrain_entity_request(schema, settings)
+    entity_put = paths.get("/v1/entities/{entity_id}", {}).get("put", {}).get("requestBody", {}).get("content", {})
+    if "multipart/form-data" in entity_put:
+        entity_put["multipart/form-data"]["encoding"] = {"image": {"contentType": ", ".join(
+            f"image/{fmt.lower()}" for fmt in lim.image_formats)}}
+        form = entity_put["multipart/form-data"]["schema"]
+        form["additionalProperties"] = False
+        _set(form["properties"]["image"], maxLength=lim.max_image_bytes,
+             description=f"An image file (one of {', '.join(lim.image_formats)}), at most {lim.max_image_bytes} bytes.")
+    batch = paths.get("/v1/entities:batch", {}).get("post", {}).get("requestBody", {}).get("content", {})
+    if "application/json" in batch:
+        _set(batch["application/json"]["schema"], maxItems=settings.updates.max_batch_items)
     return doc
+
+
+def _entity_request_schemas(doc: Schema) -> Iterator[Schema]:
+    """Every object schema of an entity to put: EntityRequest, a batch's put item, the PUT multipart form."""
+    def walk(node: Any) -> Iterator[Schema]:
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict) and "name" in props and "start_year" in props:
+                yield node
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from walk(value)
+
+    seen: set[int] = set()
+    for schema in walk({"paths": doc.get("paths", {}), "components": doc.get("components", {})}):
+        if id(schema) not in seen:
+            seen.add(id(schema))
+            yield schema
+
+
+def _constrain_entity_request(schema: Schema, settings: Settings) -> None:
+    lim = settings.limits
+    props = schema["properties"]
+    _on_type(props["name"], "string", minLength=1, maxLength=lim.max_text_chars, pattern=text_pattern(required=True))
+    if "description" in props:
+        _on_type(props["description"], "string", maxLength=settings.updates.max_description_chars,
+                 pattern=text_pattern(required=False))
+    if "id" in props:
+        _on_type(props["id"], "string", pattern=ENTITY_ID_PATTERN)
+    if "image" in props and _has_type(props["image"], "string") and props["image"].get("format") != "binary":
+        _on_type(props["image"], "string", maxLength=4 * (lim.max_image_bytes // 3))
+        props["image"]["description"] = (f"Base64 image ({', '.join(lim.image_formats)}; at most "
+                                         f"{lim.max_image_bytes} bytes decoded), optionally a data: URL; the "
+                                         "image rules of /v1/link apply.")
 
 
 def _link_request_schemas(doc: Schema) -> Iterator[Schema]:

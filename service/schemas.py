@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from service.pipeline.terms import TERMS
 
@@ -197,3 +197,77 @@ def inline_schema(model: type[BaseModel]) -> dict:
         return node
 
     return resolve(schema)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ live entity changes (PUT/DELETE /v1/entities)
+
+# Entity ids: 1-256 characters, none of them whitespace, a slash or a control character (checked on PUT/DELETE and
+# stated in the OpenAPI document; ECMA-262 and Python read the class alike).
+_ID_CLASS = "/\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+ENTITY_ID_PATTERN = f"^[^{_ID_CLASS}]{{1,256}}$"
+
+class EntityRequest(BaseModel):
+    """The JSONL KG fields of one entity (README: Build an index over your own KG); the image as base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="The entity's name.", examples=["Douglas Adams"])
+    description: str | None = Field(None, description="Attribute text (as in the KG's JSONL).",
+                                    examples=["Sex: male. Birth: 1952, Cambridge. Occupation: writer."])
+    image: str | None = Field(None, description="Base64 image (JPEG, PNG or WebP), optionally a data: URL; the "
+                                                "image rules of /v1/link apply.")
+    start_year: int | None = Field(None, ge=-10_000, le=10_000, description="Birth or founding year.")
+    end_year: int | None = Field(None, ge=-10_000, le=10_000, description="Death or dissolution year.")
+
+    @field_validator("start_year", "end_year", mode="before")
+    @classmethod
+    def _no_bool(cls, value: object) -> object:
+        """A JSON integer (1395 or 1395.0, as JSON Schema counts them), never true/false."""
+        if isinstance(value, bool):
+            raise ValueError("a year must be an integer")  # noqa: TRY004 (pydantic turns ValueError into a 422)
+        return value
+
+
+class EntityBatchPut(EntityRequest):
+    """One change of a batch: create or replace the entity `id`."""
+
+    id: str = Field(..., pattern=ENTITY_ID_PATTERN, description="The entity id.")
+    op: Literal["put"] = Field("put", description="put (the default): create or replace.")
+
+
+class EntityBatchDelete(BaseModel):
+    """One change of a batch: remove the entity `id`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., pattern=ENTITY_ID_PATTERN, description="The entity id.")
+    op: Literal["delete"] = Field(..., description="delete: remove it.")
+
+
+EntityBatchItem = EntityBatchPut | EntityBatchDelete
+
+
+class EntityChangeResponse(BaseModel):
+    id: str
+    op: Literal["put", "delete"]
+    index_version: str = Field(..., description="The index version that includes the change (and serves from now on).")
+    entities: int = Field(..., description="Entities served by that version.")
+
+
+class EntityBatchResult(BaseModel):
+    id: str
+    op: Literal["put", "delete"]
+
+
+class EntityBatchResponse(BaseModel):
+    applied: int
+    index_version: str = Field(..., description="The index version that includes every change of the batch.")
+    entities: int
+    results: list[EntityBatchResult]
+
+
+class CompactResponse(BaseModel):
+    state: Literal["started", "done"]
+    index_version: str = Field(..., description="done: the compacted version now served; started: the version "
+                                                "being compacted.")
+    changes: int = Field(..., description="Changes in the log when it started.")

@@ -11,6 +11,7 @@ from service.jobs.manager import JobManager
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 from service.settings import Settings
+from service.updates import EntityUpdater
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AppState:
     load_error: str | None = None
     extras: dict = field(default_factory=dict)
     jobs: JobManager | None = None
+    updater: EntityUpdater = None  # type: ignore[assignment]  # set by create_app
 
     def require_linker(self) -> Linker:
         if self.linker is None or not self.ready:

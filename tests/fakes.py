@@ -79,6 +79,20 @@ class FakeRuntime:
     invocations: int = 0  # behind el_model_invocations_total: proof that a refusal cost no model call
 
 
+@dataclass
+class FakeStore:
+    """What the entity-change routes read of a live store: changes applied, whether a compaction runs."""
+
+    pending: int = 0
+    compacting: bool = False
+    compactions: int = 0
+
+
+@dataclass(frozen=True)
+class FakeRow:
+    meta: EntityMeta
+
+
 class FakeLinker:
     model_version = "fake-encoder@0"
 
@@ -93,6 +107,8 @@ class FakeLinker:
         self._index = FakeIndex(list(entities or FAKE_KG))
         self._lock = threading.Lock()
         self._warm = False
+        self.store: FakeStore | None = FakeStore()
+        self.encoded: list[int] = []  # entities per encode_entities call
 
     @classmethod
     def factory(cls, **kwargs: object) -> Callable[[Settings], FakeLinker]:
@@ -127,6 +143,36 @@ class FakeLinker:
         new = FakeIndex([EntityMeta(i, n, d, False) for i, n, d in rows], version=f"fake-index@{path.stat().st_size}")
         self._index = new
         return new
+
+    def encode_entities(self, metas: list[EntityMeta], images: list) -> list[FakeRow]:
+        """Entity "features" are the metadata itself (the fake index re-derives vectors from names)."""
+        self.encoded.append(len(metas))
+        return [FakeRow(m) for m in metas]
+
+    def apply_changes(self, changes: list) -> FakeIndex:
+        """Put/delete in order, all or nothing, as the real live store does (UnknownEntity for a missing id)."""
+        from kg_index.live_store import UnknownEntity
+
+        assert self.store is not None
+        ents = {e.id: e for e in self._index.entities}
+        for c in changes:
+            if c.row is None:
+                if c.id not in ents:
+                    raise UnknownEntity(c.id)
+                del ents[c.id]
+            else:
+                ents[c.id] = c.row.meta
+        self.store.pending += len(changes)
+        base = self._index.version.split("+")[0]
+        self._index = FakeIndex(list(ents.values()), version=f"{base}+{self.store.pending}")
+        return self._index
+
+    def compact(self) -> FakeIndex:
+        assert self.store is not None
+        self.store.compactions += 1
+        self.store.pending = 0
+        self._index = FakeIndex(list(self._index.entities), version=f"fake-index@c{self.store.compactions}")
+        return self._index
 
     def link(self, query: LinkQuery) -> LinkResult:
         return self.link_batch([query]).results[0]

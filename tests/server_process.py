@@ -116,6 +116,9 @@ def launch(settings, overrides: dict[str, object] | None = None) -> Server:
         "EL_JOBS__DIR": str(work_dir / "jobs"),  # never the repository's artifacts/
         "EL_LOG_LEVEL": "WARNING",
         "EL_SHUTDOWN__DRAIN_DELAY_S": "0",  # no readiness drain delay unless a test asks for one
+        # The session's index folders are shared by every server: no entity changes (a change log) in them unless a
+        # test asks, over a copy of its own (tests/service/test_live_updates.py).
+        "EL_UPDATES__ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
     })
     env.update({k: str(v) for k, v in (overrides or {}).items()})

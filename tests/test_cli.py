@@ -213,3 +213,38 @@ def test_teacher_scores_every_entity_of_the_kb(linker, small_kg, test_mentions, 
     assert (tmp_path / "features" / "wikimel-test" / "meta.json").exists()
     timing = encode_timing(linker, teacher, mentions, n=12)
     assert timing["n"] == 7 and timing["teacher_head"] > 0 and timing["student_end_to_end"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.onnx
+def test_compact_index_offline_folds_the_change_log(tmp_path: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Changes made while serving (the change log) are folded into a fresh folder by `el compact-index`, which
+    refuses while a server writes the log; the compacted folder still counts as built from the configured KG."""
+    from kg_index.live import Change
+    from kg_index.load import EntityMeta
+    from service.cli import main
+
+    kg, out = _write_kg(tmp_path), tmp_path / "index"
+    for var, value in {"EL_INDEX__KG": str(kg), "EL_INDEX__DIR": str(out), "EL_ENCODER__ONNX_DIR": str(onnx_dir)}.items():
+        monkeypatch.setenv(var, value)
+    assert main(["build-index"]) == 0
+    built = Manifest.read(out)
+    linker = Linker.from_settings(Settings(), live=True)
+    rows = linker.encode_entities([EntityMeta("bugs", "Bugs Bunny", "Species: rabbit.", False)], [None])
+    linker.apply_changes([Change("bugs", rows[0]), Change("road", None)])
+    capsys.readouterr()
+    assert main(["compact-index"]) == 1  # the serving linker holds the log
+    assert "held by another process" in capsys.readouterr().err
+    linker.store.close()
+
+    assert main(["compact-index"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["changes"] == 2 and summary["entities"] == 4 and summary["compacted"]
+    m = Manifest.read(out)
+    assert m.version == summary["index_version"] != built.version and m.compacted["changes"] == 2
+    index = load_index(out)
+    assert index.ids == ["acme", "anvil", "coyote", "bugs"] and not (out / "changes.log").exists()
+    assert main(["build-index", "--if-missing"]) == 0 and Manifest.read(out).version == m.version  # kept
+    top = Linker.from_settings(Settings()).link(LinkQuery("Bugs Bunny", "", None, top_k=1))
+    assert top.entities[0].id == "bugs" and top.index_version == m.version

@@ -69,14 +69,20 @@ class KGTerms:
     arrays. Scoring a batch is then a few array operations over its (candidate, word) pairs instead of
     re-tokenising every candidate's name and description."""
 
-    def __init__(self, entities: list[EntityMeta]) -> None:
+    def __init__(self, entities: list[EntityMeta], *, idf_from: KGTerms | None = None) -> None:
+        """`idf_from`: take the description words' IDF from another KGTerms (a live index's appended rows use the
+        base's; a word the base never saw gets the IDF of one in 1 description of the base's size)."""
         self.entities = entities
         desc = [tokens(e.description) for e in entities]
         df: Counter[str] = Counter()
         for words in desc:
             df.update(words)
         n = len(entities)
-        self.idf = {t: math.log((n + 1) / (c + 1)) for t, c in df.items()}  # >= 0: a word in every description is 0
+        if idf_from is None:
+            self.idf = {t: math.log((n + 1) / (c + 1)) for t, c in df.items()}  # >= 0: a word in every description is 0
+        else:
+            rare = math.log((len(idf_from.entities) + 1) / 2)
+            self.idf = {t: idf_from.idf.get(t, rare) for t in df}
         self._vocab = {t: i for i, t in enumerate(self.idf)}
         self._idf = np.fromiter(self.idf.values(), np.float64, len(self.idf))
         self._desc_ids, self._desc_ptr = _flat_ids(desc, self._vocab)
@@ -89,7 +95,8 @@ class KGTerms:
         nan = float("nan")
         self._start = np.array([nan if e.start_year is None else e.start_year for e in entities], np.float64)
         self._end = np.array([nan if e.end_year is None else e.end_year for e in entities], np.float64)
-        logger.info("KG terms: %d description words over %d entities", len(self.idf), len(entities))
+        (logger.debug if idf_from is not None else logger.info)(
+            "KG terms: %d description words over %d entities", len(self.idf), len(entities))
 
     def score(self, mentions: list[str], contexts: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Each term for every candidate row [B, K] (zeros where rows < 0), by its response field."""
@@ -147,3 +154,42 @@ def _flat_ids(texts: list[set[str]], vocab: dict[str, int]) -> tuple[np.ndarray,
     ptr = np.zeros(len(texts) + 1, np.int64)
     np.cumsum([len(i) for i in per_text], out=ptr[1:])
     return np.fromiter(itertools.chain.from_iterable(per_text), np.int32, int(ptr[-1])), ptr
+
+
+class LayeredKGTerms:
+    """The KG terms of a live index snapshot (kg_index/live.py): the base's rows scored by the base's KGTerms (built
+    once per base), the appended rows [n_base, ...) by small KGTerms over runs of them, with the base's IDF. Runs
+    are kept like a binary counter (a new run merges with the one before while that one is no larger), so each
+    change re-reads O(log n) appended entities' words on average and a snapshot holds O(log n) runs; a run without
+    candidates in a batch costs nothing. Dead rows are never candidates, so what they would score does not matter."""
+
+    def __init__(self, base: KGTerms, runs: list[tuple[int, KGTerms]]) -> None:
+        self.base = base
+        self.n_base = len(base.entities)
+        self.runs = runs  # (first row, terms over rows first .. first + len - 1)
+
+    @classmethod
+    def extended(cls, base: KGTerms, previous: LayeredKGTerms | None, appended: list[EntityMeta]) -> LayeredKGTerms:
+        """The terms of a snapshot whose appended rows are `appended` (all of them, in row order), reusing the runs
+        of `previous` (the same base's previous snapshot, whose appended rows are a prefix of these)."""
+        n_base = len(base.entities)
+        runs = list(previous.runs) if previous is not None and previous.base is base else []
+        covered = runs[-1][0] + len(runs[-1][1].entities) - n_base if runs else 0
+        if len(appended) > covered:
+            runs.append((n_base + covered, KGTerms(appended[covered:], idf_from=base)))
+            while len(runs) >= 2 and len(runs[-2][1].entities) <= len(runs[-1][1].entities):
+                (first, a), (_, b) = runs[-2], runs[-1]
+                runs[-2:] = [(first, KGTerms(a.entities + b.entities, idf_from=base))]
+        return cls(base, runs)
+
+    def score(self, mentions: list[str], contexts: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        in_base = rows < self.n_base
+        if in_base.all() or not self.runs:
+            return self.base.score(mentions, contexts, rows)
+        out = self.base.score(mentions, contexts, np.where(in_base, rows, -1))
+        for first, terms in self.runs:
+            inside = (rows >= first) & (rows < first + len(terms.entities))
+            if inside.any():
+                part = terms.score(mentions, contexts, np.where(inside, rows - first, -1))
+                out = {f: out[f] + part[f] for f in out}
+        return out

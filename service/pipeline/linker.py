@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kg_index.load import KGIndex, load_index
+from kg_index.live import Change, EntityRow, rows_from_features
+from kg_index.live_store import LiveStore
+from kg_index.load import EntityMeta, KGIndex, load_index
 from models.features import Features, Featurizer, StudentFeaturizer
 from models.runtime import EncoderRuntime
 from service.pipeline.calibration import Calibration, Verdict
 from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.explain import PlanRecorder, explanations
-from service.pipeline.kg_terms import KGTerms
+from service.pipeline.kg_terms import KGTerms, LayeredKGTerms
 from service.pipeline.rerank import (
     CrossScorer,
     RerankConfig,
@@ -54,7 +56,7 @@ class Snapshot:
     index: KGIndex
     featurizer: Featurizer | StudentFeaturizer
     cross: CrossScorer
-    kg_terms: KGTerms
+    kg_terms: KGTerms | LayeredKGTerms
     source_warning: str | None = None  # served although built from another KG (EL_INDEX__ALLOW_SOURCE_MISMATCH)
 
     def score_terms(self, queries: list[LinkQuery], feats: Features, rows: np.ndarray, cfg: RerankConfig,
@@ -78,10 +80,12 @@ class Snapshot:
         return {**strings, **kg}
 
 
-def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None) -> Snapshot:
+def make_snapshot(runtime: EncoderRuntime, index: KGIndex, source_warning: str | None = None,
+                  kg_terms: KGTerms | LayeredKGTerms | None = None) -> Snapshot:
     """Mentions are encoded the way the index encoded its entities, the student's encoders or zero-shot, and
-    compared with the cross scorer of those features; chosen here, once per index."""
-    terms = KGTerms(index.entities)
+    compared with the cross scorer of those features; chosen here, once per index (and per change of a live one:
+    `kg_terms` then layers the appended rows' terms over the base's)."""
+    terms = kg_terms if kg_terms is not None else KGTerms(index.entities)
     if index.heads:
         return Snapshot(index, StudentFeaturizer(runtime, "mention"), student_rerank, terms, source_warning)
     assert index.projections is not None
@@ -154,7 +158,9 @@ class BatchOutcome:
 
 class Linker:
     def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex,
-                 source_warning: str | None = None) -> None:
+                 source_warning: str | None = None, *, live: bool = False) -> None:
+        """`live`: open the index folder's change log (replaying it) so that entities can change while serving
+        (`apply_changes`, `compact`); the log lives in the folder, so only the serving process opens it."""
         self.settings = settings
         self.runtime = runtime
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
@@ -162,12 +168,37 @@ class Linker:
         self.skip_margin = settings.rerank.skip_margin
         self.excluded: frozenset[str] = frozenset()  # evaluation only (with_excluded): entities masked out of the KB
         self.device = pick_device(settings.rerank.device)
-        self._snapshot = make_snapshot(runtime, index, source_warning)
+        self._swap_lock = threading.RLock()  # index swaps, entity changes and compaction's swap: one at a time
+        self._base_terms = KGTerms(index.entities)
+        self._base_terms_version = index.manifest.version
+        self._snapshot = make_snapshot(runtime, index, source_warning, self._base_terms)
         self.verdict = load_verdict(settings, self.model_version)
-        self._swap_lock = threading.Lock()
+        self.store: LiveStore | None = None
+        self._entity_runtime: EncoderRuntime | None = None
+        self._entity_runtime_lock = threading.Lock()
+        if live:
+            self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish)
+
+    def _publish(self, index: KGIndex) -> None:
+        """A live index changed (called under the swap lock): serve the new snapshot from the next batch on."""
+        if index.manifest.version != self._base_terms_version:  # a new base folder (compaction, reload)
+            n_base = len(index.entities) if index.delta is None else index.delta.n_base
+            self._base_terms = KGTerms(index.entities[:n_base])
+            self._base_terms_version = index.manifest.version
+        if index.delta is None:
+            terms: KGTerms | LayeredKGTerms = self._base_terms
+        else:
+            previous = self._snapshot.kg_terms if isinstance(self._snapshot.kg_terms, LayeredKGTerms) else None
+            terms = LayeredKGTerms.extended(self._base_terms, previous, index.entities[index.delta.n_base :])
+        self._snapshot = make_snapshot(self.runtime, index, self._snapshot.source_warning, terms)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Linker:
+    def for_serving(cls, settings: Settings) -> Linker:
+        """`from_settings` with the change log open when live updates are on (EL_UPDATES__ENABLED)."""
+        return cls.from_settings(settings, live=settings.updates.enabled)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, live: bool = False) -> Linker:
         """Export the encoders if needed, load and verify the index, return a ready Linker."""
         from service.encoders import export_encoders
 
@@ -178,7 +209,7 @@ class Linker:
 
             torch.set_num_threads(settings.rerank.torch_threads)
         index, warning = load_checked_index(settings, runtime, settings.index.dir)
-        return cls(settings, runtime, index, warning)
+        return cls(settings, runtime, index, warning, live=live)
 
     @property
     def index(self) -> KGIndex:
@@ -198,9 +229,71 @@ class Linker:
         """Load and verify folder, then switch to it atomically; the old index stays in use on failure."""
         with self._swap_lock:
             new, warning = load_checked_index(self.settings, self.runtime, folder)
-            self._snapshot = make_snapshot(self.runtime, new, warning)
+            if self.store is not None and self.store.compacting:
+                raise RuntimeError("a compaction is running; reload after it")
+            base_terms = KGTerms(new.entities)
+            store = LiveStore(new, lock=self._swap_lock) if self.store is not None else None  # replays its log
+            if self.store is not None:
+                self.store.close()
+            self.store, self._base_terms, self._base_terms_version = store, base_terms, new.manifest.version
+            self._snapshot = make_snapshot(self.runtime, new, warning, base_terms)
+            if store is not None:
+                store._publish = self._publish
+                self._publish(store.snapshot)
+                new = store.snapshot
         logger.info("index swapped to %s", new.version)
         return new
+
+    # ------------------------------------------------------------------ live entity changes
+
+    def entity_runtime(self) -> EncoderRuntime:
+        """The encoder the update worker uses: the same model files and runtime class as the serving one (and as
+        the index build), in sessions of their own with EL_UPDATES__ENCODER_THREADS threads, so that encoding a
+        batch of entities takes one core and /v1/link keeps the others (0: the serving sessions themselves)."""
+        threads = self.settings.updates.encoder_threads
+        if not threads:
+            return self.runtime
+        with self._entity_runtime_lock:  # the background warm-up and a first change may race: load it once
+            if self._entity_runtime is None:
+                enc = self.settings.encoder
+                runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads)
+                if runtime.spec.signature() != self.runtime.spec.signature():
+                    raise RuntimeError("the encoder files changed under the running server; restart it")
+                self._entity_runtime = runtime
+        return self._entity_runtime
+
+    def encode_entities(self, metas: list[EntityMeta], images: list) -> list[EntityRow]:
+        """Encode entities exactly as the index build does (the same runtime and featurizer of the index's kind)."""
+        index = self._snapshot.index
+        runtime = self.entity_runtime()
+        featurizer: Featurizer | StudentFeaturizer
+        if index.heads:
+            featurizer = StudentFeaturizer(runtime, "entity")
+        else:
+            assert index.projections is not None
+            featurizer = Featurizer(runtime, index.projections)
+        feats = featurizer([m.name for m in metas], [m.description for m in metas], images)
+        return rows_from_features(metas, feats, index.manifest.max_tokens)
+
+    def apply_changes(self, changes: list[Change]) -> KGIndex:
+        """Log and apply entity changes; the returned snapshot (served from now on) includes them. Raises
+        kg_index.live_store.UnknownEntity for a removal of an id the index does not hold (nothing applied)."""
+        if self.store is None:
+            raise RuntimeError("live updates are off for this linker")
+        return self.store.apply(changes)
+
+    def compact(self) -> KGIndex:
+        """Fold the change log into a fresh index folder and serve it (RuntimeError when one is running)."""
+        if self.store is None:
+            raise RuntimeError("live updates are off for this linker")
+        return self.store.compact(encoder_signature=self.runtime.spec.signature())
+
+    def warm_up_updates(self) -> None:
+        """Load and run the update worker's encoder once, so that the first entity change pays no load."""
+        from PIL import Image
+
+        if self.store is not None:
+            self.encode_entities([EntityMeta("warm-up", "warm up", "", False)], [Image.new("RGB", (32, 32))])
 
     def warm_up(self) -> None:
         """Run every stage once (text and image) so the first real request pays no lazy-init costs."""
@@ -208,6 +301,7 @@ class Linker:
 
         self.link_batch([LinkQuery("warm up", "warm-up sentence", Image.new("RGB", (32, 32)), top_k=1)])
         self.link_batch([LinkQuery("warm up", "", None, top_k=1)])
+
 
     def link(self, query: LinkQuery) -> LinkResult:
         return self.link_batch([query]).results[0]

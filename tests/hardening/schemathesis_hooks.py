@@ -7,7 +7,7 @@ this module makes generated schema-valid cases follow them:
   such an image too (deliberately invalid cases go out as generated);
 - a job file is JSONL of link requests with ids unique within the job: the multipart file part declares
   `application/x-ndjson`, generated here as such lines; ids of schema-valid JSON job items get their position
-  as a prefix.
+  as a prefix; the base64 images of entity changes become real images too.
 Everything else in a case (texts, top_k, item counts, headers, path ids) stays as generated, but for one
 schemathesis quirk named in `map_case`.
 """
@@ -51,15 +51,28 @@ def _real_image(item: Any) -> None:
 @schemathesis.hook
 def map_case(ctx: Any, case: Any) -> Any:
     meta = case.meta
-    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+    if meta is None or not meta.generation.mode.is_positive:
         return case
     path, body = case.operation.path, case.body
+    media = (case.media_type or "").split(";")[0]
+    if path == "/v1/entities:batch":
+        if media == "application/json" and isinstance(body, list):
+            for item in body:
+                _real_image(item)
+        return case
+    if path == "/v1/entities/{entity_id}" and media == "application/json" and isinstance(body, dict):
+        _real_image(body)
+        return case
+    if not isinstance(body, dict):
+        return case
     if (case.media_type or "").split(";")[0] == "multipart/form-data":
         # Schemathesis 4.32's coverage phase builds a multipart body from media-type strategies and fills the
         # required fields it has no strategy for with "", ignoring minLength and pattern, yet calls the case
         # schema-valid: give it a mention the schema allows.
         if path == "/v1/link" and body.get("mention") == "":
             body["mention"] = "Berlin"
+        if path == "/v1/entities/{entity_id}" and body.get("name") == "":
+            body["name"] = "Berlin"
         return case
     if (case.media_type or "").split(";")[0] != "application/json":
         return case

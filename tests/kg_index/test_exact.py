@@ -94,3 +94,21 @@ def test_bad_arguments() -> None:
         ex.search(np.zeros((1, 3), np.float32), 5)
     with pytest.raises(ValueError):
         ExactSearch(np.zeros((4, 3), np.float64))
+
+
+@pytest.mark.parametrize("batch", [1, SMALL_BATCH + 1])  # FAISS's scan with extra hits, then the masked GEMM
+def test_dead_rows_are_never_returned_alone_or_in_a_batch(batch: int) -> None:
+    import torch
+
+    rng = np.random.default_rng(7)
+    x, q = _unit(rng, 400, 32), _unit(rng, batch, 32)
+    index = _flat(x)
+    _, best = index.search(q, 20)
+    dead = torch.zeros(len(x), dtype=torch.bool)
+    dead[torch.from_numpy(best[:, ::2].ravel())] = True  # every other of each query's best 20
+    scores, rows = ExactSearch.for_index(index).search(q, 10, dead=dead)
+    live = np.flatnonzero(~dead.numpy())
+    want_scores, want_rows = _flat(x[live]).search(q, 10)
+    assert not dead.numpy()[rows].any()
+    assert np.array_equal(rows, live[want_rows])
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)

@@ -1,0 +1,152 @@
+"""Entity changes while serving: decode, encode, log, apply; and compaction in the background.
+
+Each request is decoded in a decoding thread (one request at a time: text rules and the image rules of /v1/link),
+then one update worker thread takes the requests in arrival order: it encodes the entities to put in batches of EL_UPDATES__ENCODE_BATCH through the same runtime and
+featurizer as the index build (Linker.encode_entities), then hands all of a request's changes to the live index
+in one call (Linker.apply_changes: one log write and fsync, then the new snapshot is published). The answer is
+sent after that: the change is on disk and the next /v1/link batch sees it. One worker keeps updates to about one
+core, so links keep the other; a request that would take the waiting changes past EL_UPDATES__MAX_PENDING gets 429.
+
+Once the log holds EL_UPDATES__COMPACT_AFTER changes, a background thread folds it into a fresh folder
+(Linker.compact); POST /v1/admin/compact and `el compact-index` start the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from kg_index.changelog import LogBusy
+from kg_index.live import Change
+from kg_index.live_store import UnknownEntity
+from kg_index.load import EntityMeta, KGIndex
+from service.errors import Conflict, EntityNotFound, Overloaded, UpdatesDisabled
+from service.metrics import Metrics
+from service.pipeline.linker import Linker
+
+logger = logging.getLogger(__name__)
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by `nice` (Linux schedules threads alone; elsewhere the whole process)."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except (OSError, AttributeError):  # not permitted or not supported: updates run at normal priority
+            logger.warning("could not lower the update threads' CPU priority")
+
+
+@dataclass
+class PendingChange:
+    """One decoded change: meta and image for a put, meta None for a delete."""
+
+    id: str
+    meta: EntityMeta | None
+    image: Image.Image | None = None
+
+
+class EntityUpdater:
+    def __init__(self, linker: Callable[[], Linker], *, encode_batch: int, max_pending: int, compact_after: int,
+                 enabled: bool, metrics: Metrics | None = None, nice: int = 0) -> None:
+        self._linker = linker
+        self.metrics = metrics
+        self.encode_batch = encode_batch
+        self.max_pending = max_pending
+        self.compact_after = compact_after
+        self.enabled = enabled
+        # Both update threads run at a lower CPU priority (a higher nice value, Linux: per thread), so that under
+        # contention the kernel gives /v1/link's threads the cores first and updates take what is left.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="el-updates", initializer=_lower_priority,
+                                        initargs=(nice,))
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="el-updates-decode",
+                                           initializer=_lower_priority, initargs=(nice,))
+        self.pending = 0
+        self._compactor: threading.Thread | None = None
+        self.last_compaction_error: str | None = None
+
+    def _live(self) -> Linker:
+        linker = self._linker()
+        if not self.enabled or linker.store is None:
+            raise UpdatesDisabled("this server does not take entity changes (EL_UPDATES__ENABLED=false)")
+        return linker
+
+    async def submit(self, n: int, decode: Callable[[], list[PendingChange]]) -> KGIndex:
+        """Run decode and apply its n changes in the update worker; the snapshot that includes them."""
+        self._live()
+        if self.pending + n > self.max_pending:
+            raise Overloaded(f"{self.pending} entity changes are waiting; retry later", headers={"Retry-After": "1"})
+        self.pending += n
+        try:
+            # Decoding (JSON items, base64, images: ~20 ms of CPU for a large photo) runs in one thread of its own,
+            # one request at a time: it overlaps the update worker's encoding of the previous request and never
+            # blocks the loop, and updates never take more than these two threads from /v1/link.
+            pending = await asyncio.wrap_future(self._decoder.submit(decode))
+            return await asyncio.wrap_future(self._pool.submit(self._run, pending))
+        finally:
+            self.pending -= n
+
+    def _run(self, pending: list[PendingChange]) -> KGIndex:
+        linker = self._live()
+        puts = [p for p in pending if p.meta is not None]
+        rows = {}
+        for i in range(0, len(puts), self.encode_batch):
+            chunk = puts[i : i + self.encode_batch]
+            encoded = linker.encode_entities([p.meta for p in chunk], [p.image for p in chunk])  # type: ignore[misc]
+            rows.update({id(p): r for p, r in zip(chunk, encoded)})
+        changes = [Change(p.id, rows[id(p)] if p.meta is not None else None) for p in pending]
+        try:
+            snap = linker.apply_changes(changes)
+        except UnknownEntity as exc:
+            raise EntityNotFound(f"no entity with id {exc.args[0]!r} to delete (nothing in this request applied)") from None
+        except LogBusy as exc:
+            raise Conflict(f"cannot change this index: {exc.__class__.__name__}; another process writes its change log "
+                           "(nothing applied)") from None
+        except OSError as exc:  # a read-only or full index folder: nothing was acknowledged
+            logger.error("cannot write the change log: %s", exc)
+            raise UpdatesDisabled(f"cannot write the change log ({exc.__class__.__name__}); nothing applied") from None
+        if self.metrics is not None:
+            for op in ("put", "delete"):
+                if n := sum(1 for c in changes if c.op == op):
+                    self.metrics.entity_changes.labels(op).inc(n)
+            self.metrics.change_log.set(linker.store.pending if linker.store is not None else 0)
+        if self.compact_after and linker.store is not None and linker.store.pending >= self.compact_after:
+            self.start_compaction(linker)
+        return snap
+
+    def start_compaction(self, linker: Linker | None = None) -> threading.Thread:
+        """Compact in a background thread (Conflict when one is running)."""
+        linker = linker or self._live()
+        if self._compactor is not None and self._compactor.is_alive():
+            raise Conflict("a compaction is already running")
+        self._compactor = threading.Thread(target=self._compact, args=(linker,), name="el-compact", daemon=True)
+        self._compactor.start()
+        return self._compactor
+
+    def _compact(self, linker: Linker) -> None:
+        try:
+            linker.compact()
+            self.last_compaction_error = None
+            outcome = "ok"
+        except Exception as exc:  # logged and kept for the admin route; the old index keeps serving
+            logger.exception("compaction failed; still serving the index and its change log")
+            self.last_compaction_error = f"{type(exc).__name__}: {exc}"
+            outcome = "failed"
+        if self.metrics is not None:
+            self.metrics.compactions.labels(outcome).inc()
+            self.metrics.change_log.set(linker.store.pending if linker.store is not None else 0)
+
+    def wait_compaction(self, timeout: float | None = None) -> None:
+        if self._compactor is not None:
+            self._compactor.join(timeout)
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        self.wait_compaction()

@@ -1,0 +1,185 @@
+"""PUT/DELETE /v1/entities/{id}, POST /v1/entities:batch and POST /v1/admin/compact in-process over the fake
+backend (tests/fakes.py): request parsing, error codes, the image rules, auth, all-or-nothing batches, and that
+a change is seen by the next /v1/link. The real index, log and encoders: tests/service/test_live_updates.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.server_process import metric, scrape
+from tests.service.test_api_fake import DOUGLAS, KEY, assert_error, b64, jpeg, png_header, serve
+
+NDJSON = {"content-type": "application/x-ndjson"}
+
+
+def top_ids(client, mention: str) -> list[str]:
+    r = client.post("/v1/link", json={"mention": mention, "top_k": 3})
+    assert r.status_code == 200, r.text
+    return [e["id"] for e in r.json()["entities"]]
+
+
+def test_put_creates_then_link_sees_it(tmp_path: Path) -> None:
+    with serve(tmp_path) as (client, _linker):
+        assert "Q999" not in top_ids(client, "Zorblax Quintavian")
+        r = client.put("/v1/entities/Q999", json={"name": "Zorblax Quintavian", "description": "A painter.",
+                                                  "start_year": 1901, "end_year": 1980})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body == {"id": "Q999", "op": "put", "index_version": "fake-index@1+1", "entities": 13}
+        assert top_ids(client, "Zorblax Quintavian")[0] == "Q999"
+        got = client.get("/v1/entities/Q999").json()
+        assert got["name"] == "Zorblax Quintavian" and got["description"] == "A painter."
+        link = client.post("/v1/link", json={"mention": "Zorblax Quintavian"}).json()
+        assert link["index_version"] == body["index_version"]
+
+
+def test_put_replaces_and_delete_removes(tmp_path: Path) -> None:
+    with serve(tmp_path) as (client, _):
+        assert client.put("/v1/entities/Q42", json={"name": "Grumbleton Vexmoor"}).status_code == 200
+        assert client.get("/v1/entities/Q42").json()["name"] == "Grumbleton Vexmoor"
+        assert top_ids(client, "Grumbleton Vexmoor")[0] == "Q42"
+        r = client.delete("/v1/entities/Q42")
+        assert r.status_code == 200 and r.json()["op"] == "delete" and r.json()["entities"] == 11
+        assert "Q42" not in top_ids(client, "Grumbleton Vexmoor")
+        assert_error(client.get("/v1/entities/Q42"), 404, "entity_not_found")
+        assert_error(client.delete("/v1/entities/Q42"), 404, "entity_not_found")
+
+
+def test_put_multipart_and_base64_image(tmp_path: Path) -> None:
+    with serve(tmp_path) as (client, _linker):
+        r = client.put("/v1/entities/Q1", data={"name": "Red Square", "start_year": "1500"},
+                       files={"image": ("x.jpg", jpeg(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        r = client.put("/v1/entities/Q2", json={"name": "Blue Square", "image": b64(jpeg(color=(0, 0, 200)))})
+        assert r.status_code == 200, r.text
+        assert client.get("/v1/entities/Q1").json()["has_image"] is True
+
+
+def test_put_invalid_input(tmp_path: Path) -> None:
+    with serve(tmp_path, limits={"max_image_bytes": 4096}) as (client, linker):
+        assert_error(client.put("/v1/entities/Q1", json={"description": "no name"}), 422, "invalid_input")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "   "}), 422, "invalid_input")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x", "colour": "red"}), 422, "invalid_input")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x", "start_year": 99_999}), 422, "invalid_input")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x" * 2001}), 422, "text_too_long")
+        assert_error(client.put("/v1/entities/Q1", content=b"name=x", headers={"content-type": "text/plain"}),
+                     415, "unsupported_media_type")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x", "image": "not base64!"}), 422, "invalid_image")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x", "image": b64(b"GIF89a" + b"\0" * 40)}),
+                     415, "unsupported_image_format")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x", "image": b64(png_header(50_000, 50_000))}),
+                     413, "image_too_large")
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x", "image": b64(b"\xff" * 5000)}),
+                     413, "image_too_large")
+        assert_error(client.put("/v1/entities/a%20b", json={"name": "x"}), 422, "invalid_input")
+        assert_error(client.put(f"/v1/entities/{'x' * 257}", json={"name": "x"}), 422, "invalid_input")
+        assert linker.store.pending == 0 and linker.encoded == []  # nothing reached the encoder or the index
+
+
+def test_batch_json_and_jsonl_in_order(tmp_path: Path) -> None:
+    with serve(tmp_path, updates={"encode_batch": 2}) as (client, linker):
+        items = [{"id": f"N{i}", "name": f"Entity number {i}"} for i in range(5)]
+        items += [{"id": "N1", "op": "delete"}, {"id": "Q859", "name": "Plato of Athens"}]
+        r = client.post("/v1/entities:batch", json=items)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["applied"] == 7 and body["index_version"] == "fake-index@1+7" and body["entities"] == 16
+        assert [x["op"] for x in body["results"]] == ["put"] * 5 + ["delete", "put"]
+        assert linker.encoded == [2, 2, 2]  # six puts, encoded in batches of EL_UPDATES__ENCODE_BATCH
+        assert_error(client.get("/v1/entities/N1"), 404, "entity_not_found")
+        assert client.get("/v1/entities/Q859").json()["name"] == "Plato of Athens"
+        samples = scrape(client)
+        assert metric(samples, "el_entity_changes_total", op="put") == 6
+        assert metric(samples, "el_entity_changes_total", op="delete") == 1
+        assert metric(samples, "el_change_log_changes") == 7
+        lines = "\n".join(json.dumps(x) for x in [{"id": "J1", "name": "Jay One"}, {"id": "N0", "op": "delete"}])
+        r = client.post("/v1/entities:batch", content=lines + "\n", headers=NDJSON)
+        assert r.status_code == 200 and r.json()["applied"] == 2, r.text
+        assert top_ids(client, "Jay One")[0] == "J1"
+
+
+def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
+    with serve(tmp_path, updates={"max_batch_items": 3}) as (client, linker):
+        before = client.get("/readyz").status_code, linker.index.version
+        bad = [{"id": "A1", "name": "Alpha"}, {"id": "NOPE", "op": "delete"}]
+        assert_error(client.post("/v1/entities:batch", json=bad), 404, "entity_not_found")
+        assert_error(client.post("/v1/entities:batch", json=[{"id": "A1"}]), 422, "invalid_input")
+        assert_error(client.post("/v1/entities:batch", json=[{"id": "A1", "name": "x", "op": "move"}]),
+                     422, "invalid_input")
+        assert_error(client.post("/v1/entities:batch", json=[{"id": f"A{i}", "name": "x"} for i in range(4)]),
+                     422, "too_many_items")
+        assert_error(client.post("/v1/entities:batch", json={"id": "A1", "name": "x"}), 422, "invalid_input")
+        assert_error(client.post("/v1/entities:batch", json=[]), 422, "invalid_input")
+        assert_error(client.post("/v1/entities:batch", content=b'{"id": "A1"\n', headers=NDJSON), 422, "invalid_input")
+        assert_error(client.post("/v1/entities:batch", content=b"[]", headers={"content-type": "text/csv"}),
+                     415, "unsupported_media_type")
+        assert (client.get("/readyz").status_code, linker.index.version) == before
+        assert_error(client.get("/v1/entities/A1"), 404, "entity_not_found")
+
+
+def test_changes_need_the_api_key(tmp_path: Path) -> None:
+    with serve(tmp_path, auth={"api_keys": [KEY]}) as (client, linker):
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x"}), 401, "unauthorized")
+        assert_error(client.delete("/v1/entities/Q42"), 401, "unauthorized")
+        assert_error(client.post("/v1/entities:batch", json=[{"id": "Q1", "name": "x"}]), 401, "unauthorized")
+        assert_error(client.post("/v1/admin/compact"), 401, "unauthorized")
+        assert linker.store.pending == 0
+        ok = client.put("/v1/entities/Q1", json={"name": "x"}, headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200, ok.text
+
+
+def test_updates_disabled(tmp_path: Path) -> None:
+    with serve(tmp_path, updates={"enabled": False}) as (client, _linker):
+        assert_error(client.put("/v1/entities/Q1", json={"name": "x"}), 409, "updates_disabled")
+        assert_error(client.delete("/v1/entities/Q42"), 409, "updates_disabled")
+        assert client.post("/v1/link", json=DOUGLAS).status_code == 200
+
+
+def test_compact_route(tmp_path: Path) -> None:
+    with serve(tmp_path) as (client, linker):
+        client.put("/v1/entities/Q1", json={"name": "x"})
+        r = client.post("/v1/admin/compact?wait=true")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"state": "done", "index_version": "fake-index@c1", "changes": 1}
+        assert linker.store.compactions == 1
+        assert client.get("/v1/entities/Q1").json()["name"] == "x"
+        samples = scrape(client)
+        assert metric(samples, "el_index_compactions_total", outcome="ok") == 1
+        assert metric(samples, "el_change_log_changes") == 0
+
+
+def test_auto_compaction_threshold(tmp_path: Path) -> None:
+    with serve(tmp_path, updates={"compact_after": 3}) as (client, linker):
+        client.post("/v1/entities:batch", json=[{"id": f"C{i}", "name": f"c {i}"} for i in range(2)])
+        assert linker.store.compactions == 0
+        client.put("/v1/entities/C9", json={"name": "c 9"})
+        client.app.state.el.updater.wait_compaction(10)
+        assert linker.store.compactions == 1 and linker.store.pending == 0
+
+
+def test_body_cap_of_the_batch_route(tmp_path: Path) -> None:
+    with serve(tmp_path, updates={"max_body_bytes": 2048}) as (client, _):
+        big = [{"id": f"B{i}", "name": "x" * 100} for i in range(40)]
+        assert_error(client.post("/v1/entities:batch", json=big), 413, "payload_too_large")
+
+
+def test_update_threads_run_at_lower_priority() -> None:
+    """EL_UPDATES__NICE: the update worker and the decoding thread get a higher nice value than the server's
+    threads (Linux schedules threads alone), so /v1/link gets the cores first under contention."""
+    import os
+    import threading
+
+    from service.updates import EntityUpdater
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    updater = EntityUpdater(lambda: None, encode_batch=8, max_pending=8, compact_after=0, enabled=True, nice=5)
+    try:
+        base = nice_here()
+        assert updater._pool.submit(nice_here).result() == min(base + 5, 19)
+        assert updater._decoder.submit(nice_here).result() == min(base + 5, 19)
+        assert nice_here() == base  # the caller's own thread is untouched
+    finally:
+        updater.close()
