@@ -32,6 +32,7 @@ const ERROR_MESSAGES = {
   // jobs and admin (not used by this page, listed so that every code reads well)
   conflict: "This conflicts with an operation in progress",
   idempotency_conflict: "This idempotency key was used for another request",
+  updates_disabled: "This server does not accept changes to its knowledge graph",
   job_not_found: "No such job",
   job_not_finished: "The job has not finished yet",
   job_expired: "The job and its results have expired",
