@@ -73,8 +73,11 @@ class EntityUpdater:
 
     def _live(self) -> Linker:
         linker = self._linker()
-        if not self.enabled or linker.store is None:
+        if not self.enabled:
             raise UpdatesDisabled("this server does not take entity changes (EL_UPDATES__ENABLED=false)")
+        if linker.store is None:  # e.g. a Ray Serve replica: each would hold its own copy of the changes
+            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas do not: change "
+                                  "the KG through one `el serve`, compact, and redeploy the replicas)")
         return linker
 
     async def submit(self, n: int, decode: Callable[[], list[PendingChange]]) -> KGIndex:
