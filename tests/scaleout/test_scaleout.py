@@ -91,13 +91,18 @@ def embedded_answers(settings, linker, mentions: list[dict[str, Any]]) -> list[d
 
 
 def ranking(body: dict[str, Any]) -> tuple:
-    return body["nil"], [(e["id"], round(e["score"], 4)) for e in body["entities"]]
+    return body["nil"], [e["id"] for e in body["entities"]]
 
 
 def test_serve_answers_equal_the_embedded_service(report: dict[str, Any], embedded_answers: list[dict]) -> None:
     served = report["answers"]
     assert [a["status"] for a in served] == [200] * len(embedded_answers)
     assert [ranking(a["body"]) for a in served] == [ranking(b) for b in embedded_answers]
+    # Scores equal up to float rounding: a request alone and one batched with others take different exact-search
+    # paths (FAISS's scan, a GEMM: kg_index/exact.py), whose inner products differ in the 7th digit.
+    for a, b in zip(served, embedded_answers):
+        assert [e["score"] for e in a["body"]["entities"]] == pytest.approx(
+            [e["score"] for e in b["entities"]], abs=1e-5)
     assert len({a["replica"] for a in served}) == 2  # both replicas answered some of them
     assert report["readyz"]["status"] == "ready"  # /readyz through Serve's proxy
 
