@@ -15,13 +15,13 @@ from service.conversions import first_error
 from service.errors import (
     EntityImageNotFound,
     EntityNotFound,
-    ImageTooLarge,
     InvalidInput,
     TooManyItems,
     UnsupportedMediaType,
 )
 from service.kg_images import KGImages
 from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
+from service.routes.forms import parse_json_or_form
 from service.schemas import (
     ENTITY_ID_PATTERN,
     EntityBatchDelete,
@@ -126,38 +126,18 @@ def _decode(entity_id: str, req: EntityRequest | EntityBatchItem, settings: Sett
     return PendingChange(entity_id, meta, image)
 
 
+def _years(fields: dict[str, object]) -> None:
+    for year in ("start_year", "end_year"):  # form fields are text; the JSON body's years must be integers
+        if isinstance(text := fields.get(year), str):
+            try:
+                fields[year] = int(text.strip())
+            except ValueError:
+                raise InvalidInput(f"{year}: an integer year") from None
+
+
 async def _parse_put(request: Request, settings: Settings) -> tuple[EntityRequest, bytes | None]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        try:
-            return EntityRequest.model_validate_json(await request.body()), None
-        except ValidationError as exc:
-            raise InvalidInput(first_error(exc)) from None
-    if ctype == "multipart/form-data":
-        lim = settings.limits
-        form = await request.form(max_files=1, max_fields=8, max_part_size=lim.max_image_bytes)
-        image = form.get("image")
-        image_bytes = None
-        if image is not None and not isinstance(image, str):
-            image_bytes = await image.read(lim.max_image_bytes + 1)
-            if len(image_bytes) > lim.max_image_bytes:
-                raise ImageTooLarge(f"image exceeds {lim.max_image_bytes} bytes")
-        allowed = ("name", "description", "start_year", "end_year")
-        if unknown := sorted(set(form.keys()) - {*allowed, "image"}):
-            raise InvalidInput(f"{unknown[0]}: unknown form field; send {', '.join(allowed)}, image")
-        fields: dict[str, object] = {k: v for k, v in form.items() if k in allowed and isinstance(v, str)}
-        for year in ("start_year", "end_year"):  # form fields are text; the JSON body's years must be integers
-            if isinstance(text := fields.get(year), str):
-                try:
-                    fields[year] = int(text.strip())
-                except ValueError:
-                    raise InvalidInput(f"{year}: an integer year") from None
-        try:
-            req = EntityRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})
-        except ValidationError as exc:
-            raise InvalidInput(first_error(exc)) from None
-        return req, image_bytes
-    raise UnsupportedMediaType("send application/json or multipart/form-data")
+    return await parse_json_or_form(request, settings, EntityRequest, ("name", "description", "start_year", "end_year"),
+                                    coerce=_years)
 
 
 @router.put(

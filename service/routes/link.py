@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import ValidationError
 
-from service.conversions import first_error, to_explained_response, to_queries, to_query, to_response
-from service.errors import ImageTooLarge, InvalidInput, TooManyItems, UnsupportedMediaType
+from service.conversions import to_explained_response, to_queries, to_query, to_response
+from service.errors import TooManyItems, UnsupportedMediaType
 from service.pipeline.linker import BatchOutcome
 from service.pipeline.types import LinkQuery
+from service.routes.forms import parse_json_or_form
 from service.schemas import (
     BatchLinkRequest,
     BatchLinkResponse,
@@ -76,30 +76,7 @@ async def client_gone(request: Request) -> None:
 
 
 async def _parse_link_request(request: Request, settings: Settings) -> tuple[LinkRequest, bytes | None]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        try:
-            return LinkRequest.model_validate_json(await request.body()), None
-        except ValidationError as exc:
-            raise InvalidInput(first_error(exc)) from None
-    if ctype == "multipart/form-data":
-        lim = settings.limits
-        form = await request.form(max_files=1, max_fields=8, max_part_size=lim.max_image_bytes)
-        image = form.get("image")
-        image_bytes = None
-        if image is not None and not isinstance(image, str):
-            image_bytes = await image.read(lim.max_image_bytes + 1)
-            if len(image_bytes) > lim.max_image_bytes:
-                raise ImageTooLarge(f"image exceeds {lim.max_image_bytes} bytes")
-        if unknown := sorted(set(form.keys()) - {"mention", "context", "top_k", "image"}):  # as JSON's extra=forbid
-            raise InvalidInput(f"{unknown[0]}: unknown form field; send mention, context, top_k, image")
-        fields = {k: v for k, v in form.items() if k in ("mention", "context", "top_k") and isinstance(v, str)}
-        try:
-            req = LinkRequest.model_validate({**fields, "image": image if isinstance(image, str) else None})
-        except ValidationError as exc:
-            raise InvalidInput(first_error(exc)) from None
-        return req, image_bytes
-    raise UnsupportedMediaType("send application/json or multipart/form-data")
+    return await parse_json_or_form(request, settings, LinkRequest, ("mention", "context", "top_k"))
 
 
 @router.post(
