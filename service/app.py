@@ -20,6 +20,7 @@ from service.admission import Admission
 from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.batcher import MicroBatcher
 from service.errors import ELError, NotReady
+from service.heap import freeze_loaded_heap
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -53,6 +54,7 @@ def _load(state: AppState, factory: LinkerFactory) -> None:
         logger.exception("start-up failed")
         state.load_error = f"start-up failed: {exc}"
         return
+    freeze_loaded_heap()
     state.linker = linker
     state.ready = True
     state.metrics.ready.set(1)

@@ -14,6 +14,7 @@ import anyio
 
 from kg_index.manifest import IndexIntegrityError
 from service.errors import Conflict, InvalidIndex
+from service.heap import freeze_loaded_heap
 from service.schemas import ReloadResponse
 from service.state import AppState
 
@@ -41,6 +42,7 @@ async def reload_index(state: AppState, folder: Path | None = None) -> ReloadRes
                            f"({type(exc).__name__})") from None
     finally:
         state.reloading = False
+    await anyio.to_thread.run_sync(freeze_loaded_heap)  # the new index's objects, as at start-up
     state.metrics.index_reloads.labels("ok").inc()
     logger.info("index reloaded from %s: %s -> %s", target, previous, new.version)
     return ReloadResponse(index_version=new.version, previous_version=previous, index_dir=str(target),

@@ -28,6 +28,7 @@ from kg_index.live import Change
 from kg_index.live_store import UnknownEntity
 from kg_index.load import EntityMeta, KGIndex
 from service.errors import Conflict, EntityNotFound, Overloaded, UpdatesDisabled
+from service.heap import freeze_loaded_heap
 from service.metrics import Metrics
 from service.pipeline.linker import Linker
 
@@ -135,6 +136,7 @@ class EntityUpdater:
     def _compact(self, linker: Linker) -> None:
         try:
             linker.compact()
+            freeze_loaded_heap()  # the compacted index's objects, as at start-up
             self.last_compaction_error = None
             outcome = "ok"
         except Exception as exc:  # logged and kept for the admin route; the old index keeps serving

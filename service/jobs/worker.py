@@ -16,6 +16,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from service.batcher import MicroBatcher
+from service.heap import freeze_loaded_heap
 from service.jobs.runner import JobRunner, owner_is_dead
 from service.jobs.store import JobStore, open_store
 from service.metrics import Metrics
@@ -43,6 +44,7 @@ class JobWorker:
         self.store.recover(owner_is_dead)
         linker = self._factory(self.settings)
         linker.warm_up()
+        freeze_loaded_heap()
         self.linker = linker
 
         def link_batch(queries: list[LinkQuery], deadline: float | None) -> BatchOutcome:

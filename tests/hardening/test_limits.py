@@ -273,7 +273,7 @@ def test_b3_liveness_stays_fast_while_inference_saturates_the_cpu(server: Server
     try:
         with server.client() as c:
             give_up = time.monotonic() + 300  # only a hung server comes near this
-            while len(batch_s) < 6 or len(lat) < 100:
+            while len(batch_s) < 6 or len(lat) < 200:
                 assert time.monotonic() < give_up, (len(batch_s), len(lat))
                 t0 = time.perf_counter()
                 assert c.get("/healthz").status_code == 200

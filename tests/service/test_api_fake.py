@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import struct
@@ -142,6 +143,16 @@ def test_health_readiness_and_versions(client: TestClient) -> None:
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "index_version": "fake-index@1", "model_version": "fake-encoder@0",
                         "detail": None}
+
+
+def test_the_loaded_heap_is_frozen_out_of_the_cyclic_collector(tmp_path: Path) -> None:
+    """Full collections must not walk the loaded model and KG (they stalled probes for 60-280 ms under load)."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    with serve(tmp_path) as (client, _):
+        assert client.get("/readyz").status_code == 200
+        assert gc.get_freeze_count() > 0
+    gc.unfreeze()
 
 
 def test_openapi_lists_the_routes(client: TestClient) -> None:
