@@ -1,7 +1,8 @@
 """Entity changes while serving: decode, encode, log, apply; and compaction in the background.
 
-Each request is decoded in a decoding thread (one request at a time: text rules and the image rules of /v1/link),
-then one update worker thread takes the requests in arrival order: it encodes the entities to put in batches of EL_UPDATES__ENCODE_BATCH through the same runtime and
+Each request's items are decoded in a decoding thread (item after item: text rules and the image rules of /v1/link)
+while one update worker thread takes the requests in arrival order: it encodes the entities to put, as soon as a
+batch of EL_UPDATES__ENCODE_BATCH is decoded (so decoding and encoding overlap), through the same runtime and
 featurizer as the index build (Linker.encode_entities), then hands all of a request's changes to the live index
 in one call (Linker.apply_changes: one log write and fsync, then the new snapshot is published). The answer is
 sent after that: the change is on disk and the next /v1/link batch sees it. One worker keeps updates to about one
@@ -17,8 +18,8 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
@@ -81,29 +82,44 @@ class EntityUpdater:
                                   "the KG through one `el serve`, compact, and redeploy the replicas)")
         return linker
 
-    async def submit(self, n: int, decode: Callable[[], list[PendingChange]]) -> KGIndex:
-        """Run decode and apply its n changes in the update worker; the snapshot that includes them."""
+    async def submit(self, n: int, decoders: Sequence[Callable[[], PendingChange]]) -> KGIndex:
+        """Decode the n changes (one callable each) and apply them in the update worker; the snapshot that
+        includes them."""
         self._live()
         if self.pending + n > self.max_pending:
             raise Overloaded(f"{self.pending} entity changes are waiting; retry later", headers={"Retry-After": "1"})
         self.pending += n
+        # Decoding (JSON items, base64, images: a few ms of CPU for a large photo) runs in one thread of its own,
+        # item after item, requests in arrival order, while the update worker encodes the items decoded before:
+        # the two overlap within a request, never block the loop, and never take more than two threads.
+        decoding = [self._decoder.submit(d) for d in decoders]
         try:
-            # Decoding (JSON items, base64, images: ~20 ms of CPU for a large photo) runs in one thread of its own,
-            # one request at a time: it overlaps the update worker's encoding of the previous request and never
-            # blocks the loop, and updates never take more than these two threads from /v1/link.
-            pending = await asyncio.wrap_future(self._decoder.submit(decode))
-            return await asyncio.wrap_future(self._pool.submit(self._run, pending))
+            return await asyncio.wrap_future(self._pool.submit(self._run, decoding))
         finally:
+            for f in decoding:  # a request that failed (or was refused) decodes nothing more
+                f.cancel()
             self.pending -= n
 
-    def _run(self, pending: list[PendingChange]) -> KGIndex:
+    def _run(self, decoding: Sequence[Future[PendingChange]]) -> KGIndex:
         linker = self._live()
-        puts = [p for p in pending if p.meta is not None]
+        pending: list[PendingChange] = []
         rows = {}
-        for i in range(0, len(puts), self.encode_batch):
-            chunk = puts[i : i + self.encode_batch]
+        chunk: list[PendingChange] = []
+
+        def encode() -> None:
             encoded = linker.encode_entities([p.meta for p in chunk], [p.image for p in chunk])  # type: ignore[misc]
             rows.update({id(p): r for p, r in zip(chunk, encoded)})
+            chunk.clear()
+
+        for fut in decoding:  # a bad item raises its 4xx here: nothing is applied
+            p = fut.result()
+            pending.append(p)
+            if p.meta is not None:
+                chunk.append(p)
+                if len(chunk) == self.encode_batch:
+                    encode()
+        if chunk:
+            encode()
         changes = [Change(p.id, rows[id(p)] if p.meta is not None else None) for p in pending]
         try:
             snap = linker.apply_changes(changes)

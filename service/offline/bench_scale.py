@@ -207,12 +207,18 @@ def build_factory(vecs: np.ndarray, factory: str, key: str, cache: Path, seed: i
     index = faiss.index_factory(vecs.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     info: dict = {"factory": factory}
     if not index.is_trained:
-        ivf = faiss.extract_index_ivf(index)
-        # k-means over 1M points to 4096 lists takes many minutes on 2 cores: 40 points a list, 10 iterations.
-        ivf.cp.niter = 10
-        sample = np.random.default_rng(seed).choice(len(vecs), min(len(vecs), 40 * ivf.nlist), replace=False)
-        info.update(train_points=len(sample), train_iterations=10)
-        index.train(vecs[np.sort(sample)])
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:  # no IVF inside: a scalar quantiser's ranges (HNSW32,SQ8) need only a sample
+            ivf, n_train = None, 100_000
+        else:
+            # k-means over 1M points to 4096 lists takes many minutes on 2 cores: 40 points a list, 10 iterations.
+            ivf.cp.niter = 10
+            n_train = 40 * ivf.nlist
+            info["train_iterations"] = 10
+        sample = np.random.default_rng(seed).choice(len(vecs), min(len(vecs), n_train), replace=False)
+        info["train_points"] = len(sample)
+        index.train(np.ascontiguousarray(vecs[np.sort(sample)]))
         info["train_s"] = round(time.perf_counter() - t0, 1)
     chunk = 50_000
     for start in tqdm(range(0, len(vecs), chunk), desc=f"adding to {factory}", unit="chunk"):

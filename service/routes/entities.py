@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from functools import partial
 
 import anyio
 from fastapi import APIRouter, Request, Response
@@ -153,7 +154,7 @@ async def put_entity(entity_id: str, request: Request) -> EntityChangeResponse:
     state.require_linker()
     _check_id(entity_id)
     req, image_bytes = await _parse_put(request, state.settings)
-    snap = await state.updater.submit(1, lambda: [_decode(entity_id, req, state.settings, image_bytes)])
+    snap = await state.updater.submit(1, [lambda: _decode(entity_id, req, state.settings, image_bytes)])
     return EntityChangeResponse(id=entity_id, op="put", index_version=snap.version, entities=len(snap))
 
 
@@ -163,7 +164,7 @@ async def delete_entity(entity_id: str, request: Request) -> EntityChangeRespons
     state: AppState = request.app.state.el
     state.require_linker()
     _check_id(entity_id)
-    snap = await state.updater.submit(1, lambda: [PendingChange(entity_id, None)])
+    snap = await state.updater.submit(1, [lambda: PendingChange(entity_id, None)])
     return EntityChangeResponse(id=entity_id, op="delete", index_version=snap.version, entities=len(snap))
 
 
@@ -216,6 +217,6 @@ async def batch_entities(request: Request) -> EntityBatchResponse:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     items = await anyio.to_thread.run_sync(_parse_batch, body, ctype, state.settings.updates.max_batch_items)
-    snap = await state.updater.submit(len(items), lambda: [_decode(i.id, i, state.settings) for i in items])
+    snap = await state.updater.submit(len(items), [partial(_decode, i.id, i, state.settings) for i in items])
     return EntityBatchResponse(applied=len(items), index_version=snap.version, entities=len(snap),
                                results=[EntityBatchResult(id=i.id, op=i.op) for i in items])

@@ -118,6 +118,22 @@ def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
         assert_error(client.get("/v1/entities/A1"), 404, "entity_not_found")
 
 
+def test_a_bad_image_after_encoded_items_applies_nothing(tmp_path: Path) -> None:
+    """Items are encoded while later ones are still being decoded: a bad image at the end still fails the whole
+    request, after earlier items were encoded, and nothing of it is applied or logged."""
+    with serve(tmp_path, updates={"encode_batch": 1}) as (client, linker):
+        before = linker.index.version
+        items = [{"id": f"A{i}", "name": f"Alpha {i}", "image": b64(jpeg())} for i in range(3)]
+        items.append({"id": "A3", "name": "Alpha 3", "image": b64(jpeg()[:40])})  # truncated JPEG
+        assert_error(client.post("/v1/entities:batch", json=items), 422, "invalid_image")
+        assert linker.index.version == before
+        for i in range(4):
+            assert_error(client.get(f"/v1/entities/A{i}"), 404, "entity_not_found")
+        ok = client.post("/v1/entities:batch", json=items[:3])  # the updater is still working
+        assert ok.status_code == 200, ok.text
+        assert client.get("/v1/entities/A2").status_code == 200
+
+
 def test_changes_need_the_api_key(tmp_path: Path) -> None:
     with serve(tmp_path, auth={"api_keys": [KEY]}) as (client, linker):
         assert_error(client.put("/v1/entities/Q1", json={"name": "x"}), 401, "unauthorized")
