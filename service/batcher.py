@@ -3,7 +3,8 @@
 Leader/follower, with no thread of its own. Every caller waits in its own worker thread. When no batch is
 being formed and fewer than `max_concurrent` batches run, a caller whose own entry is still queued becomes the
 leader: it waits until `max_batch` mentions are queued or `max_wait_ms` has passed since the oldest arrived
-(and never past half the time a queued request had left, so never up to its deadline), takes the batch, runs
+(and never past half the time a queued request had left, so never up to its deadline; and not at all when no
+batch is running, unless `wait_when_idle`: a lone request pays no wait), takes the batch, runs
 one `link_batch` for everyone outside the lock and hands each caller its own slice of the results, or its own
 exception. Only a caller with a queued entry leads, so nobody whose answer is ready is kept to run others' work.
 
@@ -72,11 +73,12 @@ class Ticket:
 class MicroBatcher:
     def __init__(self, link: LinkFn, metrics: Metrics, *, max_batch: int = 32, max_wait_ms: float = 2.0,
                  max_concurrent: int = 2, job_max_batch: int = 8, job_max_yield_ms: float = 200.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 wait_when_idle: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self._link = link
         self.metrics = metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000
         self.max_concurrent = max_concurrent
+        self.wait_when_idle = wait_when_idle
         self.job_max_batch, self.job_max_yield_s = job_max_batch, job_max_yield_ms / 1000
         self._clock = clock
         self._lock = threading.Lock()
@@ -93,7 +95,8 @@ class MicroBatcher:
         interactive requests are no longer coalesced or kept waiting."""
         return cls(link, metrics, max_batch=cfg.max_batch if cfg.enabled else 1,
                    max_wait_ms=cfg.max_wait_ms if cfg.enabled else 0.0, max_concurrent=cfg.max_concurrent,
-                   job_max_batch=cfg.job_max_batch, job_max_yield_ms=cfg.job_max_yield_ms)
+                   job_max_batch=cfg.job_max_batch, job_max_yield_ms=cfg.job_max_yield_ms,
+                   wait_when_idle=cfg.wait_when_idle)
 
     # ---- callers (worker threads) ----
 
@@ -188,6 +191,10 @@ class MicroBatcher:
         inter = self._queues["interactive"]
         if inter:
             if sum(len(e.queries) for e in inter) >= self.max_batch:
+                return "interactive", now
+            if not self.wait_when_idle and not any(self._running.values()):
+                # Nothing runs: no batch is about to free a slot, so company gathers while this one runs (the
+                # next leader takes whatever queued meanwhile); waiting would only add max_wait to a lone request.
                 return "interactive", now
             # Waiting for company never spends more than half the time a queued request had left on arrival,
             # so the batch always starts well before the earliest deadline.

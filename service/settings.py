@@ -134,6 +134,9 @@ class BatchingSettings(BaseModel):
                                                           "request larger than this runs alone).")
     max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="Longest a batch waits for company before it "
                                                                     "runs; never past a queued request's deadline.")
+    wait_when_idle: bool = Field(False, description="Wait max_wait_ms for company even when no batch is running "
+                                                     "(off: a request that finds the pipeline idle starts at once; "
+                                                     "requests arriving meanwhile form the next batch).")
     max_concurrent: int = Field(2, ge=1, description="Batches running at once (about one per core): the cap on "
                                                      "CPU work, interactive and job batches together.")
     job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch (small, so an arriving "

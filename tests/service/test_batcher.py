@@ -255,3 +255,17 @@ def test_a_job_runs_at_once_when_no_interactive_work_was_seen() -> None:
     link = FakeLink()
     out = make(link, job_max_yield_ms=60_000.0).link_items([q("j0"), q("j1")])
     assert [r.mention for r in out] == ["j0", "j1"]  # type: ignore[union-attr]
+
+
+def test_a_request_that_finds_the_pipeline_idle_starts_at_once() -> None:
+    """max_wait is a minute: a lone request must not wait for company that only a running batch would let
+    gather; with wait_when_idle it waits (here: until its deadline's halfway point)."""
+    link = FakeLink()
+    batcher = make(link, max_wait_ms=60_000.0)
+    t0 = time.monotonic()
+    batcher.link([q("alone")])
+    assert time.monotonic() - t0 < 30.0  # without the idle rule it would wait the full 60 s
+    waiting = make(FakeLink(), max_wait_ms=60_000.0, wait_when_idle=True)
+    t0 = time.monotonic()
+    waiting.link([q("alone")], deadline=time.monotonic() + 0.4)
+    assert time.monotonic() - t0 >= 0.2

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from service.routes.entities import json_list_items
 from tests.server_process import metric, scrape
 from tests.service.test_api_fake import DOUGLAS, KEY, assert_error, b64, jpeg, png_header, serve
 
@@ -199,3 +202,17 @@ def test_update_threads_run_at_lower_priority() -> None:
         assert nice_here() == base  # the caller's own thread is untouched
     finally:
         updater.close()
+
+
+@pytest.mark.parametrize("text", ["[]", " [ ] ", '[1, {"a": [1,2]}, "x"]', '[ "a" ,\n"b" ]', "[[]]", '[NaN]', "[1,]",
+                                  "[1 2]", "[1", "[", '{"a":1}', "3", "", "[1] x", "[,1]", "nul"])
+def test_the_item_by_item_list_parser_agrees_with_json_loads(text: str) -> None:
+    try:
+        want = json.loads(text)
+        want = want if isinstance(want, list) else None
+    except ValueError:
+        with pytest.raises(ValueError):
+            json_list_items(text)
+        return
+    got = json_list_items(text)
+    assert got == want or (got is not None and want is not None and str(got) == str(want))  # NaN != NaN
