@@ -46,7 +46,7 @@ def encode_record(seq: int, base_version: str, change: Change) -> bytes:
     if change.row is not None:
         m = change.row.meta
         header["entity"] = {"name": m.name, "description": m.description, "has_image": m.has_image,
-                            "start_year": m.start_year, "end_year": m.end_year}
+                            "start_year": m.start_year, "end_year": m.end_year, "changed": m.changed}
         arrays = []
         for name in _ARRAYS:
             a = getattr(change.row, name)
@@ -68,7 +68,8 @@ def decode_header(head: bytes, payload: bytes) -> tuple[dict, Change]:
     arrays = {name: np.frombuffer(payload, np.dtype(dt), int(np.prod(shape)), off).reshape(shape)
               for name, dt, shape, off in header["arrays"]}
     e = header["entity"]
-    meta = EntityMeta(header["id"], e["name"], e["description"], bool(e["has_image"]), e["start_year"], e["end_year"])
+    meta = EntityMeta(header["id"], e["name"], e["description"], bool(e["has_image"]), e["start_year"], e["end_year"],
+                      changed=bool(e.get("changed", True)))  # records written before the flag all came through the API
     row = EntityRow(meta, arrays["global_"], arrays["text_local"], arrays["text_seg"], arrays.get("image_local"),
                     arrays.get("unit_globals"))
     return header, Change(header["id"], row)

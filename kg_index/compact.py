@@ -114,6 +114,8 @@ def write_compacted(snap: KGIndex, out: Path) -> Manifest:
             row = {"id": e.id, "name": e.name, "description": e.description, "has_image": e.has_image}
             if e.start_year is not None or e.end_year is not None:
                 row.update(start_year=e.start_year, end_year=e.end_year)
+            if e.changed:  # kept across compactions: the KG file's image must never be served for it again
+                row["changed"] = True
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     built = datetime.now(UTC)

@@ -31,6 +31,7 @@ class EntityMeta:
     has_image: bool
     start_year: int | None = None  # lifespan: the KG's own years, else read from the description
     end_year: int | None = None
+    changed: bool = False  # put through the API since the KG file was read: the file's image (if any) is not its
 
 
 @dataclass
@@ -147,7 +148,8 @@ def load_index(folder: Path, *, encoder_signature: str | None = None, verify_che
         ids = json.loads((folder / "ids.json").read_text())
         rows = [json.loads(line) for line in (folder / "entities.jsonl").read_text().splitlines() if line]
         entities = [EntityMeta(r["id"], r["name"], r.get("description", ""), bool(r.get("has_image")),
-                               *lifespan(r.get("start_year"), r.get("end_year"), r.get("description", "")))
+                               *lifespan(r.get("start_year"), r.get("end_year"), r.get("description", "")),
+                               changed=bool(r.get("changed")))
                     for r in rows]
     except (ValueError, KeyError, TypeError) as exc:
         raise IndexIntegrityError(f"{folder / 'entities.jsonl'}: unreadable metadata ({exc.__class__.__name__})") from exc

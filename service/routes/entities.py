@@ -87,10 +87,9 @@ async def get_entity_image(entity_id: str, request: Request) -> Response:
     state, e = _meta(request, entity_id)
     if not e.has_image:
         raise EntityImageNotFound(f"entity {entity_id!r} has no image in the KG")
-    index = state.require_linker().index
-    if index.delta is not None and index.row_of[entity_id] >= index.delta.n_base:
-        # Put through the API since the folder was built: the KG file's image (if any) is not this entity's, and
-        # the change log keeps the new image's features, not the image.
+    if e.changed:
+        # Put through the API (before or after a compaction): the KG file's image (if any) is not this entity's,
+        # and the change log keeps the new image's features, not the image.
         raise EntityImageNotFound(f"entity {entity_id!r} was changed through the API: only its image's features "
                                   "are kept")
     images = state.extras.get("kg_images")
@@ -119,7 +118,7 @@ def _decode(entity_id: str, req: EntityRequest | EntityBatchItem, settings: Sett
     if image_bytes is None and req.image:
         image_bytes = base64_image_bytes(req.image, max_bytes=lim.max_image_bytes)
     image = decode_image(image_bytes, lim, target_size=settings.encoder.image_size) if image_bytes else None
-    meta = EntityMeta(entity_id, name, description, image is not None, req.start_year, req.end_year)
+    meta = EntityMeta(entity_id, name, description, image is not None, req.start_year, req.end_year, changed=True)
     if req.start_year is None and req.end_year is None:  # as the loader does: years read from the description
         from kg_index.attributes import lifespan
 

@@ -7,6 +7,7 @@ acknowledged change, restart, the change is there; compaction while links and ch
 from __future__ import annotations
 
 import base64
+import json
 import random
 import shutil
 import threading
@@ -222,6 +223,33 @@ def test_compaction_under_load_drops_nothing(server: Server, client: httpx.Clien
     assert acked and all(client.get(f"/v1/entities/{i}").status_code == 200 for i in acked)
     assert link(client, "Zorblax Quintavian", top_k=1)["entities"][0]["id"] == "live:zorblax"
     assert before["status"] == client.get("/readyz").json()["status"]
+
+
+def test_a_replaced_entity_never_gets_its_kg_image_back(client: httpx.Client, index_copy: Path, settings) -> None:
+    """The KG file's image belongs to the entity as the file describes it: once the entity is put through the API,
+    GET /v1/entities/{id}/image answers 404, before and after a compaction folds the change into the folder."""
+    with_image = []
+    for line in (index_copy / "entities.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["has_image"] and not row.get("changed") and client.get(f"/v1/entities/{row['id']}/image").status_code == 200:
+            with_image.append(row)
+        if len(with_image) == 2:
+            break
+    assert len(with_image) == 2, "the small index has no two entities with a servable KG image"
+    replaced, untouched = with_image
+    photo = (Path(settings.data_dir) / "RichpediaMEL" / "images" / "Q42.jpg").read_bytes()
+    r = client.put(f"/v1/entities/{replaced['id']}", json={"name": replaced["name"], "description": "new photo",
+                                                          "image": base64.b64encode(photo).decode()})
+    assert r.status_code == 200, r.text
+    for stage in ("in the change log", "compacted"):
+        if stage == "compacted":
+            r = client.post("/v1/admin/compact", params={"wait": "true"})
+            assert r.status_code == 200, r.text
+            assert "+" not in r.json()["index_version"]
+        r = client.get(f"/v1/entities/{replaced['id']}/image")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "entity_image_not_found", (stage, r.text)
+        assert client.get(f"/v1/entities/{replaced['id']}").json()["has_image"] is True
+        assert client.get(f"/v1/entities/{untouched['id']}/image").headers["content-type"] == "image/jpeg"
 
 
 def test_sigkill_after_an_acknowledged_change_loses_nothing(settings, small_index: Path, tmp_path: Path) -> None:
