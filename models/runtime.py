@@ -19,6 +19,10 @@ from models import contract
 
 logger = logging.getLogger(__name__)
 
+BUCKET_TOKENS = 8  # length band of one encoder run (tokens)
+BUCKET_LEAST = 4  # rows below which a band joins its neighbour
+_TEXT_LOCAL = contract.STUDENT_OUTPUTS.index("text_local")
+
 
 @dataclass
 class TextFeatures:
@@ -153,7 +157,48 @@ class EncoderRuntime:
         first_mask = content & (type_ids == 0)
         img = self.encode_images(images)
         self.invocations += 1
-        feed = {"input_ids": ids, "attention_mask": attn, "text_mask": content, "first_mask": first_mask,
-                "image_global": img.global_, "image_patches": img.patches, "image_present": img.present}
-        glob, text_local, image_local, g_text, g_image = sess.run(list(contract.STUDENT_OUTPUTS), feed)
+        n, width = ids.shape
+        outs: list[np.ndarray] = []
+        for rows in length_buckets(attn.sum(axis=1)):
+            t = int(attn[rows].sum(axis=1).max())  # right padding: cut to the bucket's own longest row
+            feed = {"input_ids": ids[rows, :t], "attention_mask": attn[rows, :t], "text_mask": content[rows, :t],
+                    "first_mask": first_mask[rows, :t], "image_global": img.global_[rows],
+                    "image_patches": img.patches[rows], "image_present": img.present[rows]}
+            got = sess.run(list(contract.STUDENT_OUTPUTS), feed)
+            if not outs:
+                outs = [np.zeros((n, *o.shape[1:]), o.dtype) for o in got]
+                outs[_TEXT_LOCAL] = np.zeros((n, width, *got[_TEXT_LOCAL].shape[2:]), got[_TEXT_LOCAL].dtype)
+            for i, part in enumerate(got):
+                if i == _TEXT_LOCAL:
+                    outs[i][rows, :t] = part  # zeros past the content tokens, as the model writes them
+                else:
+                    outs[i][rows] = part
+        glob, text_local, image_local, g_text, g_image = outs
         return StudentFeatures(glob, text_local, content, first_mask, image_local, g_text, g_image, img.present)
+
+
+def length_buckets(lengths: np.ndarray, *, step: int = BUCKET_TOKENS, least: int = BUCKET_LEAST) -> list[np.ndarray]:
+    """Row indices grouped by token length (in `step`-token bands, shortest first), so that each encoder run pads
+    to its own longest row: a transformer's cost grows with the padded width, and a batch padded to its one
+    longest row spent most of its time on padding (mentions average 19 of 40 tokens, KG entities 23). Attention
+    masks make the outputs of a row independent of its padding. Bands smaller than `least` rows join the next
+    longer band (or the one before, at the end): every run has a fixed cost."""
+    order = np.argsort(lengths, kind="stable")
+    bands = (lengths[order] + step - 1) // step
+    cuts = np.flatnonzero(np.diff(bands)) + 1
+    groups = [g for g in np.split(order, cuts) if len(g)]
+    merged: list[np.ndarray] = []
+    carry = np.zeros(0, dtype=order.dtype)
+    for g in groups:
+        g = np.concatenate([carry, g]) if len(carry) else g
+        if len(g) < least:
+            carry = g
+            continue
+        merged.append(g)
+        carry = np.zeros(0, dtype=order.dtype)
+    if len(carry):
+        if merged:
+            merged[-1] = np.concatenate([merged[-1], carry])
+        else:
+            merged.append(carry)
+    return merged

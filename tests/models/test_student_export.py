@@ -68,6 +68,31 @@ def test_runtime_features_equal_torch_on_real_text(runtime, modules) -> None:
     assert f.first_mask[1].sum() >= 1 and not (f.first_mask & ~f.text_mask).any()
 
 
+@pytest.mark.parametrize("side", ["mention", "entity"])
+def test_a_batch_encoded_in_length_bands_equals_each_row_alone(runtime, side: str) -> None:
+    """Rows of many lengths in one call are run in length bands; every row's features are what it gets alone,
+    padding included (zeros past its content)."""
+    from PIL import Image
+
+    text = "the author of a guide to the galaxy who was born in cambridge and wrote radio plays and novels"
+    words = text.split()
+    first = [f"Name {i}" for i in range(12)]
+    second = [" ".join(words[: (i * 7) % len(words)]) for i in range(12)]
+    images = [Image.new("RGB", (40, 30), (i * 20, 90, 200)) if i % 3 == 0 else None for i in range(12)]
+    lengths = runtime.tokenize(first, second)[1].sum(axis=1)
+    assert len(set(lengths.tolist())) >= 8  # the bands are exercised
+    batch = runtime.encode_student(side, first, second, images)
+    for i in range(12):
+        alone = runtime.encode_student(side, first[i:i + 1], second[i:i + 1], images[i:i + 1])
+        t = alone.text_local.shape[1]
+        np.testing.assert_allclose(batch.global_[i], alone.global_[0], atol=1e-5)
+        np.testing.assert_allclose(batch.text_local[i, :t], alone.text_local[0], atol=1e-5)
+        assert not batch.text_local[i, t:].any()
+        np.testing.assert_allclose(batch.image_local[i], alone.image_local[0], atol=1e-5)
+        np.testing.assert_allclose(batch.g_text[i], alone.g_text[0], atol=1e-5)
+        np.testing.assert_allclose(batch.g_image[i], alone.g_image[0], atol=1e-5)
+
+
 def _export_int8(onnx_dir: Path, out: Path) -> contract.EncoderSpec:
     import shutil
 
