@@ -35,6 +35,8 @@ from service.pipeline.linker import Linker
 
 logger = logging.getLogger(__name__)
 
+ENCODE_LEAST = 8  # entities per update encoder call when it would otherwise wait for the decoder
+
 
 def _lower_priority(nice: int) -> None:
     """Raise this thread's nice value by `nice` (Linux schedules threads alone; elsewhere the whole process)."""
@@ -111,12 +113,17 @@ class EntityUpdater:
             rows.update({id(p): r for p, r in zip(chunk, encoded)})
             chunk.clear()
 
-        for fut in decoding:  # a bad item raises its 4xx here: nothing is applied
+        least = min(ENCODE_LEAST, self.encode_batch)
+        for i, fut in enumerate(decoding):  # a bad item raises its 4xx here: nothing is applied
             p = fut.result()
             pending.append(p)
             if p.meta is not None:
                 chunk.append(p)
-                if len(chunk) == self.encode_batch:
+                # Encode what is decoded once the next item is not ready (photos: the encoder works while the
+                # decoder goes on), in calls of at least `least` (each call has a fixed cost) and at most
+                # encode_batch entities (the encoder runs rows in length bands: larger calls pad less).
+                ahead = i + 1 < len(decoding) and decoding[i + 1].done()
+                if len(chunk) >= self.encode_batch or (len(chunk) >= least and not ahead):
                     encode()
         if chunk:
             encode()

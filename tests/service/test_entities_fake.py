@@ -5,6 +5,7 @@ a change is seen by the next /v1/link. The real index, log and encoders: tests/s
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,46 @@ def test_the_item_by_item_list_parser_agrees_with_json_loads(text: str) -> None:
         return
     got = json_list_items(text)
     assert got == want or (got is not None and want is not None and str(got) == str(want))  # NaN != NaN
+
+
+def test_the_update_worker_encodes_what_is_decoded_in_calls_of_eight_to_encode_batch() -> None:
+    """Decoded items go to the encoder in one call up to EL_UPDATES__ENCODE_BATCH (the encoder pads less in
+    larger calls); a call starts early, from ENCODE_LEAST items, when the next item is not decoded yet."""
+    from concurrent.futures import Future
+
+    from kg_index.load import EntityMeta
+    from service.settings import Settings
+    from service.updates import ENCODE_LEAST, EntityUpdater, PendingChange
+    from tests.fakes import FakeLinker
+
+    linker = FakeLinker(Settings())
+    updater = EntityUpdater(lambda: linker, encode_batch=64, max_pending=1000, compact_after=0, enabled=True)
+
+    def decoded(i: int) -> Future:
+        f: Future = Future()
+        f.set_result(PendingChange(f"E{i}", EntityMeta(f"E{i}", f"Entity {i}", "", False)))
+        return f
+
+    try:
+        updater._run([decoded(i) for i in range(150)])  # all decoded: full calls
+        assert linker.encoded == [64, 64, 22]
+        linker.encoded.clear()
+        late: Future = Future()  # item 12 is decoded only once the first call has started
+        futures = [decoded(i) for i in range(12)] + [late] + [decoded(i) for i in range(13, 20)]
+        encode = linker.encode_entities
+
+        def encode_then_decode(metas: list, images: list) -> list:
+            if not late.done():
+                late.set_result(decoded(12).result())
+            return encode(metas, images)
+
+        linker.encode_entities = encode_then_decode  # type: ignore[method-assign]
+        updater._run(futures)
+        assert linker.encoded == [12, 8] and ENCODE_LEAST == 8
+        linker.encoded.clear()
+        few: Future = Future()
+        threading.Timer(0.2, lambda: few.set_result(decoded(3).result())).start()
+        updater._run([decoded(0), decoded(1), decoded(2), few])  # fewer than ENCODE_LEAST ready: it waits
+        assert linker.encoded == [4]
+    finally:
+        updater.close()
