@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from kg_index.factory import new_faiss_index
 from kg_index.manifest import Manifest, index_files, record_files
 from kg_index.records import Entity
 from kg_index.source import KGSource
@@ -51,9 +52,10 @@ PCA_SAMPLE = 2048  # entities encoded up front to fit the token projection
 def choose_factory(n: int, factory: str | None) -> str:
     """`factory` when given, else Flat (exact) below FLAT_LIMIT entities and HNSW32,Flat above.
 
-    `el bench-scale` (reports/bench-scale.json: 1M entities, real WikiMEL mention queries) keeps HNSW32: at recall@32
-    >= 0.98 it searched one query in 2.3 ms p50 (efSearch 512, set by load.configure_search) where IVF4096,Flat
-    needed nprobe 256 and 33 ms, and Flat about 1 s; its graph costs ~0.27 GB over the 1.5 GB of vectors (M 32).
+    `el bench-scale` (reports/bench-scale.json: 1M entities, real WikiMEL mention queries) keeps HNSW32: built with
+    efConstruction 200 (kg_index/factory.py) it reached recall@32 0.988 at efSearch 128 (set by
+    load.configure_search), 0.70 ms a query p50, where IVF4096,Flat needed nprobe 256 and 33 ms for 0.98, and Flat
+    about 165 ms; its graph costs ~0.27 GB over the 1.5 GB of vectors (M 32).
     """
     if factory:
         return factory
@@ -206,7 +208,7 @@ def _write_files(entities: Sequence[Entity], runtime: EncoderRuntime, tmp: Path,
     np.save(tmp / "image_local.npy", image_local)
 
     factory = choose_factory(n, faiss_factory)
-    index = faiss.index_factory(global_dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = new_faiss_index(global_dim, factory)
     if not index.is_trained:
         index.train(globals_)
     index.add(globals_)

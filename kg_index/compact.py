@@ -24,6 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from kg_index.factory import new_faiss_index
 from kg_index.load import KGIndex
 from kg_index.manifest import Manifest, index_files, record_files
 
@@ -54,7 +55,7 @@ def _new_faiss(index: KGIndex, vectors: np.ndarray) -> faiss.Index:
         new = faiss.clone_index(inner)
         new.reset()  # keeps the trained coarse quantizer
     else:
-        new = faiss.index_factory(index.faiss_index.d, index.manifest.faiss_factory, faiss.METRIC_INNER_PRODUCT)
+        new = new_faiss_index(index.faiss_index.d, index.manifest.faiss_factory)
         if not new.is_trained:
             new.train(vectors)
     new.add(vectors)

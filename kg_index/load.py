@@ -17,6 +17,7 @@ import numpy as np
 from kg_index.attributes import lifespan
 from kg_index.delta import Delta
 from kg_index.exact import ExactSearch
+from kg_index.factory import HNSW_EF_CONSTRUCTION, ef_construction
 from kg_index.manifest import IndexIntegrityError, Manifest, verify_files
 from models.features import Projections
 
@@ -89,26 +90,37 @@ class KGIndex:
 
 # Search-time knobs of the approximate index types; exact (Flat) indexes ignore them. Mention vectors lie far
 # from the entity vectors (top-1 inner product ~0.34 of a possible 0.67), hard queries for a graph, and HNSW32's
-# recall@32 falls as the KG grows (reports/bench-scale.json, `el bench-scale`; synthetic neighbours of the real KG):
-# at 100k efSearch 128 -> 0.954, 256 -> 0.983; at 1M 256 -> 0.960, 512 -> 0.981. Each tier is the smallest
-# efSearch measured to keep >= 0.98 (boundaries between measured sizes interpolated); small KGs keep 128 (FAISS's
-# default of 16 loses about 4 % of the candidates). nprobe only matters for an IVF factory asked for by name:
-# IVF4096,Flat at 1M needed nprobe 256 (1/16 of the lists) for 0.98 and was slower than HNSW at every recall.
+# recall@32 falls as the KG grows (`el bench-scale`; synthetic neighbours of the real KG). Graphs built with FAISS's
+# default efConstruction (40; indexes built before kg_index/factory.py) need wide searches: at 100k efSearch
+# 128 -> 0.954, 256 -> 0.983; at 1M 256 -> 0.960, 512 -> 0.981. Each tier is the smallest efSearch measured to keep
+# >= 0.98 (boundaries between measured sizes interpolated); small KGs keep 128 (FAISS's default of 16 loses about
+# 4 % of the candidates). nprobe only matters for an IVF factory asked for by name: IVF4096,Flat at 1M needed
+# nprobe 256 (1/16 of the lists) for 0.98 and was slower than HNSW at every recall.
 SEARCH_TIERS: tuple[tuple[int, dict[str, int]], ...] = (  # (from this many entities, knobs), largest first
     (150_000, {"efSearch": 512, "nprobe": 256}),
     (20_000, {"efSearch": 256, "nprobe": 64}),
     (0, {"efSearch": 128, "nprobe": 32}),
 )
+# Graphs built with efConstruction >= HNSW_EF_CONSTRUCTION (200, what the build uses now) are good enough for
+# narrow searches: efSearch 128 gave recall@32 0.983 at 100k and 0.988 at 1M (0.70 ms a query there, against 2.3 ms
+# for 0.981 on the old graph; reports/bench-scale.json). Above the largest size measured, a wider search for margin.
+GRAPH_TIERS: tuple[tuple[int, dict[str, int]], ...] = (
+    (1_000_001, {"efSearch": 192}),
+    (0, {"efSearch": 128}),
+)
 
 
-def search_params(n: int) -> dict[str, int]:
-    """The knobs for an index of n vectors."""
-    return next(params for floor, params in SEARCH_TIERS if n >= floor)
+def search_params(n: int, ef_construction: int | None = None) -> dict[str, int]:
+    """The knobs for an index of n vectors (an HNSW graph's own efConstruction, when known, picks its tiers)."""
+    params = next(params for floor, params in SEARCH_TIERS if n >= floor)
+    if ef_construction is not None and ef_construction >= HNSW_EF_CONSTRUCTION:
+        params = {**params, **next(p for floor, p in GRAPH_TIERS if n >= floor)}
+    return params
 
 
 def configure_search(index: faiss.Index) -> None:
     params = faiss.ParameterSpace()
-    for name, value in search_params(index.ntotal).items():
+    for name, value in search_params(index.ntotal, ef_construction(index)).items():
         try:
             params.set_index_parameter(index, name, value)
         except RuntimeError:  # the index type has no such parameter

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kg_index.build import choose_factory, load_entity_image
+from kg_index.factory import ef_construction, new_faiss_index
 from kg_index.load import EntityMeta, KGIndex, configure_search
 from kg_index.readers import read_mentions
 from service.offline.bench import machine_info
@@ -77,7 +78,7 @@ def ivf_lists(n: int) -> int:
 
 def default_grid(n: int) -> list[FactoryGrid]:
     return [FactoryGrid("Flat"),
-            FactoryGrid("HNSW32,Flat", "efSearch", (64, 128, 256, 384, 512)),
+            FactoryGrid("HNSW32,Flat", "efSearch", (64, 96, 128, 160, 192, 256)),
             FactoryGrid(f"IVF{ivf_lists(n)},Flat", "nprobe", (16, 64, 256))]
 
 
@@ -199,13 +200,17 @@ def _slug(factory: str) -> str:
 def build_factory(vecs: np.ndarray, factory: str, key: str, cache: Path, seed: int = 0) -> tuple[faiss.Index, dict]:
     """The index of vecs (read from the cache when built before: then build time and RSS delta are the
     first build's, and `cached` says so) and its build figures."""
-    path, info_path = cache / f"{key}-{_slug(factory)}.faiss", cache / f"{key}-{_slug(factory)}.json"
+    index = new_faiss_index(vecs.shape[1], factory)
+    efc = ef_construction(index)
+    name = _slug(factory) + (f"-efC{efc}" if efc is not None else "")  # a graph built otherwise is another index
+    path, info_path = cache / f"{key}-{name}.faiss", cache / f"{key}-{name}.json"
     if path.exists() and info_path.exists():
         index = faiss.read_index(str(path))
         return index, {**json.loads(info_path.read_text()), "cached": True}
     rss0, t0 = rss_mb(), time.perf_counter()
-    index = faiss.index_factory(vecs.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     info: dict = {"factory": factory}
+    if efc is not None:
+        info["efConstruction"] = efc
     if not index.is_trained:
         try:
             ivf = faiss.extract_index_ivf(index)

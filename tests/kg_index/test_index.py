@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kg_index.build import FLAT_LIMIT, build_index, choose_factory
+from kg_index.factory import HNSW_EF_CONSTRUCTION, ef_construction, new_faiss_index
 from kg_index.load import SEARCH_TIERS, configure_search, load_index, search_params
 from kg_index.manifest import MANIFEST, IndexIntegrityError, Manifest, sha256_file
 from kg_index.records import Entity
@@ -261,6 +262,13 @@ def test_search_knobs_grow_with_the_index() -> None:
     assert search_params(1_000_000)["nprobe"] == 256
     assert [floor for floor, _ in SEARCH_TIERS] == sorted((floor for floor, _ in SEARCH_TIERS), reverse=True)
     assert SEARCH_TIERS[-1][0] == 0  # every size has a tier
+    # A graph built as the build builds it now (efConstruction 200) keeps narrow searches up to 1M entities.
+    assert search_params(1_000_000, HNSW_EF_CONSTRUCTION)["efSearch"] == 128
+    assert search_params(100_000, HNSW_EF_CONSTRUCTION) == {"efSearch": 128, "nprobe": 64}
+    assert search_params(5_000_000, HNSW_EF_CONSTRUCTION)["efSearch"] == 192
+    assert search_params(1_000_000, 40)["efSearch"] == 512  # an older graph (FAISS's default) keeps its tiers
+    built = new_faiss_index(8, "HNSW8,Flat")
+    assert ef_construction(built) == HNSW_EF_CONSTRUCTION and ef_construction(new_faiss_index(8, "Flat")) is None
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 8)).astype(np.float32)
     hnsw = faiss.index_factory(8, "HNSW8,Flat", faiss.METRIC_INNER_PRODUCT)
@@ -282,7 +290,10 @@ def test_build_with_explicit_hnsw_factory_and_no_images(small_kg, zeroshot_runti
                            progress=False)
     assert manifest.faiss_factory == "HNSW32,Flat" and manifest.n_images == 0
     index = load_index(out, encoder_signature=zeroshot_runtime.spec.signature())
-    assert isinstance(faiss.downcast_index(index.faiss_index), faiss.IndexHNSWFlat)
+    graph = faiss.downcast_index(index.faiss_index)
+    assert isinstance(graph, faiss.IndexHNSWFlat)
+    # built with efConstruction 200 (stored in the file), so the loader searches it narrowly
+    assert graph.hnsw.efConstruction == HNSW_EF_CONSTRUCTION and graph.hnsw.efSearch == 128
     assert index.image_local.shape == (0, zeroshot_runtime.spec.image_patches, 16) and (index.image_rows == -1).all()
     vecs = index.faiss_index.reconstruct_n(0, len(ents))
     assert (index.search(vecs, 1)[1][:, 0] == np.arange(len(ents))).mean() > 0.95
@@ -352,7 +363,7 @@ def test_rebuild_replaces_the_old_index(index_copy: Path, small_kg, zeroshot_run
 @pytest.fixture(scope="module")
 def h2(small_index: Path, test_mentions, runtime):
     """The exact index of small_kg's real embeddings, an HNSW32,Flat index of the same vectors built the way
-    build_index builds one (factory + add, FAISS defaults), and two query sets: the real test mentions'
+    build_index builds one (new_faiss_index + add), and two query sets: the real test mentions'
     global vectors and a stride of the entity vectors."""
     from kg_index.build import load_entity_image
 
@@ -362,7 +373,7 @@ def h2(small_index: Path, test_mentions, runtime):
     feat = StudentFeaturizer(runtime, "mention")  # the served default index is the student's
     mentions = feat([m.mention for m in test_mentions], [m.context for m in test_mentions],
                     [load_entity_image(m.image) for m in test_mentions]).global_
-    hnsw = faiss.index_factory(base.shape[1], "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    hnsw = new_faiss_index(base.shape[1], "HNSW32,Flat")  # as build_index makes it
     hnsw.add(base)
     configure_search(hnsw)  # what load_index applies to every index it loads
     return index, hnsw, mentions, base[:: max(1, len(base) // 200)]
