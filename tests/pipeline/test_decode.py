@@ -8,6 +8,7 @@ memory bound. No test reads a clock: the machine's speed cannot fail them.
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
 import os
@@ -171,9 +172,9 @@ def test_clean_text_required(empty: str | None) -> None:
 
 def test_base64_oversized_is_rejected_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def _must_not_decode(*args: object, **kwargs: object) -> bytes:
-        raise AssertionError("b64decode called on an oversized payload")
+        raise AssertionError("base64 decoded on an oversized payload")
 
-    monkeypatch.setattr(base64, "b64decode", _must_not_decode)
+    monkeypatch.setattr(binascii, "a2b_base64", _must_not_decode)
     max_bytes = 1024 * 1024
     huge = "A" * (4 * (max_bytes // 3 + 8))
     for payload in (huge, "data:image/png;base64," + huge):
@@ -197,6 +198,24 @@ def test_base64_malformed(bad: str) -> None:
     with pytest.raises(InvalidImage) as info:
         base64_image_bytes(bad, max_bytes=1024)
     assert info.value.status == 422 and info.value.code == "invalid_image"
+
+
+def test_large_base64_is_decoded_in_pieces_with_the_same_rules() -> None:
+    """Over B64_PIECE characters the payload is decoded piece by piece (giving up the GIL between pieces): the
+    bytes are the same, and padding or a bad character in any piece is still refused."""
+    from service.pipeline.decode import B64_PIECE
+
+    raw = os.urandom(B64_PIECE * 3 // 4 * 3 + 1000)  # three pieces and a bit, padded at the end
+    b64 = base64.b64encode(raw).decode()
+    assert len(b64) > 3 * B64_PIECE and b64.endswith("=")
+    assert base64_image_bytes(b64, max_bytes=len(raw)) == raw
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+    assert base64_image_bytes(wrapped, max_bytes=len(raw)) == raw
+    for bad in (b64[:B64_PIECE - 4] + "AA==" + b64[B64_PIECE:],  # padding closing the first piece
+                b64[: 2 * B64_PIECE + 9] + "-" + b64[2 * B64_PIECE + 10 :],  # URL-safe alphabet in the third
+                b64 + "AAAA"):  # data after the padding
+        with pytest.raises(InvalidImage):
+            base64_image_bytes(bad, max_bytes=len(raw) + 10)
 
 
 def test_base64_data_url_and_line_wrapping() -> None:
