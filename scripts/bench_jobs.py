@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import httpx
 import local_server  # scripts/local_server.py (scripts/ is on sys.path when a script runs)
 
 from kg_index.readers import read_mentions
+from service.offline.bench import machine_info
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery
 from service.settings import Settings
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports/bench-jobs.json")
     args = ap.parse_args(argv)
     settings = Settings()
+    machine = machine_info()  # the load average before the run
     mentions = read_mentions(settings.data_dir, "wikimel", "test")
     picked = [mentions[i % len(mentions)] for i in range(args.n)]
     items = [{"id": f"{i}:{m.id}", "mention": m.mention, "context": m.context, "top_k": settings.top_k}
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     server_mps = args.n / statistics.median(r["seconds"] for r in server)
     server_cpu = [r["cpu_s"] for r in server if r["cpu_s"] is not None]
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()},
+        "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": index, "n": args.n, "chunk_size": args.chunk_size, "images": False, "repeats": args.repeats,
         "in_process": {"seconds": [round(w, 2) for w, _ in local], "cpu_s": [round(c, 2) for _, c in local],
                        "mentions_per_s": round(local_mps, 1)},

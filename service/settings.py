@@ -139,8 +139,14 @@ class BatchingSettings(BaseModel):
                                                      "requests arriving meanwhile form the next batch).")
     max_concurrent: int = Field(2, ge=1, description="Batches running at once (about one per core): the cap on "
                                                      "CPU work, interactive and job batches together.")
-    job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch (small, so an arriving "
-                                                             "request never waits long behind a job batch).")
+    job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch while interactive work is "
+                                                             "about (small, so a request never shares the CPU long with "
+                                                             "a job batch).")
+    job_idle_batch: int = Field(64, ge=1, le=4096, description="Most job items in one batch once no interactive "
+                                                               "request was queued or running for 5 x "
+                                                               "job_max_yield_ms: a job alone runs at the batched speed "
+                                                               "(a request arriving meanwhile takes another slot, or "
+                                                               "waits for this batch when max_concurrent is 1).")
     job_max_yield_ms: float = Field(200.0, ge=0.0, description="While interactive requests are queued, running or "
                                                                "ran this recently, a job batch starts no sooner than "
                                                                "this long after the job's previous batch ended.")

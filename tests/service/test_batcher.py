@@ -268,3 +268,30 @@ def test_a_request_that_finds_the_pipeline_idle_starts_at_once() -> None:
         assert batcher._plan(0.0) == ("interactive", 60.0)
     answered = make(FakeLink(), max_wait_ms=60_000.0).link([q("alone")])  # and it is answered, not kept waiting
     assert [r.mention for r in answered.results] == ["alone"]
+
+
+def test_a_job_alone_goes_in_big_batches_and_small_ones_while_requests_are_about() -> None:
+    """No interactive work seen: job items go job_idle_batch at a time (the batched speed). Requests queued, running
+    or ended within JOB_IDLE_AFTER yields: job_max_batch, so a request shares the CPU only briefly with a job."""
+    from service.batcher import JOB_IDLE_AFTER
+
+    link = FakeLink()
+    batcher = make(link, job_max_batch=2, job_idle_batch=4, job_max_yield_ms=1000.0)
+    batcher.link_items([q(f"j{i}") for i in range(10)])
+    assert [len(c) for c in link.calls] == [4, 4, 2]
+
+    def cap(now: float) -> int:
+        batcher._queues["job"].extend(_Entry([q(f"k{i}")], "job", None, enqueued=now) for i in range(6))
+        try:
+            taken = batcher._take("job", now)
+            batcher._running["job"] = 0
+            return len(taken)
+        finally:
+            batcher._queues["job"].clear()
+
+    batcher._interactive_seen = 100.0  # a request ended at t = 100 s
+    assert cap(100.5) == 2  # within one yield
+    assert cap(100.0 + JOB_IDLE_AFTER - 0.1) == 2  # past the yield, still within the quiet spell: still small
+    assert cap(100.0 + JOB_IDLE_AFTER + 0.1) == 4  # quiet long enough
+    batcher._queues["interactive"].append(_Entry([q("r")], "interactive", None, enqueued=200.0))
+    assert cap(300.0) == 2  # a queued request keeps it small however long ago the last one ended

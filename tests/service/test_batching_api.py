@@ -150,3 +150,23 @@ def test_real_linker_answers_coalesced_requests_as_it_answers_them_alone(setting
         m = scrape(client)
         assert metric(m, "el_batch_size_count", kind="interactive") == 2
         assert metric(m, "el_batch_size_sum", kind="interactive") == len(mentions) + 1  # one batch held all five
+
+
+@pytest.mark.slow
+def test_a_job_alone_runs_in_batches_of_job_idle_batch(settings: Settings, linker: Any, tmp_path: Path,
+                                                       test_mentions: Any) -> None:
+    """The real app and Linker, no interactive traffic: a 20-item job goes through the batcher in one batch (the
+    default job_idle_batch, 64), not in job_max_batch pieces; with job_idle_batch = job_max_batch it is cut up."""
+    items = [{"id": f"j{i}", "mention": m.mention, "context": m.context, "top_k": 3}
+             for i, m in enumerate(test_mentions[:20])]
+    for idle_batch, want_batches in ((64, 1), (8, 3)):
+        batching = settings.batching.model_copy(update={"job_max_batch": 8, "job_idle_batch": idle_batch})
+        cfg = settings.model_copy(update={"batching": batching, "jobs": settings.jobs.model_copy(
+            update={"dir": tmp_path / f"jobs-{idle_batch}", "chunk_size": 64, "poll_interval_s": 0.05})})
+        with TestClient(create_app(cfg, linker_factory=lambda _: linker)) as client:
+            eventually(lambda: client.get("/readyz").status_code == 200, "the app to load")
+            job_id = client.post("/v1/jobs", json={"items": items}).json()["job_id"]
+            eventually(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", "the job to finish")
+            m = scrape(client)
+            assert metric(m, "el_batch_size_sum", kind="job") == len(items)
+            assert metric(m, "el_batch_size_count", kind="job") == want_batches, idle_batch
