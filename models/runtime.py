@@ -93,8 +93,9 @@ class EncoderRuntime:
         # single text or an over-long first text, where only_second would raise.
         self.tokenizer.enable_truncation(self.spec.max_tokens, strategy="longest_first")
         self.tokenizer.enable_padding()
-        self._mean = np.asarray(self.spec.pixel_mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        self._std = np.asarray(self.spec.pixel_std, dtype=np.float32).reshape(1, 3, 1, 1)
+        mean = np.asarray(self.spec.pixel_mean, dtype=np.float32).reshape(3, 1)
+        std = np.asarray(self.spec.pixel_std, dtype=np.float32).reshape(3, 1)
+        self._pixel_table = ((np.arange(256, dtype=np.float32)[None, :] / 255.0) - mean) / std  # [3, 256] float32
         self.invocations = 0  # real model calls, for tests and metrics
         logger.info("encoder runtime %s on %s", self.spec.name, self.providers)
 
@@ -122,10 +123,15 @@ class EncoderRuntime:
         return TextFeatures(glob.astype(np.float32), tokens.astype(np.float32), content, type_ids)
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """[B, 3, S, S] float32 pixels, normalised: ((v / 255) - mean) / std per channel, read from a 256-entry
+        table per channel (the same float32 operations, so the same bits) rather than computed over the whole
+        batch in three float passes: about 2.5x cheaper for photos."""
         size = self.spec.image_size
-        arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images])
-        arr = arr.transpose(0, 3, 1, 2) / 255.0  # [B, 3, S, S]
-        return ((arr - self._mean) / self._std).astype(np.float32)
+        u8 = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images])
+        out = np.empty((len(u8), 3, size, size), np.float32)
+        for c in range(3):
+            out[:, c] = self._pixel_table[c][u8[..., c]]
+        return out
 
     def encode_images(self, images: Sequence[Image.Image | None]) -> ImageFeatures:
         """Encode images; a missing image yields zeros and present=False (OT-MEL feeds an all-zero image)."""

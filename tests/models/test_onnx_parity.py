@@ -196,3 +196,20 @@ def test_encode_texts_long_single_text_is_truncated(runtime) -> None:
 def test_encode_texts_long_first_text_of_pair_is_truncated(runtime) -> None:
     f = runtime.encode_texts([PROSE, "Paris"], ["a sentence", "capital of France"])
     assert f.tokens.shape[1] == runtime.spec.max_tokens
+
+
+def test_preprocess_is_the_normalisation_formula_bit_for_bit(runtime) -> None:
+    """The table lookup gives exactly ((v / 255) - mean) / std in float32, as computed over whole arrays (what the
+    index was built with): the same bits, so no feature moves. A greyscale and an RGBA image are converted first."""
+    images = [*synthetic_images(3, seed=5), synthetic_images(1, seed=6)[0].convert("L"),
+              synthetic_images(1, seed=7)[0].convert("RGBA")]
+    got = runtime.preprocess(images)
+    size = runtime.spec.image_size
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+                    for im in images]).transpose(0, 3, 1, 2) / 255.0
+    mean = np.asarray(runtime.spec.pixel_mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(runtime.spec.pixel_std, np.float32).reshape(1, 3, 1, 1)
+    want = ((arr - mean) / std).astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == (5, 3, size, size) and got.flags.c_contiguous
+    assert np.array_equal(got, want)
+    assert len(np.unique(got[:, 0])) > 200  # the images use most of the range: the table is exercised
