@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     from kg_index.readers import read_mentions
+    from service import entity_decode as entities
     from service.offline.bench import machine_info
     from service.pipeline.decode import base64_image_bytes
     from service.pipeline.linker import Linker
     from service.pipeline.types import LinkQuery
-    from service.routes import entities
     from service.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -59,7 +59,7 @@ def main() -> None:
     def parse_without_yields() -> None:
         real, entities.time = entities.time, NoYield  # type: ignore[assignment]
         try:
-            entities._parse_batch(body, "application/json", 1000)
+            entities.parse_batch(body, "application/json", 1000)
         finally:
             entities.time = real
 
@@ -68,7 +68,7 @@ def main() -> None:
         "b64_one_call": lambda: [base64.b64decode(p, validate=True) for p in photos[:8]],
         "b64_pieces": lambda: [base64_image_bytes(p, max_bytes=cap) for p in photos[:8]],
         "parse_without_yields": parse_without_yields,
-        "parse_with_yields": lambda: entities._parse_batch(body, "application/json", 1000),
+        "parse_with_yields": lambda: entities.parse_batch(body, "application/json", 1000),
     }
 
     def background(fn, stop: threading.Event) -> None:

@@ -19,6 +19,7 @@ from service import openapi
 from service.admission import Admission
 from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.batcher import MicroBatcher
+from service.decode_process import DecodeProcess
 from service.errors import ELError, NotReady
 from service.heap import freeze_loaded_heap
 from service.jobs.manager import JobManager
@@ -95,6 +96,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
     state.updater = EntityUpdater(lambda: state.require_linker(), encode_batch=up.encode_batch,
                                   max_pending=up.max_pending, compact_after=up.compact_after, enabled=up.enabled,
                                   metrics=metrics, nice=up.nice)
+    state.entity_decoding = DecodeProcess(settings, nice=up.nice, enabled=up.decode_process)
     metrics.track_model_invocations(lambda: state.linker.runtime.invocations if state.linker else 0)
 
     @asynccontextmanager
@@ -110,6 +112,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
             metrics.ready.set(0)
             await asyncio.to_thread(state.jobs.stop)  # finish the chunk, hand the job back to the queue
             await asyncio.to_thread(state.updater.close)  # acknowledged changes are logged already; finish the rest
+            state.entity_decoding.close()
 
     app = FastAPI(
         title="OT-MEL entity linking",

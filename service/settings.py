@@ -286,6 +286,10 @@ class UpdateSettings(BaseModel):
                                                   "server's (Linux nice value), so that /v1/link gets the cores "
                                                   "first under contention; 0: the same.")
     max_pending: int = Field(4096, ge=1, description="Entity changes waiting for the update worker; beyond it 429.")
+    decode_process: bool = Field(True, description="Parse and decode POST /v1/entities:batch bodies of a megabyte or "
+                                                   "more (photos: JSON, base64, images) in a child process, so their "
+                                                   "GIL-heavy work never stalls /v1/link; false (and smaller "
+                                                   "bodies): in the update threads.")
     compact_after: int = Field(20_000, ge=0, description="Fold the change log into a fresh index folder in the "
                                                          "background once it holds this many changes (0: only on "
                                                          "request, el compact-index).")

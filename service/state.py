@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from service.admission import Admission
 from service.batcher import MicroBatcher
+from service.decode_process import DecodeProcess
 from service.errors import NotReady
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
@@ -28,6 +29,7 @@ class AppState:
     extras: dict = field(default_factory=dict)
     jobs: JobManager | None = None
     updater: EntityUpdater = None  # type: ignore[assignment]  # set by create_app
+    entity_decoding: DecodeProcess = None  # type: ignore[assignment]  # set by create_app
 
     def require_linker(self) -> Linker:
         if self.linker is None or not self.ready:

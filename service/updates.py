@@ -28,6 +28,7 @@ from kg_index.changelog import LogBusy
 from kg_index.live import Change
 from kg_index.live_store import UnknownEntity
 from kg_index.load import EntityMeta, KGIndex
+from service.entity_decode import DecodedChange
 from service.errors import Conflict, EntityNotFound, Overloaded, UpdatesDisabled
 from service.heap import freeze_loaded_heap
 from service.metrics import Metrics
@@ -54,6 +55,14 @@ class PendingChange:
     id: str
     meta: EntityMeta | None
     image: Image.Image | None = None
+
+
+def pending_change(d: DecodedChange) -> PendingChange:
+    """A decoded change as the update worker takes it (the meta the index stores, marked changed)."""
+    if d.name is None:
+        return PendingChange(d.id, None)
+    meta = EntityMeta(d.id, d.name, d.description, d.image is not None, d.start_year, d.end_year, changed=True)
+    return PendingChange(d.id, meta, d.image)
 
 
 class EntityUpdater:

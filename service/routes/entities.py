@@ -4,30 +4,25 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-import time
-from functools import partial
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
-import anyio
 from fastapi import APIRouter, Request, Response
-from pydantic import TypeAdapter, ValidationError
 
-from service.conversions import first_error
+from service.entity_decode import BATCH_TYPES, check_id, decode_change
 from service.errors import (
     EntityImageNotFound,
     EntityNotFound,
     InvalidInput,
-    TooManyItems,
     UnsupportedMediaType,
 )
 from service.kg_images import KGImages
-from service.pipeline.decode import base64_image_bytes, clean_text, decode_image
 from service.routes.forms import parse_json_or_form
 from service.schemas import (
-    ENTITY_ID_PATTERN,
     EntityBatchDelete,
-    EntityBatchItem,
     EntityBatchPut,
     EntityBatchResponse,
     EntityBatchResult,
@@ -39,12 +34,10 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.state import AppState
-from service.updates import PendingChange
+from service.updates import PendingChange, pending_change
 
 router = APIRouter(prefix="/v1", tags=["entities"])
 
-_ID = re.compile(ENTITY_ID_PATTERN)
-_ITEM: TypeAdapter[EntityBatchItem] = TypeAdapter(EntityBatchItem)
 _CHANGE_ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 429, 503)}
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -100,33 +93,6 @@ async def get_entity_image(entity_id: str, request: Request) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _check_id(entity_id: str) -> str:
-    if not _ID.fullmatch(entity_id):
-        raise InvalidInput("id: 1-256 characters, no whitespace, slash or control characters")
-    return entity_id
-
-
-def _decode(entity_id: str, req: EntityRequest | EntityBatchItem, settings: Settings,
-            image_bytes: bytes | None = None) -> PendingChange:
-    """The decode stage of one change: text rules as for /v1/link, the description's own cap, the image rules."""
-    from kg_index.load import EntityMeta
-
-    if isinstance(req, EntityBatchDelete):
-        return PendingChange(entity_id, None)
-    lim = settings.limits
-    name = clean_text(req.name, field="name", max_chars=lim.max_text_chars, required=True)
-    description = clean_text(req.description, field="description", max_chars=settings.updates.max_description_chars)
-    if image_bytes is None and req.image:
-        image_bytes = base64_image_bytes(req.image, max_bytes=lim.max_image_bytes)
-    image = decode_image(image_bytes, lim, target_size=settings.encoder.image_size) if image_bytes else None
-    meta = EntityMeta(entity_id, name, description, image is not None, req.start_year, req.end_year, changed=True)
-    if req.start_year is None and req.end_year is None:  # as the loader does: years read from the description
-        from kg_index.attributes import lifespan
-
-        meta.start_year, meta.end_year = lifespan(None, None, description)
-    return PendingChange(entity_id, meta, image)
-
-
 def _years(fields: dict[str, object]) -> None:
     for year in ("start_year", "end_year"):  # form fields are text; the JSON body's years must be integers
         if isinstance(text := fields.get(year), str):
@@ -152,9 +118,10 @@ async def _parse_put(request: Request, settings: Settings) -> tuple[EntityReques
 async def put_entity(entity_id: str, request: Request) -> EntityChangeResponse:
     state: AppState = request.app.state.el
     state.require_linker()
-    _check_id(entity_id)
+    check_id(entity_id)
     req, image_bytes = await _parse_put(request, state.settings)
-    snap = await state.updater.submit(1, [lambda: _decode(entity_id, req, state.settings, image_bytes)])
+    snap = await state.updater.submit(
+        1, [lambda: pending_change(decode_change(entity_id, req, state.settings, image_bytes))])
     return EntityChangeResponse(id=entity_id, op="put", index_version=snap.version, entities=len(snap))
 
 
@@ -163,91 +130,9 @@ async def put_entity(entity_id: str, request: Request) -> EntityChangeResponse:
 async def delete_entity(entity_id: str, request: Request) -> EntityChangeResponse:
     state: AppState = request.app.state.el
     state.require_linker()
-    _check_id(entity_id)
+    check_id(entity_id)
     snap = await state.updater.submit(1, [lambda: PendingChange(entity_id, None)])
     return EntityChangeResponse(id=entity_id, op="delete", index_version=snap.version, entities=len(snap))
-
-
-_JSON_WS = " \t\n\r"
-_DECODER = json.JSONDecoder()
-YIELD_CHARS = 1 << 16  # JSON characters parsed between two hand-overs of the GIL (one photo item is ~1 MB)
-
-
-def json_list_items(text: str) -> list[object] | None:
-    """The items of a JSON list, parsed one at a time; None when the text is valid JSON but not a list. A body of
-    32 photos is ~30 MB: one json.loads holds the GIL for ~50 ms, stalling every /v1/link in the process, while
-    item by item (~1.5 ms each for a photo) the parser gives the GIL up between items."""
-    n, i = len(text), 0
-    while i < n and text[i] in _JSON_WS:
-        i += 1
-    if i == n or text[i] != "[":
-        json.loads(text)  # raises for invalid JSON
-        return None
-    i += 1
-    items: list[object] = []
-    parsed = 0  # characters parsed since the GIL was last given up
-    while True:
-        while i < n and text[i] in _JSON_WS:
-            i += 1
-        if i < n and text[i] == "]" and not items:
-            i += 1
-            break
-        start = i
-        obj, i = _DECODER.raw_decode(text, i)  # raises ValueError (JSONDecodeError) where no value starts
-        items.append(obj)
-        parsed += i - start
-        if parsed >= YIELD_CHARS:  # hand the GIL to waiting threads now, not after the 5 ms switch interval
-            time.sleep(0)
-            parsed = 0
-        while i < n and text[i] in _JSON_WS:
-            i += 1
-        if i < n and text[i] == ",":
-            i += 1
-            continue
-        if i < n and text[i] == "]":
-            i += 1
-            break
-        raise json.JSONDecodeError("expected ',' or ']'", text, i)
-    while i < n and text[i] in _JSON_WS:
-        i += 1
-    if i != n:
-        raise json.JSONDecodeError("extra data", text, i)
-    return items
-
-
-def _parse_batch(body: bytes, ctype: str, cap: int) -> list[EntityBatchItem]:
-    if ctype == "application/json":
-        try:
-            raw = json_list_items(body.decode("utf-8-sig"))
-        except ValueError as exc:
-            raise InvalidInput(f"body: invalid JSON ({exc.__class__.__name__})") from None
-        if raw is None:
-            raise InvalidInput("body: send a JSON list of entity changes")
-        lines = list(enumerate(raw, 1))
-    elif ctype in ("application/x-ndjson", "application/jsonl", "application/x-jsonlines"):
-        lines = []
-        for n, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    lines.append((n, json.loads(line)))
-                except ValueError:
-                    raise InvalidInput(f"line {n}: invalid JSON") from None
-    else:
-        raise UnsupportedMediaType("send application/json (a list) or application/x-ndjson (JSONL)")
-    if not lines:
-        raise InvalidInput("body: no entity changes")
-    if len(lines) > cap:
-        raise TooManyItems(f"at most {cap} changes per batch (got {len(lines)})")
-    items = []
-    for n, obj in lines:
-        if n % 8 == 0:  # as in json_list_items: other threads get the GIL between items
-            time.sleep(0)
-        try:
-            items.append(_ITEM.validate_python(obj))
-        except ValidationError as exc:
-            raise InvalidInput(f"item {n}: {first_error(exc)}") from None
-        _check_id(items[-1].id)
-    return items
 
 
 @router.post(
@@ -264,8 +149,31 @@ async def batch_entities(request: Request) -> EntityBatchResponse:
     state: AppState = request.app.state.el
     state.require_linker()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    items = await anyio.to_thread.run_sync(_parse_batch, body, ctype, state.settings.updates.max_batch_items)
-    snap = await state.updater.submit(len(items), [partial(_decode, i.id, i, state.settings) for i in items])
-    return EntityBatchResponse(applied=len(items), index_version=snap.version, entities=len(snap),
-                               results=[EntityBatchResult(id=i.id, op=i.op) for i in items])
+    if ctype not in BATCH_TYPES:
+        raise UnsupportedMediaType("send application/json (a list) or application/x-ndjson (JSONL)")
+    async with spooled_body(request) as path:
+        batch = await state.entity_decoding.open(path, ctype)  # a child process parses and decodes
+        try:
+            snap = await state.updater.submit(len(batch.ops), [lambda d=d: pending_change(d()) for d in batch.decoders])
+        finally:
+            batch.close()
+    return EntityBatchResponse(applied=len(batch.ops), index_version=snap.version, entities=len(snap),
+                               results=[EntityBatchResult(id=i, op=op) for i, op in batch.ops])
+
+
+@asynccontextmanager
+async def spooled_body(request: Request) -> AsyncIterator[Path]:
+    """The request body streamed to a temporary file, chunk by chunk as it arrives (never joined into one 30 MB
+    bytes object on the event loop); removed afterwards."""
+    fd, name = tempfile.mkstemp(prefix="el-entities-", suffix=".body")
+    try:
+        try:
+            async for chunk in request.stream():  # a local file's page cache: each write is short
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        yield Path(name)
+    finally:
+        os.unlink(name)

@@ -166,7 +166,8 @@ def test_a_job_alone_runs_in_batches_of_job_idle_batch(settings: Settings, linke
         with TestClient(create_app(cfg, linker_factory=lambda _: linker)) as client:
             eventually(lambda: client.get("/readyz").status_code == 200, "the app to load")
             job_id = client.post("/v1/jobs", json={"items": items}).json()["job_id"]
-            eventually(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", "the job to finish")
+            eventually(lambda job_id=job_id: client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded",
+                       "the job to finish")
             m = scrape(client)
             assert metric(m, "el_batch_size_sum", kind="job") == len(items)
             assert metric(m, "el_batch_size_count", kind="job") == want_batches, idle_batch

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.routes.entities import json_list_items
+from service.entity_decode import json_list_items
 from tests.server_process import metric, scrape
 from tests.service.test_api_fake import DOUGLAS, KEY, assert_error, b64, jpeg, png_header, serve
 
@@ -260,3 +260,50 @@ def test_the_update_worker_encodes_what_is_decoded_in_calls_of_eight_to_encode_b
         assert linker.encoded == [4]
     finally:
         updater.close()
+
+
+def test_batches_are_decoded_in_a_child_process_replaced_when_it_dies(tmp_path: Path) -> None:
+    """A batch's JSON parsing, base64 and image decoding run in a child process (the server's GIL stays free for
+    /v1/link), and its decode counts reach the server's metrics. Killed, it is replaced: the request that finds it
+    dead is decoded in the server from the same spooled body, the next one in a new child."""
+    import os
+    import signal
+
+    from tests.service.test_api_fake import eventually
+
+    with serve(tmp_path) as (client, _):
+        decoding = client.app.state.el.entity_decoding  # type: ignore[attr-defined]
+        decoding.min_bytes = 0  # these test photos are tiny: every body goes to the child
+
+        def put(tag: str) -> None:
+            items = [{"id": f"{tag}{i}", "name": f"Photo {tag} {i}", "image": b64(jpeg())} for i in range(3)]
+            before = metric(scrape(client), "el_image_decodes_total")
+            r = client.post("/v1/entities:batch", json=items)
+            assert r.status_code == 200, r.text
+            assert client.get(f"/v1/entities/{tag}2").json()["has_image"] is True
+            assert metric(scrape(client), "el_image_decodes_total") == before + 3
+
+        put("P")
+        before = metric(scrape(client), "el_image_decodes_total")  # a refused image's decode is counted too
+        bad = [{"id": "B0", "name": "Bad", "image": b64(jpeg()[:-20])}]  # header fine, pixel data cut short
+        assert_error(client.post("/v1/entities:batch", json=bad), 422, "invalid_image")
+        assert metric(scrape(client), "el_image_decodes_total") == before + 1
+        (child,) = list(decoding._pool._processes.values())
+        assert child.pid != os.getpid()
+        os.kill(child.pid, signal.SIGKILL)
+        eventually(lambda: not child.is_alive(), "the child to die")
+        put("Q")  # finds it dead: decoded here
+        put("R")  # a new child
+        (again,) = list(decoding._pool._processes.values())
+        assert again.pid not in (child.pid, os.getpid()) and again.is_alive()
+
+
+@pytest.mark.parametrize("off", [{"decode_process": False}, {}])  # switched off, or a body too small to send
+def test_batches_decode_in_the_server_when_the_child_process_is_off(tmp_path: Path, off: dict) -> None:
+    with serve(tmp_path, updates=off) as (client, _):
+        items = [{"id": "S1", "name": "Solo", "image": b64(jpeg())}, {"id": "S2", "name": "Duo"}]
+        r = client.post("/v1/entities:batch", json=items)
+        assert r.status_code == 200 and r.json()["applied"] == 2, r.text
+        assert_error(client.post("/v1/entities:batch", json=[{"id": "S3", "name": "x", "image": "!!"}]), 422,
+                     "invalid_image")
+        assert client.app.state.el.entity_decoding._pool is None  # type: ignore[attr-defined]

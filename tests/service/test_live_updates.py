@@ -73,6 +73,34 @@ def test_add_an_entity_and_link_to_it(client: httpx.Client, settings) -> None:
     assert client.get("/v1/entities/live:zorblax").json()["has_image"] is True
 
 
+def test_a_photo_batch_is_decoded_in_a_child_process(server: Server, client: httpx.Client, settings) -> None:
+    """A batch of real photos (a body over a megabyte) is parsed and decoded by the server's child process
+    (service/decode_process.py): the entities come out with their images' features, linked with them, and the
+    child is a process of the server's."""
+    photos = sorted((Path(settings.data_dir) / "WikiMEL" / "images").glob("*.jpg"), key=lambda p: -p.stat().st_size)[:3]
+    names = ["Quilmarsh Vendrake", "Brisolette Carnwick", "Thaddeus Ormsplinter"]
+    items = [{"id": f"live:photo{i}", "name": names[i], "description": "A photograph.",
+              "image": base64.b64encode(p.read_bytes()).decode()} for i, p in enumerate(photos)]
+    assert len(json.dumps(items)) >= 1 << 20
+    r = client.post("/v1/entities:batch", json=items)
+    assert r.status_code == 200, r.text
+    assert [x["id"] for x in r.json()["results"]] == [i["id"] for i in items]
+    for i, p in enumerate(photos):
+        assert client.get(f"/v1/entities/live:photo{i}").json()["has_image"] is True
+        top = link(client, names[i], image=p.read_bytes())["entities"][0]
+        assert top["id"] == f"live:photo{i}"
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server.proc.pid and b"spawn_main" in cmdline:
+            children.append(int(stat.parent.name))
+    assert children, "no decoding process under the server"
+
+
 def _linked_gold(client: httpx.Client, test_mentions, skip: set[str]) -> tuple[object, dict]:
     """A test mention the server links to its gold entity, and that entity's answer."""
     for m in test_mentions:
