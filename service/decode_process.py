@@ -92,6 +92,7 @@ class DecodeProcess:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._ids = itertools.count()
+        self._closed = False  # the app is stopping: no new child
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -106,21 +107,26 @@ class DecodeProcess:
             if self._pool is pool:
                 self._pool = None
         pool.shutdown(wait=False, cancel_futures=True)
-        logger.error("the entity decoding process died; this request is decoded in the server, the next starts "
-                     "a new process")
+        logger.error("the entity decoding process is gone; this request is decoded in the server, the next one "
+                     "starts a new process")
 
     async def open(self, path: Path, ctype: str) -> EntityBatch:
         """Parse a spooled batch body (in the child, or here when it is off or dies): its changes' (id, op)
         and their decoders, in order. Raises the body's 4xx."""
         cap = self.settings.updates.max_batch_items
         batch = EntityBatch(self, path, ctype, cap)
-        if self.enabled and path.stat().st_size >= self.min_bytes:
+        if self.enabled and not self._closed and path.stat().st_size >= self.min_bytes:
             pool = self._executor()
             bid = next(self._ids)
             try:
-                ops = await asyncio.wrap_future(pool.submit(_child_parse, bid, str(path), ctype, cap))
-            except BrokenProcessPool:
+                parsed = pool.submit(_child_parse, bid, str(path), ctype, cap)
+                ops = await asyncio.wrap_future(parsed)
+            except BrokenProcessPool:  # it died: decode here
                 self._broken(pool)
+            except RuntimeError:
+                if self._pool is pool:  # the pool still stands: the child's own error (a 500)
+                    raise
+                # shut down meanwhile (another request found it dead, or the app is stopping): decode here
             else:
                 batch.attach(pool, bid, ops)
                 return batch
@@ -129,7 +135,7 @@ class DecodeProcess:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -149,7 +155,11 @@ class EntityBatch:
     def attach(self, pool: ProcessPoolExecutor, bid: int, ops: list[tuple[str, str]]) -> None:
         self._pool, self._bid, self.ops = pool, bid, ops
         # Queued now, run in order by the child while the update worker encodes those done before.
-        self._futures = [pool.submit(_child_decode, bid, j) for j in range(len(ops))]
+        try:
+            self._futures = [pool.submit(_child_decode, bid, j) for j in range(len(ops))]
+        except (BrokenProcessPool, RuntimeError):  # died since the parse, or shutting down: decode here
+            self._owner._broken(pool)
+            self._pool = None
 
     def parse_here(self) -> None:
         if self._items is None:

@@ -307,3 +307,27 @@ def test_batches_decode_in_the_server_when_the_child_process_is_off(tmp_path: Pa
         assert_error(client.post("/v1/entities:batch", json=[{"id": "S3", "name": "x", "image": "!!"}]), 422,
                      "invalid_image")
         assert client.app.state.el.entity_decoding._pool is None  # type: ignore[attr-defined]
+
+
+def test_the_decoding_process_and_the_server_decode_alike_and_a_stopped_one_starts_no_child(tmp_path: Path) -> None:
+    import asyncio
+
+    from service.decode_process import DecodeProcess
+    from service.settings import Settings
+
+    body = tmp_path / "batch.json"
+    body.write_text(json.dumps([{"id": "A1", "name": " Alpha ", "image": b64(jpeg())}, {"id": "B2", "op": "delete"}]))
+    decoding = DecodeProcess(Settings(), min_bytes=0)
+    try:
+        in_child = asyncio.run(decoding.open(body, "application/json"))
+        assert decoding._pool is not None and in_child.ops == [("A1", "put"), ("B2", "delete")]
+        child = [d() for d in in_child.decoders]
+        in_child.close()
+    finally:
+        decoding.close()
+    here = asyncio.run(decoding.open(body, "application/json"))  # stopped: decoded in this process
+    assert decoding._pool is None and here.ops == in_child.ops
+    server = [d() for d in here.decoders]
+    assert [(c.id, c.name, c.op) for c in child] == [(c.id, c.name, c.op) for c in server] == [
+        ("A1", "Alpha", "put"), ("B2", None, "delete")]
+    assert child[0].image is not None and child[0].image.tobytes() == server[0].image.tobytes()
