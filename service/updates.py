@@ -84,6 +84,10 @@ class EntityUpdater:
         self._compactor: threading.Thread | None = None
         self.last_compaction_error: str | None = None
 
+    def require_live(self) -> Linker:
+        """The linker whose index takes changes, or the 409 (or 503) saying why not."""
+        return self._live()
+
     def _live(self) -> Linker:
         linker = self._linker()
         if not self.enabled:

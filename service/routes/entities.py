@@ -147,7 +147,7 @@ async def delete_entity(entity_id: str, request: Request) -> EntityChangeRespons
 )
 async def batch_entities(request: Request) -> EntityBatchResponse:
     state: AppState = request.app.state.el
-    state.require_linker()
+    state.updater.require_live()  # before the body is read: a server that takes no changes decodes nothing
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in BATCH_TYPES:
         raise UnsupportedMediaType("send application/json (a list) or application/x-ndjson (JSONL)")
