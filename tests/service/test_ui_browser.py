@@ -172,7 +172,9 @@ def test_upload_an_image(page, shots: Path, mel_dir: Path) -> None:
     mark_mention(page, SENTENCE, MENTION)
     page.fill("#top-k", "3")
     page.set_input_files("#image-file", str(photo))
-    assert page.is_visible("#image-preview") and "Q42.jpg" in page.inner_text("#image-name")
+    # The preview <img> has no size (so is not "visible") until the browser has decoded the blob: wait for it.
+    page.wait_for_selector("#image-preview", state="visible", timeout=10_000)
+    assert "Q42.jpg" in page.inner_text("#image-name")
     link(page)
     first = page.locator("#entities li.entity").nth(0)
     assert first.locator(".name").inner_text() == "Douglas Adams"
