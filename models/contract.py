@@ -31,7 +31,11 @@ STUDENT_OUTPUTS = ("global", "text_local", "image_local", "g_text", "g_image")
 # float32 [B, 4d] retrieval vector, [B, T, d], [B, P, d] unit-norm local features, [B, d], [B, d] unit globals
 
 
-INT8_SUFFIX = "+int8"  # on EncoderSpec.heads: the mention encoder is int8
+# On EncoderSpec.heads: the mention encoder is int8. The ".2" names the quantisation recipe (the head kept in fp32,
+# models/export.head_node_names); exports marked "+int8" (recipe 1) had the head's image projections quantised as
+# well, so an old spec no longer matches and ensure_exported redoes its int8 file.
+INT8_SUFFIX = "+int8.2"
+LEGACY_INT8_SUFFIX = "+int8"
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class EncoderSpec:
     pixel_std: tuple[float, float, float]
     tokenizer: str  # file name of tokenizer.json beside the ONNX files
     weights_sha256: str  # digest of the source weights, so a retrained head changes the signature
-    heads: str = ""  # "" = zero-shot features; else "student@<sha256 of the head weights>[+int8: int8 mention encoder]"
+    heads: str = ""  # "" = zero-shot features; else "student@<sha256 of the head weights>[+int8.2: int8 mention encoder]"
     heads_dim: int = 0  # d of the student's local features and unit globals
     contract_version: str = CONTRACT_VERSION
 
@@ -60,7 +64,7 @@ class EncoderSpec:
     def signature(self) -> str:
         """What an index built with these encoders depends on. An int8 mention encoder is left out: entities are
         always encoded in fp32, so either precision reads the same index."""
-        fields = asdict(self) | {"heads": self.heads.removesuffix(INT8_SUFFIX)}
+        fields = asdict(self) | {"heads": self.heads.removesuffix(INT8_SUFFIX).removesuffix(LEGACY_INT8_SUFFIX)}
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -3,6 +3,7 @@ the runtime's features equal torch's on real text, the int8 gate, and a refused 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +108,11 @@ def test_int8_mention_encoder_passes_the_gate_and_is_served(onnx_dir: Path, tmp_
     out = tmp_path / "onnx"
     spec = _export_int8(onnx_dir, out)
     fp32 = contract.EncoderSpec.from_json((onnx_dir / contract.SPEC_FILE).read_text())
-    assert spec.heads.startswith("student@") and spec.heads.endswith("+int8")
+    assert spec.heads.startswith("student@") and spec.heads.endswith(contract.INT8_SUFFIX)
     mention, entity = (out / contract.STUDENT_FILES[s] for s in ("mention", "entity"))
     assert mention.with_suffix(".int8.onnx").exists() and not entity.with_suffix(".int8.onnx").exists()
     # The entity side is unchanged, so an index built with fp32 encoders stays valid.
-    assert fp32.heads == spec.heads.removesuffix("+int8") and spec.signature() == fp32.signature()
+    assert fp32.heads == spec.heads.removesuffix(contract.INT8_SUFFIX) and spec.signature() == fp32.signature()
 
     rt = EncoderRuntime(out, device="cpu")
     assert rt.student_sessions["mention"]._model_path.endswith(".int8.onnx")  # type: ignore[attr-defined]
@@ -123,6 +124,46 @@ def test_int8_mention_encoder_passes_the_gate_and_is_served(onnx_dir: Path, tmp_
     e = rt.encode_student("entity", names, texts, [None] * 4).global_
     assert ((m @ e.T).argmax(1) == np.arange(4)).all()  # int8 mentions still find their own entity
 
+    # An export of the old recipe ("+int8": the head quantised too) is redone, not served.
+    old = contract.EncoderSpec.from_json((out / contract.SPEC_FILE).read_text())
+    old = dataclasses.replace(old, heads=old.heads.removesuffix(contract.INT8_SUFFIX) + contract.LEGACY_INT8_SUFFIX)
+    (out / contract.SPEC_FILE).write_text(old.to_json())
+    stamp = mention.with_suffix(".int8.onnx").stat().st_mtime_ns
+    again = ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40,
+                            image_size=224, heads=STUDENT_WEIGHTS, quantize=True)
+    assert again.heads == spec.heads and mention.with_suffix(".int8.onnx").stat().st_mtime_ns != stamp
+
+
+QUANTISED_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "ConvInteger"}
+
+
+def test_int8_encoder_keeps_its_head_in_fp32_and_the_gate_refuses_one_that_does_not(onnx_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The quantiser turns the head's Gemms into MatMuls before it quantises, under new names: excluding the head
+    by its graph names alone quantised its image projections, which bent the fusion units of every text-only
+    retrieval vector (cosine to fp32 about 0.55) and cost up to 1.8 points of retrieval H@1."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from models.export import int8_gate, quantize_student_encoder
+
+    spec = contract.EncoderSpec.from_json((onnx_dir / contract.SPEC_FILE).read_text())
+    tok = onnx_dir / spec.tokenizer
+    src = onnx_dir / contract.STUDENT_FILES["entity"]
+    good = tmp_path / "entity.int8.onnx"
+    quantize_student_encoder(src, good)
+    nodes = onnx.load(str(good), load_external_data=False).graph.node
+    assert any(n.op_type in QUANTISED_OPS for n in nodes)  # the backbone is int8
+    assert not [n.name for n in nodes if "/head" in n.name and n.op_type in QUANTISED_OPS]  # the head is not
+    assert int8_gate("entity", onnx_dir, good, tok, spec.image_dim, spec.image_patches, spec.heads_dim)
+
+    bad = tmp_path / "entity.head-int8.onnx"  # the old exclusion list: the head's names as they are in the graph
+    head = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.name.startswith("/head")]
+    quantize_dynamic(str(src), str(bad), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=head, extra_options={"MatMulConstBOnly": True})
+    assert [n.name for n in onnx.load(str(bad), load_external_data=False).graph.node
+            if "/head" in n.name and n.op_type in QUANTISED_OPS]
+    assert not int8_gate("entity", onnx_dir, bad, tok, spec.image_dim, spec.image_patches, spec.heads_dim)
+
 
 def test_int8_gate_refusal_leaves_fp32_served(onnx_dir: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +172,7 @@ def test_int8_gate_refusal_leaves_fp32_served(onnx_dir: Path, tmp_path: Path,
     monkeypatch.setattr(models.export, "INT8_MIN_SCORE_CORRELATION", 1.01)  # a gate nothing passes
     out = tmp_path / "onnx"
     spec = _export_int8(onnx_dir, out)
-    assert spec.heads.startswith("student@") and not spec.heads.endswith("+int8")
+    assert spec.heads.startswith("student@") and not spec.heads.endswith(contract.INT8_SUFFIX)
     assert not list(out.glob("*.int8.onnx"))
 
 
