@@ -278,6 +278,44 @@ def quantize_student_encoder(src: Path, out: Path) -> None:
     tmp.replace(out)  # never a half-written model under the served name
 
 
+INT8_STAMP_KEY = "el_int8_of"  # metadata of an int8 entity encoder: the fp32 export it was made from, and the recipe
+
+
+def ensure_int8_entity_encoder(onnx_dir: Path) -> Path | None:
+    """student_entity.int8.onnx for the live-update worker (EL_UPDATES__INT8_ENCODER), made on first use from the
+    fp32 entity encoder and stamped with the export's signature and recipe, so a new export or recipe redoes it;
+    None (keep fp32) when the export has no student or the int8 encoder fails `int8_gate`. The index build keeps
+    fp32: only entities changed while serving are encoded in int8."""
+    import os
+
+    import onnx
+
+    spec = contract.EncoderSpec.from_json((onnx_dir / contract.SPEC_FILE).read_text())
+    if not spec.heads:
+        return None
+    src = onnx_dir / contract.STUDENT_FILES["entity"]
+    out = src.with_suffix(".int8.onnx")
+    stamp = spec.signature() + contract.INT8_SUFFIX
+    if out.exists():
+        meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+        if meta.get(INT8_STAMP_KEY) == stamp:
+            return out
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.onnx")  # two servers on one folder never share a half file
+    try:
+        quantize_student_encoder(src, tmp)
+        if not int8_gate("entity", onnx_dir, tmp, onnx_dir / spec.tokenizer, spec.image_dim, spec.image_patches,
+                         spec.heads_dim):
+            logger.warning("the int8 entity encoder failed the accuracy gate; entity changes are encoded in fp32")
+            return None
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {INT8_STAMP_KEY: stamp})
+        onnx.save(model, str(tmp))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def int8_gate(side: str, out_dir: Path, int8_path: Path, tokenizer_path: Path, image_dim: int, patches: int,
               unit_dim: int) -> bool:
     """Whether an int8 `side` encoder ranks the probes as fp32 does against the other side's fp32 encoder: every

@@ -65,7 +65,10 @@ def _providers(device: str) -> list[str]:
 class EncoderRuntime:
     """Encode texts and images with the exported ONNX encoders."""
 
-    def __init__(self, onnx_dir: Path, *, device: Literal["auto", "cpu", "cuda"] = "auto", threads: int = 0) -> None:
+    def __init__(self, onnx_dir: Path, *, device: Literal["auto", "cpu", "cuda"] = "auto", threads: int = 0,
+                 int8_entities: bool = False) -> None:
+        """int8_entities: encode entities with student_entity.int8.onnx (models/export.ensure_int8_entity_encoder
+        makes it); the live-update worker's option, never the index build's."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -84,7 +87,7 @@ class EncoderRuntime:
         self.student_sessions = {}
         if self.spec.heads:
             for side, name in contract.STUDENT_FILES.items():
-                int8 = side == "mention" and self.spec.int8_mentions
+                int8 = self.spec.int8_mentions if side == "mention" else int8_entities
                 path = (onnx_dir / name).with_suffix(".int8.onnx" if int8 else ".onnx")
                 self.student_sessions[side] = ort.InferenceSession(str(path), opts, providers=providers)
         self.providers = self.text_session.get_providers()

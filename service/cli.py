@@ -97,7 +97,7 @@ def _bench_updates(settings: Settings, args: argparse.Namespace) -> int:
 
     report = run(settings, Options(requests=args.requests, clients=args.clients, batch=args.batch, rounds=args.rounds,
                                    out=Path(args.out)))
-    keys = ("text_entities_per_s", "image_entities_per_s", "text_entities_per_s_alone", "image_entities_per_s_alone",
+    keys = ("update_encoder", "text_entities_per_s", "image_entities_per_s", "text_entities_per_s_alone", "image_entities_per_s_alone",
             "text_entities_per_server_cpu_s", "image_entities_per_server_cpu_s", "p99_ratio_text_updates_to_idle",
             "p99_ratio_image_updates_to_idle", "idle", "during_text_updates", "during_image_updates")
     print(json.dumps({k: report[k] for k in keys}))

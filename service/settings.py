@@ -282,6 +282,10 @@ class UpdateSettings(BaseModel):
     encoder_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the update worker's own encoder "
                                                       "sessions (same model files as the served ones): 1 leaves the "
                                                       "other cores to /v1/link; 0 shares the serving sessions.")
+    int8_encoder: bool = Field(False, description="Encode changed entities with an int8 entity encoder (the head in "
+                                                  "fp32; made from the fp32 one on first use, behind an accuracy "
+                                                  "gate): about 2x cheaper, and a changed entity's vectors differ a "
+                                                  "little from what the fp32 index build gives it (see README).")
     nice: int = Field(10, ge=0, le=19, description="How much lower the update threads' CPU priority is than the "
                                                   "server's (Linux nice value), so that /v1/link gets the cores "
                                                   "first under contention; 0: the same.")

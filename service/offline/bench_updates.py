@@ -212,6 +212,10 @@ def run(settings: Settings, opts: Options) -> dict:
                      for i, e in enumerate(kb[start : start + opts.batch], start)]
             yield len(parts), b"[" + b",".join(parts) + b"]"
 
+    if settings.updates.int8_encoder:  # made before the server starts, so that no phase pays the quantisation
+        from models.export import ensure_int8_entity_encoder
+
+        ensure_int8_entity_encoder(settings.encoder.onnx_dir)
     machine = machine_info()  # the load average before the run
     idle: list[list[float]] = []
     loaded: dict[str, list[list[float]]] = {"text": [], "image": []}
@@ -243,6 +247,8 @@ def run(settings: Settings, opts: Options) -> dict:
         "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": str(settings.index.dir), "clients": opts.clients, "requests_per_phase": opts.requests,
         "entities_per_call": opts.batch, "rounds": opts.rounds,
+        "update_encoder": "int8" if settings.updates.int8_encoder else "fp32",  # EL_UPDATES__INT8_ENCODER
+        "update_nice": settings.updates.nice,  # EL_UPDATES__NICE
         "idle_phases": [summary(p) for p in idle], "idle": summary(idle_all), "check_entity": check,
     }
     for kind in ("text", "image"):

@@ -249,14 +249,24 @@ class Linker:
     def entity_runtime(self) -> EncoderRuntime:
         """The encoder the update worker uses: the same model files and runtime class as the serving one (and as
         the index build), in sessions of their own with EL_UPDATES__ENCODER_THREADS threads, so that encoding a
-        batch of entities takes one core and /v1/link keeps the others (0: the serving sessions themselves)."""
-        threads = self.settings.updates.encoder_threads
-        if not threads:
+        batch of entities takes one core and /v1/link keeps the others (0: the serving sessions themselves, unless
+        EL_UPDATES__INT8_ENCODER asks for the int8 entity encoder, which only sessions of their own load)."""
+        threads, int8 = self.settings.updates.encoder_threads, self.settings.updates.int8_encoder
+        if not threads and not int8:
             return self.runtime
         with self._entity_runtime_lock:  # the background warm-up and a first change may race: load it once
             if self._entity_runtime is None:
                 enc = self.settings.encoder
-                runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads)
+                if int8:
+                    from models.export import ensure_int8_entity_encoder
+
+                    try:
+                        int8 = ensure_int8_entity_encoder(enc.onnx_dir) is not None
+                    except OSError:
+                        logger.warning("cannot write the int8 entity encoder in %s; entity changes are encoded in "
+                                       "fp32", enc.onnx_dir, exc_info=True)
+                        int8 = False
+                runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads, int8_entities=int8)
                 if runtime.spec.signature() != self.runtime.spec.signature():
                     raise RuntimeError("the encoder files changed under the running server; restart it")
                 self._entity_runtime = runtime
