@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
 
-from service.conversions import to_explained_response, to_queries, to_query, to_response
+from service.conversions import response_fields, to_explained_response, to_queries, to_query
 from service.errors import TooManyItems, UnsupportedMediaType
 from service.pipeline.linker import BatchOutcome
 from service.pipeline.types import LinkQuery
@@ -90,7 +92,7 @@ async def _parse_link_request(request: Request, settings: Settings) -> tuple[Lin
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
     }}},
 )
-async def link(request: Request, explain: bool = Query(False, description=EXPLAIN_DOC)) -> ExplainedLinkResponse:
+async def link(request: Request, explain: bool = Query(False, description=EXPLAIN_DOC)) -> Response:
     state: AppState = request.app.state.el
     state.require_linker()
     req, image_bytes = await _parse_link_request(request, state.settings)
@@ -99,7 +101,15 @@ async def link(request: Request, explain: bool = Query(False, description=EXPLAI
         return [replace(to_query(req, state.settings, image_bytes=image_bytes), explain=explain)]
 
     outcome = await run_linker(state, decode, "link", request)
-    return to_explained_response(outcome.results[0])
+    return json_response(to_explained_response(outcome.results[0]), exclude_unset=True)
+
+
+def json_response(model: BaseModel, *, exclude_unset: bool = False) -> Response:
+    """The answer as JSON in one pydantic-core call. A returned Response skips FastAPI's own response path (validate
+    the model again against response_model, turn it into plain objects, json.dumps): about 0.9 ms on the event
+    loop for a 10-entity link answer, against 15 us here. The models were validated when they were built, and the
+    routes keep response_model for the OpenAPI document."""
+    return Response(model.model_dump_json(exclude_unset=exclude_unset), media_type="application/json")
 
 
 def require_json(request: Request) -> None:
@@ -111,14 +121,15 @@ def require_json(request: Request) -> None:
 
 @router.post("/link/batch", response_model=BatchLinkResponse, responses=_ERRORS, summary="Link up to N mentions",
              dependencies=[Depends(require_json)])
-async def link_batch(body: BatchLinkRequest, request: Request) -> BatchLinkResponse:
+async def link_batch(body: BatchLinkRequest, request: Request) -> Response:
     state: AppState = request.app.state.el
     cap = state.settings.limits.max_batch_items
     if len(body.items) > cap:
         raise TooManyItems(f"at most {cap} items per batch (got {len(body.items)}); use /v1/jobs for more")
     state.require_linker()
     outcome = await run_linker(state, lambda: to_queries(body.items, state.settings), "batch", request)
-    results = [BatchResult(**to_response(r).model_dump(), id=r.id) for r in outcome.results]
+    results = [BatchResult(**response_fields(r), id=r.id) for r in outcome.results]
     first = outcome.results[0]
-    return BatchLinkResponse(results=results, index_version=first.index_version, model_version=first.model_version,
-                             timings_ms={k: round(v, 3) for k, v in outcome.timings_ms.items()})
+    return json_response(BatchLinkResponse(results=results, index_version=first.index_version,
+                                           model_version=first.model_version,
+                                           timings_ms={k: round(v, 3) for k, v in outcome.timings_ms.items()}))
