@@ -262,8 +262,8 @@ class Linker:
 
                     try:
                         int8 = ensure_int8_entity_encoder(enc.onnx_dir) is not None
-                    except OSError:
-                        logger.warning("cannot write the int8 entity encoder in %s; entity changes are encoded in "
+                    except Exception:  # a read-only folder, a full disk, a quantiser error: changes still work
+                        logger.warning("cannot make the int8 entity encoder in %s; entity changes are encoded in "
                                        "fp32", enc.onnx_dir, exc_info=True)
                         int8 = False
                 runtime = EncoderRuntime(enc.onnx_dir, device=enc.device, threads=threads, int8_entities=int8)

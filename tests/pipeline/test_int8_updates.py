@@ -70,3 +70,22 @@ def test_the_int8_update_encoder_is_made_once_and_links_a_new_entity(settings, s
     finally:
         if lk.store is not None:
             lk.store.close()
+
+
+def test_an_int8_encoder_that_cannot_be_made_leaves_changes_in_fp32(settings, small_index: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import models.export
+
+    def refuse(onnx_dir: Path) -> Path:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(models.export, "ensure_int8_entity_encoder", refuse)
+    s = settings.model_copy(update={"updates": settings.updates.model_copy(update={"int8_encoder": True})})
+    lk = Linker.from_settings(s)  # not live: the update encoder alone
+    runtime = lk.entity_runtime()
+    assert runtime is not lk.runtime
+    assert runtime.student_sessions["entity"]._model_path.endswith("student_entity.onnx")  # type: ignore[attr-defined]
+    assert "cannot make the int8 entity encoder" in caplog.text
+    (row,) = lk.encode_entities([EntityMeta("live:x", NAME, DESCRIPTION, False, changed=True)], [None])
+    assert row is not None
