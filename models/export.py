@@ -255,10 +255,9 @@ def head_node_names(model) -> list[str]:
 
 
 def _quantize(out_dir: Path, tokenizer_path: Path, cfg) -> bool:
-    """Dynamic int8 of the mention encoder -> student_mention.int8.onnx; kept only if it passes `int8_gate`.
-
-    The head stays fp32: it is a small share of the time, and quantising it as well cost more accuracy in a
-    trial (WikiMEL dev served H@1 0.876 against 0.882 for the backbone alone, fp32 0.884)."""
+    """Dynamic int8 of the mention encoder -> student_mention.int8.onnx; kept only if it passes `int8_gate`. The
+    head stays fp32: a small share of the time, and quantised it cost up to 1.2 points of served H@1
+    (`head_node_names`; reports/README.md, "int8 mention encoder")."""
     src = out_dir / contract.STUDENT_FILES["mention"]
     out = src.with_suffix(".int8.onnx")
     quantize_student_encoder(src, out)
