@@ -109,3 +109,12 @@ def test_405_names_every_method_of_the_path() -> None:
         assert allow - {"HEAD"} == methods, (path, allow)
         documented = {m.upper() for m in client.app.openapi()["paths"][path.replace("0" * 32, "{job_id}")]}
         assert allow - {"HEAD"} == documented
+
+
+def test_link_answers_keep_their_documented_schemas() -> None:
+    """/v1/link and /v1/link/batch return their JSON themselves (service/routes/link.py `json_response`): the
+    document must still name the answer's schema for both."""
+    d = doc()
+    for path, schema in (("/v1/link", "ExplainedLinkResponse"), ("/v1/link/batch", "BatchLinkResponse")):
+        ok = d["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{schema}"}, (path, ok)
