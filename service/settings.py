@@ -53,6 +53,12 @@ class IndexSettings(BaseModel):
     name_view_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the name-only view in the text block.")
     build_batch_size: int = Field(64, ge=1, le=4096, description="Entities encoded per batch during a build.")
     limit: int | None = Field(None, ge=1, description="Build from the first N entities only (tests, demos).")
+    bf16_shortlist: Literal["auto", "on", "off"] = Field(
+        "auto", description="Exact search of Flat indexes (batches of 12 or more): score every entity with a bf16 "
+                            "copy of the vectors, rescore the best in fp32 (still exact: a rounding bound sends "
+                            "any doubtful query back to fp32). 'auto': where the CPU has native bf16 dot products "
+                            "(AVX512_BF16, AMX); 'on' anywhere; 'off' never (saves the copy: half the vectors' "
+                            "memory).")
     allow_source_mismatch: bool = Field(
         False, description="Serve an index built from another KG than the configured one (EL_INDEX__KG, "
                            "EL_DATA_DIR, EL_INDEX__LIMIT), with a warning in the log and in /readyz's detail, "

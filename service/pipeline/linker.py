@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kg_index.exact import configure_coarse
 from kg_index.live import Change, EntityRow, rows_from_features
 from kg_index.live_store import LiveStore
 from kg_index.load import EntityMeta, KGIndex, load_index
@@ -208,6 +209,7 @@ class Linker:
             import torch
 
             torch.set_num_threads(settings.rerank.torch_threads)
+        configure_coarse(settings.index.bf16_shortlist)
         index, warning = load_checked_index(settings, runtime, settings.index.dir)
         return cls(settings, runtime, index, warning, live=live)
 

@@ -112,3 +112,113 @@ def test_dead_rows_are_never_returned_alone_or_in_a_batch(batch: int) -> None:
     assert not dead.numpy()[rows].any()
     assert np.array_equal(rows, live[want_rows])
     np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+
+
+# ---- the bf16 shortlist (forced on: it is exact on any CPU, only slower without native bf16) ----
+
+
+@pytest.fixture
+def coarse_on():
+    from kg_index import exact
+
+    before = exact._coarse_mode
+    exact.configure_coarse("on")
+    yield
+    exact.configure_coarse(before)
+
+
+@pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (3000, 96, 16, 10), (500, 40, 12, 300)])
+def test_bf16_shortlist_returns_the_fp32_rows_and_scores(coarse_on, n: int, d: int, b: int, k: int) -> None:
+    from kg_index.exact import COARSE_MIN_BATCH
+
+    assert b >= COARSE_MIN_BATCH
+    rng = np.random.default_rng(n + d)
+    x, q = _unit(rng, n, d), _unit(rng, b, d)
+    index = _flat(x)
+    want_scores, want_rows = index.search(q, k)
+    ex = ExactSearch.for_index(index)
+    scores, rows = ex.search(q, k)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+    gap = np.diff(want_scores, axis=1)
+    untied = np.ones_like(want_rows, dtype=bool)
+    untied[:, 1:] &= -gap > 1e-5
+    untied[:, :-1] &= -gap > 1e-5
+    assert np.array_equal(rows[untied], want_rows[untied])
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
+    # k = 300 of 500 leaves no room for a shortlist: the fp32 GEMM answers and no bf16 copy is made
+    assert (ex._coarse is None) == (k + 16 + 80 >= n)
+
+
+def test_bf16_shortlist_searches_again_in_fp32_where_its_bound_does_not_clear(coarse_on, monkeypatch) -> None:
+    """A shortlist too short for its bound (COARSE_EXTRA 0, near-tied vectors): the queries are searched again in
+    fp32 and the answer stays exact."""
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "COARSE_EXTRA", 1)
+    rng = np.random.default_rng(5)
+    base = _unit(rng, 1, 64)
+    x = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)  # every score within ~1e-3 of the others
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = np.repeat(base, 16, axis=0) + 0.01 * rng.standard_normal((16, 64)).astype(np.float32)
+    ex = ExactSearch.for_index(_flat(x))
+    scores, rows = ex.search(q, 20)
+    assert ex.fp32_researches > 0
+    want_scores, want_rows = _flat(x).search(q, 20)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
+    assert np.array_equal(np.sort(rows, 1), np.sort(want_rows, 1))
+
+
+@pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
+def test_bf16_shortlist_keeps_faiss_order_for_duplicates(coarse_on, copies: int, k: int) -> None:
+    rng = np.random.default_rng(copies)
+    base = _unit(rng, 5, 16)
+    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 300, 16)])
+    q = np.repeat(base[[2]], 16, axis=0)
+    want_scores, want_rows = _flat(x).search(q, k)
+    ex = ExactSearch.for_index(_flat(x))
+    scores, rows = ex.search(q, k)
+    assert ex._coarse is not None  # the shortlist answered
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("copies", [3, 3 * 16, 200])  # cut within the margin, past it, past the shortlist
+def test_bf16_shortlist_cuts_a_tie_group_at_its_largest_rows(coarse_on, copies: int) -> None:
+    base = _unit(np.random.default_rng(3), 3, 16)
+    x = np.concatenate([base, np.repeat(base[[1]], copies, axis=0), _unit(np.random.default_rng(4), 300, 16)])
+    q = np.repeat(base[[1]], 16, axis=0)
+    _, rows = ExactSearch.for_index(_flat(x)).search(q, 2)
+    group = [1, *range(3, 3 + copies)]
+    assert rows.tolist() == [sorted(group, reverse=True)[:2]] * 16
+
+
+def test_bf16_shortlist_never_returns_dead_rows(coarse_on) -> None:
+    import torch
+
+    rng = np.random.default_rng(8)
+    x, q = _unit(rng, 800, 32), _unit(rng, 16, 32)
+    index = _flat(x)
+    _, best = index.search(q, 40)
+    dead = torch.zeros(len(x), dtype=torch.bool)
+    dead[torch.from_numpy(best[:, ::2].ravel())] = True
+    scores, rows = ExactSearch.for_index(index).search(q, 10, dead=dead)
+    live = np.flatnonzero(~dead.numpy())
+    want_scores, want_rows = _flat(x[live]).search(q, 10)
+    assert not dead.numpy()[rows].any()
+    assert np.array_equal(rows, live[want_rows])
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+
+
+def test_bf16_shortlist_modes() -> None:
+    from kg_index import exact
+
+    before = exact._coarse_mode
+    try:
+        exact.configure_coarse("off")
+        assert not exact.coarse_enabled()
+        exact.configure_coarse("auto")
+        assert exact.coarse_enabled() == exact.cpu_has_bf16()
+        with pytest.raises(ValueError):
+            exact.configure_coarse("fast")  # type: ignore[arg-type]
+    finally:
+        exact.configure_coarse(before)
