@@ -157,6 +157,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     opts = BenchOptions(n=args.n, image_n=args.image_n, batch=args.batch, teacher_n=args.teacher_n,
                         single_n=args.single_n,
                         http_seconds=args.http_seconds, http_concurrency=tuple(args.concurrency),
+                        paired_rounds=args.paired_rounds, paired_seconds=args.paired_seconds,
                         skip_plain=args.skip_plain, skip_http=args.skip_http, skip_teacher=args.skip_teacher,
                         skip_ot=args.skip_ot, cache_dir=Path(args.cache_dir))
     report = run_bench(linker, settings.data_dir, opts)
@@ -343,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="mentions of the plain bi-encoder's single-request row (its p50 is the single-request baseline)")
     p.add_argument("--http-seconds", type=float, default=10.0, help="wrk duration per concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="wrk concurrencies")
+    p.add_argument("--paired-rounds", type=int, default=3,
+                   help="alternating in-process (batch --batch) / HTTP (highest concurrency) rounds for the HTTP share; 0: none")
+    p.add_argument("--paired-seconds", type=float, default=8.0, help="wrk duration per paired round")
     p.add_argument("--skip-plain", action="store_true", help="no plain bi-encoder row")
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows (they also skip when wrk is missing)")
     p.add_argument("--skip-teacher", action="store_true", help="no teacher row (its first run caches KB features)")

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kg_index.records import Mention
@@ -140,11 +141,40 @@ def server_env(settings: Settings, source_mismatch: bool) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Paired:
+    """Alternating rounds of the in-process batched rate and the HTTP rate at one concurrency (`paired_share`)."""
+
+    in_process: Callable[[], float]  # runs the in-process arm once: its mentions/s
+    what: str  # what the in-process arm is
+    rounds: int = 3
+    seconds: float = 8.0
+
+
+def paired_share(server: Server, script: Path, concurrency: int, paired: Paired) -> dict:
+    """The HTTP share of the in-process rate, measured in turns: in process, then wrk, `rounds` times, so that
+    the machine's other load (a shared VM's neighbours swing a lone 10 s run by a fifth) reaches both arms alike.
+    Reported per round and as the median of the rounds' shares."""
+    import statistics
+
+    rounds = []
+    for _ in range(paired.rounds):
+        in_process = paired.in_process()
+        res = run_wrk(server.url, script, concurrency, paired.seconds)
+        http = res["requests"] / (res["duration_us"] / 1e6) if res["duration_us"] else 0.0
+        rounds.append({"in_process_mentions_per_s": round(in_process, 1), "http_requests_per_s": round(http, 1),
+                       "errors": sum(res["errors"].values()), "share": round(http / in_process, 3)})
+    return {"concurrency": concurrency, "in_process": paired.what, "seconds": paired.seconds, "rounds": rounds,
+            "median_share": round(statistics.median(r["share"] for r in rounds), 3)}
+
+
 def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies: Sequence[int] = (1, 8, 32),
               seconds: float = 10.0, top_k: int = 10, h1: float | None = None,
-              expected_top1: Sequence[str | None] = (), check_n: int = 20) -> list[Row]:
-    """One row per concurrency. `h1` is the in-process served rows' H@1; expected_top1 their top-1 ids, of which
-    the first check_n are compared with what the server answers."""
+              expected_top1: Sequence[str | None] = (), check_n: int = 20,
+              paired: Paired | None = None) -> tuple[list[Row], dict | None]:
+    """One row per concurrency, and with `paired` the alternating share at the highest concurrency
+    (`paired_share`). `h1` is the in-process served rows' H@1; expected_top1 their top-1 ids, of which the first
+    check_n are compared with what the server answers."""
     server = Server(env)
     try:
         server.wait_ready()
@@ -170,6 +200,7 @@ def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies
                 round(res["p95_us"] / 1000, 2), round(res["p99_us"] / 1000, 2), round(cpu / max(n, 1), 5), h1=h1,
                 batch=1, h1_n=len(mentions), extra={"concurrency": c, "errors": errors, "error_kinds": res["errors"],
                                 "h1_from": "served_b1 (the same Linker, in process)", **extra}))
-        return rows
+        share = paired_share(server, script, max(concurrencies), paired) if paired is not None else None
+        return rows, share
     finally:
         server.stop()

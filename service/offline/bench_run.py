@@ -10,6 +10,7 @@ our Sinkhorn against POT's on the problems captured from one batch of the served
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class BenchOptions:
     top_k: int = 10
     http_seconds: float = 10.0
     http_concurrency: tuple[int, ...] = (1, 8, 32)
+    paired_rounds: int = 3  # alternating in-process / HTTP rounds for the HTTP share (0: none)
+    paired_seconds: float = 8.0  # wrk's run per round
+    paired_n: int = 1024  # mentions of the in-process arm per round
     skip_plain: bool = False
     skip_http: bool = False
     skip_teacher: bool = False
@@ -96,6 +100,7 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
     teacher_n = min(opts.teacher_n, len(mentions)) if not opts.skip_teacher else 0
     rows: list[Row] = []
     skipped: list[str] = []
+    http_share = None
 
     if not opts.skip_plain:
         from service.offline.bench_plain import plain_rows
@@ -130,8 +135,23 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
         logger.warning("wrk not found: skipping the HTTP rows (Debian: apt-get install wrk)")
     else:
         env = bench_http.server_env(linker.settings, linker.source_warning is not None)
-        rows += bench_http.http_rows(mentions, env, concurrencies=opts.http_concurrency, seconds=opts.http_seconds,
-                                     top_k=opts.top_k, h1=b1.h1, expected_top1=top1_b1)
+        paired = None
+        if opts.paired_rounds:
+            paired_queries = [LinkQuery(m.mention, m.context, None, top_k=opts.top_k)
+                              for m in mentions[: opts.paired_n]]
+
+            def in_process() -> float:
+                t0 = time.perf_counter()
+                for i in range(0, len(paired_queries), opts.batch):
+                    full.link_batch(paired_queries[i : i + opts.batch])
+                return len(paired_queries) / (time.perf_counter() - t0)
+
+            paired = bench_http.Paired(in_process, f"Linker in process, text, batch {opts.batch}, first "
+                                       f"{len(paired_queries)} mentions", opts.paired_rounds, opts.paired_seconds)
+        http, http_share = bench_http.http_rows(mentions, env, concurrencies=opts.http_concurrency,
+                                                seconds=opts.http_seconds, top_k=opts.top_k, h1=b1.h1,
+                                                expected_top1=top1_b1, paired=paired)
+        rows += http
 
     if teacher_n:
         t = _teacher(linker, data_dir, mentions[:teacher_n])
@@ -161,5 +181,7 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
                   notes=[("ratios: mentions/s and CPU-s/mention as row / baseline; h1_points as row - baseline in "
                          "H@1 points (against the teacher: on its subset, h1_subset)"),
                          "latency: per call (a call of batch B answers B mentions); HTTP: per request under wrk",
-                         "CPU: the bench process's (all threads); HTTP rows: the server process's"],
-                  skipped=skipped)
+                         "CPU: the bench process's (all threads); HTTP rows: the server process's",
+                         ("http_share: the HTTP rate at the highest concurrency over the in-process batched rate, "
+                          "the two measured in alternating rounds (median of the rounds' shares)")],
+                  skipped=skipped, http_share=http_share)

@@ -58,7 +58,7 @@ def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path
     from service.offline.bench_run import BenchOptions, run_bench
 
     opts = BenchOptions(n=24, image_n=8, batch=8, skip_teacher=True, http_seconds=1.0, http_concurrency=(1, 2),
-                        cache_dir=tmp_path / "cache")
+                        paired_rounds=2, paired_seconds=1.0, paired_n=16, cache_dir=tmp_path / "cache")
     rep = run_bench(linker.with_skip_margin(0.05), mel_dir, opts)
     rows = {r["name"]: r for r in rep["rows"]}
     assert {PLAIN, PLAIN_B1, "served_b1", "served_b8", "served_b8_adaptive", "served_image_b1", "served_image_b8", "ot_ours",
@@ -81,6 +81,13 @@ def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path
     else:
         http = rows["served_http_c2"]
         assert http["n"] > 0 and http["extra"]["errors"] == 0 and http["extra"]["top1_agreement_with_in_process"] == 1.0
+        share = rep["http_share"]
+        assert share["concurrency"] == 2 and len(share["rounds"]) == 2
+        for r in share["rounds"]:
+            assert r["errors"] == 0 and r["in_process_mentions_per_s"] > 0 and r["http_requests_per_s"] > 0
+            assert r["share"] == pytest.approx(r["http_requests_per_s"] / r["in_process_mentions_per_s"], abs=2e-3)
+        assert min(r["share"] for r in share["rounds"]) <= share["median_share"] <= max(r["share"] for r in share["rounds"])
+        assert "HTTP share at concurrency 2" in format_rows(rep)
     assert rep["machine"]["cpus"] and rep["n_mentions"] == 24
 
 
