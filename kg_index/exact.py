@@ -106,9 +106,14 @@ class ExactSearch:
         self._owner = owner
         self.vectors = vectors
         self._t = torch.from_numpy(np.ascontiguousarray(vectors))  # shares memory with `vectors`
-        self._coarse: torch.Tensor | None = None  # the bf16 copy, made on first use (half the fp32 bytes)
+        # The bf16 copy (half the fp32 bytes): made here when the shortlist is on, so that the first large batch
+        # after a load, a reload or a compaction does not pay for it; else on first use (the mode changed since).
+        self._coarse: torch.Tensor | None = None
+        if coarse_enabled() and len(vectors) > COARSE_EXTRA + TIE_MARGIN:
+            self._coarse = self._t.to(torch.bfloat16)
         self._max_norm = float(np.linalg.norm(vectors, axis=1).max(initial=0.0))
-        self.fp32_researches = 0  # queries the bf16 bound sent back to the fp32 search (expected: none)
+        self.shortlisted = 0  # queries answered through the bf16 shortlist
+        self.fp32_researches = 0  # of those, the ones its bound sent back to the fp32 search (expected: none)
 
     @classmethod
     def for_index(cls, index: faiss.Index) -> ExactSearch | None:
@@ -218,6 +223,7 @@ class ExactSearch:
             lowest = last.min(dim=1).values.double()
             unsafe = torch.isfinite(lowest) & (lowest + self._bf16_bound(q) >= top[:, -1].double())
         top_np, rows_np = top.numpy(), rows.numpy()
+        self.shortlisted += len(queries)
         if bool(unsafe.any()):
             again = np.flatnonzero(unsafe.numpy())
             self.fp32_researches += len(again)

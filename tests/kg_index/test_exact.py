@@ -145,8 +145,7 @@ def test_bf16_shortlist_returns_the_fp32_rows_and_scores(coarse_on, n: int, d: i
     untied[:, :-1] &= -gap > 1e-5
     assert np.array_equal(rows[untied], want_rows[untied])
     np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
-    # k = 300 of 500 leaves no room for a shortlist: the fp32 GEMM answers and no bf16 copy is made
-    assert (ex._coarse is None) == (k + 16 + 80 >= n)
+    assert ex.shortlisted == (b if k + 16 + 80 < n else 0)  # k = 300 of 500 leaves no room: the fp32 GEMM
 
 
 def test_bf16_shortlist_searches_again_in_fp32_where_its_bound_does_not_clear(coarse_on, monkeypatch) -> None:
@@ -177,7 +176,7 @@ def test_bf16_shortlist_keeps_faiss_order_for_duplicates(coarse_on, copies: int,
     want_scores, want_rows = _flat(x).search(q, k)
     ex = ExactSearch.for_index(_flat(x))
     scores, rows = ex.search(q, k)
-    assert ex._coarse is not None  # the shortlist answered
+    assert ex.shortlisted == 16
     assert np.array_equal(rows, want_rows)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
 
@@ -213,9 +212,17 @@ def test_bf16_shortlist_modes() -> None:
     from kg_index import exact
 
     before = exact._coarse_mode
+    x = _unit(np.random.default_rng(9), 300, 16)
     try:
         exact.configure_coarse("off")
         assert not exact.coarse_enabled()
+        ex = ExactSearch.for_index(_flat(x))
+        assert ex._coarse is None  # off: no copy
+        ex.search(x[:16], 5)
+        assert ex._coarse is None  # and none made by a search
+        exact.configure_coarse("on")
+        ex.search(x[:16], 5)
+        assert ex._coarse is not None  # turned on later: made on first use
         exact.configure_coarse("auto")
         assert exact.coarse_enabled() == exact.cpu_has_bf16()
         with pytest.raises(ValueError):

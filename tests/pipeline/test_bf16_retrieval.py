@@ -21,11 +21,11 @@ def test_served_links_are_the_same_with_the_bf16_shortlist_on_and_off(linker, te
         exact.configure_coarse("off")
         want = linker.link_batch(queries).results
         exact.configure_coarse("on")
-        researched = searcher.fp32_researches
+        researched, shortlisted = searcher.fp32_researches, searcher.shortlisted
         got = linker.link_batch(queries).results
     finally:
         exact.configure_coarse(before)
-    assert searcher._coarse is not None  # the shortlist did answer
+    assert searcher.shortlisted == shortlisted + len(queries)  # the shortlist did answer
     assert searcher.fp32_researches == researched  # and its rounding bound cleared on every real mention
     for w, g in zip(want, got):
         assert [e.id for e in g.entities] == [e.id for e in w.entities]
