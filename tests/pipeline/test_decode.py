@@ -174,7 +174,10 @@ def test_base64_oversized_is_rejected_before_decoding(monkeypatch: pytest.Monkey
     def _must_not_decode(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("base64 decoded on an oversized payload")
 
+    import pybase64
+
     monkeypatch.setattr(binascii, "a2b_base64", _must_not_decode)
+    monkeypatch.setattr(pybase64, "b64decode", _must_not_decode)
     max_bytes = 1024 * 1024
     huge = "A" * (4 * (max_bytes // 3 + 8))
     for payload in (huge, "data:image/png;base64," + huge):
@@ -216,6 +219,31 @@ def test_large_base64_is_decoded_in_pieces_with_the_same_rules() -> None:
                 b64 + "AAAA"):  # data after the padding
         with pytest.raises(InvalidImage):
             base64_image_bytes(bad, max_bytes=len(raw) + 10)
+
+
+@pytest.mark.parametrize("piece", ["QUJD", "QUI=", "QQ==", "", "QUJDRA==", "QUJDREU=", "QQ==QQ==", "QUI=QUJD",
+                                   "QUJ=", "Q===", "====", "QU=D", "QUJD====", "QUJDéAAA", "QU-_", "QU/+",
+                                   "QUJD!AAA", "QUJDAA=A"])
+def test_base64_piece_decoder_refuses_what_binascii_strict_refuses(piece: str) -> None:
+    """The SIMD decoder (pybase64) against binascii's strict mode on one piece whose length is a multiple of 4
+    (base64_image_bytes refuses any other length first): what binascii refuses, it refuses; what it accepts decodes
+    to the same bytes. It refuses one thing more: padding after a complete group ("QUJD===="), malformed in
+    RFC 4648, which strict binascii lets through."""
+    from service.pipeline.decode import _b64decode_piece
+
+    assert len(piece) % 4 == 0
+    try:
+        want: bytes | None = binascii.a2b_base64(piece, strict_mode=True)
+    except (binascii.Error, ValueError):
+        want = None
+    try:
+        got: bytes | None = _b64decode_piece(piece)
+    except (binascii.Error, ValueError):
+        got = None
+    if piece == "QUJD====":
+        assert want == b"ABC" and got is None
+    else:
+        assert got == want
 
 
 def test_base64_data_url_and_line_wrapping() -> None:
