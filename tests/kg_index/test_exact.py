@@ -26,10 +26,13 @@ def _flat(x: np.ndarray) -> faiss.Index:
 def test_same_rows_and_scores_as_faiss_flat(n: int, d: int, b: int, k: int) -> None:
     rng = np.random.default_rng(n + d)
     x, q = _unit(rng, n, d), _unit(rng, b, d)
-    index = _flat(x)
-    want_scores, want_rows = index.search(q, k)
-    scores, rows = ExactSearch.for_index(index).search(q, k)
-    assert scores.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (b, k)
+    _check_like_faiss(ExactSearch.for_index(_flat(x)), x, q, k)
+
+
+def _check_like_faiss(ex: ExactSearch, x: np.ndarray, q: np.ndarray, k: int) -> None:
+    want_scores, want_rows = _flat(x).search(q, k)
+    scores, rows = ex.search(q, k)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (len(q), k)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
     assert (np.diff(scores, axis=1) <= 0).all()  # best first, as FAISS
     # Rows agree wherever the score is not tied (to float precision) with a neighbour's.
@@ -96,9 +99,14 @@ def test_bad_arguments() -> None:
         ExactSearch(np.zeros((4, 3), np.float64))
 
 
-@pytest.mark.parametrize("batch", [1, SMALL_BATCH + 1])  # FAISS's scan with extra hits, then the masked GEMM
-def test_dead_rows_are_never_returned_alone_or_in_a_batch(batch: int) -> None:
+# FAISS's scan with extra hits, the masked GEMM, the masked bf16 shortlist (forced on)
+@pytest.mark.parametrize("batch", [1, SMALL_BATCH + 1, 16])
+def test_dead_rows_are_never_returned_alone_or_in_a_batch(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
+
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "_coarse_mode", "on")
 
     rng = np.random.default_rng(7)
     x, q = _unit(rng, 400, 32), _unit(rng, batch, 32)
@@ -106,7 +114,9 @@ def test_dead_rows_are_never_returned_alone_or_in_a_batch(batch: int) -> None:
     _, best = index.search(q, 20)
     dead = torch.zeros(len(x), dtype=torch.bool)
     dead[torch.from_numpy(best[:, ::2].ravel())] = True  # every other of each query's best 20
-    scores, rows = ExactSearch.for_index(index).search(q, 10, dead=dead)
+    ex = ExactSearch.for_index(index)
+    scores, rows = ex.search(q, 10, dead=dead)
+    assert ex.shortlisted == (batch if batch >= exact.COARSE_MIN_BATCH else 0)
     live = np.flatnonzero(~dead.numpy())
     want_scores, want_rows = _flat(x[live]).search(q, 10)
     assert not dead.numpy()[rows].any()
@@ -134,17 +144,8 @@ def test_bf16_shortlist_returns_the_fp32_rows_and_scores(coarse_on, n: int, d: i
     assert b >= COARSE_MIN_BATCH
     rng = np.random.default_rng(n + d)
     x, q = _unit(rng, n, d), _unit(rng, b, d)
-    index = _flat(x)
-    want_scores, want_rows = index.search(q, k)
-    ex = ExactSearch.for_index(index)
-    scores, rows = ex.search(q, k)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
-    gap = np.diff(want_scores, axis=1)
-    untied = np.ones_like(want_rows, dtype=bool)
-    untied[:, 1:] &= -gap > 1e-5
-    untied[:, :-1] &= -gap > 1e-5
-    assert np.array_equal(rows[untied], want_rows[untied])
-    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
+    ex = ExactSearch.for_index(_flat(x))
+    _check_like_faiss(ex, x, q, k)
     assert ex.shortlisted == (b if k + 16 + 80 < n else 0)  # k = 300 of 500 leaves no room: the fp32 GEMM
 
 
@@ -189,23 +190,6 @@ def test_bf16_shortlist_cuts_a_tie_group_at_its_largest_rows(coarse_on, copies: 
     _, rows = ExactSearch.for_index(_flat(x)).search(q, 2)
     group = [1, *range(3, 3 + copies)]
     assert rows.tolist() == [sorted(group, reverse=True)[:2]] * 16
-
-
-def test_bf16_shortlist_never_returns_dead_rows(coarse_on) -> None:
-    import torch
-
-    rng = np.random.default_rng(8)
-    x, q = _unit(rng, 800, 32), _unit(rng, 16, 32)
-    index = _flat(x)
-    _, best = index.search(q, 40)
-    dead = torch.zeros(len(x), dtype=torch.bool)
-    dead[torch.from_numpy(best[:, ::2].ravel())] = True
-    scores, rows = ExactSearch.for_index(index).search(q, 10, dead=dead)
-    live = np.flatnonzero(~dead.numpy())
-    want_scores, want_rows = _flat(x[live]).search(q, 10)
-    assert not dead.numpy()[rows].any()
-    assert np.array_equal(rows, live[want_rows])
-    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
 
 
 def test_bf16_shortlist_modes() -> None:
