@@ -21,7 +21,7 @@ are rescored in fp32, and the top kk of those are returned. It stays exact, not 
 shortlist has a bf16 score at most the shortlist's last one, and its true score is at most that plus a bound on
 bf16 rounding (`_bf16_bound`); a query whose kk-th fp32 score does not clear that is searched again in fp32 alone
 (measured on WikiMEL test, RichpediaMEL and WikiDiverse dev mentions against the 40,942-entity index: no query
-needed it). The retrieve stage's cost per mention fell 1.3-1.6x for batches of 16 to 64 (one thread).
+needed it). The retrieve stage's cost per mention fell 1.5-1.6x for batches of 10 to 64 (one thread).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,8 +156,6 @@ def paired_share(server: Server, script: Path, concurrency: int, paired: Paired)
     """The HTTP share of the in-process rate, measured in turns: in process, then wrk, `rounds` times, so that
     the machine's other load (a shared VM's neighbours swing a lone 10 s run by a fifth) reaches both arms alike.
     Reported per round and as the median of the rounds' shares."""
-    import statistics
-
     rounds = []
     for _ in range(paired.rounds):
         in_process = paired.in_process()
