@@ -21,7 +21,8 @@ are rescored in fp32, and the top kk of those are returned. It stays exact, not 
 shortlist has a bf16 score at most the shortlist's last one, and its true score is at most that plus a bound on
 bf16 rounding (`_bf16_bound`); a query whose kk-th fp32 score does not clear that is searched again in fp32 alone
 (measured on WikiMEL test, RichpediaMEL and WikiDiverse dev mentions against the 40,942-entity index: no query
-needed it). The retrieve stage's cost per mention fell 1.5-1.6x for batches of 10 to 64 (one thread).
+needed it). In the pipeline the retrieve stage's cost per mention fell 1.1x for batches of 8 and 1.3-1.6x for 16 to
+64 (one thread).
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ TIE_TOL = 0.0  # only equal scores are ties (duplicate entities); near-ties keep
 # 2.2 ms for one query; from 4 queries on the GEMM wins, 1.4 against 2.0 ms per query). FAISS scans on one OpenMP
 # thread: with its default of one per core, one query took 24 ms instead of 2.6 on a busy machine.
 SMALL_BATCH = 2
-# The bf16 shortlist from this many queries on. Whole searches (k = 32), one thread, 40,942 x 384, ms per batch
-# fp32 / shortlist: 4 queries 6.1 / 7.4, 8: 8.5 / 9.8 (MKL's fp32 GEMM has a fast kernel for 8 columns), 9: 12.4 /
-# 10.3, 10: 12.0 / 8.7, 12: 22.4 / 10.4, 16: 17.5 / 11.2, 64: 47.9 / 28.9.
-COARSE_MIN_BATCH = 9
+# The bf16 shortlist from this many queries on. Whole searches (k = 32), one thread, 40,942 x 384, with a 64 MB read
+# between searches as the pipeline's other stages evict the caches, ms per batch fp32 / shortlist (medians of 6
+# alternating rounds, `scripts/bench_retrieval_bf16.py`'s threshold part): 4 queries 4.8 / 5.9, 5: 6.3 / 6.3,
+# 6: 7.7 / 6.8, 7: 9.3 / 7.3, 8: 8.4 / 7.7 (MKL's fp32 GEMM has a fast kernel for 8 columns), 10: 11.8 / 8.5,
+# 16: 16.5 / 10.9. Batches of 6-9 are what /v1/link forms at concurrency 32.
+COARSE_MIN_BATCH = 6
 # Shortlist = kk + COARSE_EXTRA rows. With kk = 48 (32 candidates + TIE_MARGIN), 96 rows left 0.5-1.4 % of the
 # mentions for the fp32 re-search, 128 none (WikiMEL test: 5,131 mentions; WikiDiverse dev: 1,656).
 COARSE_EXTRA = 80

@@ -54,7 +54,7 @@ class IndexSettings(BaseModel):
     build_batch_size: int = Field(64, ge=1, le=4096, description="Entities encoded per batch during a build.")
     limit: int | None = Field(None, ge=1, description="Build from the first N entities only (tests, demos).")
     bf16_shortlist: Literal["auto", "on", "off"] = Field(
-        "auto", description="Exact search of Flat indexes (batches of 9 or more): score every entity with a bf16 "
+        "auto", description="Exact search of Flat indexes (batches of 6 or more): score every entity with a bf16 "
                             "copy of the vectors, rescore the best in fp32 (still exact: a rounding bound sends "
                             "any doubtful query back to fp32). 'auto': where the CPU has native bf16 dot products "
                             "(AVX512_BF16, AMX); 'on' anywhere; 'off' never (saves the copy: half the vectors' "

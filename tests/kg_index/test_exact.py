@@ -137,7 +137,8 @@ def coarse_on():
     exact.configure_coarse(before)
 
 
-@pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (3000, 96, 16, 10), (500, 40, 12, 300)])
+@pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (3000, 96, 16, 10), (500, 40, 12, 300),
+                                               (2500, 384, 6, 32)])
 def test_bf16_shortlist_returns_the_fp32_rows_and_scores(coarse_on, n: int, d: int, b: int, k: int) -> None:
     from kg_index.exact import COARSE_MIN_BATCH
 
