@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import compile_path
@@ -21,6 +22,8 @@ from service.auth import ApiKeys, AuthMiddleware, document_security
 from service.batcher import MicroBatcher
 from service.decode_process import DecodeProcess
 from service.errors import ELError, NotReady
+from service.fast_lane import PATH as FAST_PATH
+from service.fast_lane import LinkFastLane
 from service.heap import freeze_loaded_heap
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
@@ -162,6 +165,10 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
     app.include_router(admin_routes.router)
     ui.install(app)  # the web page at / (static files; it calls the routes above)
     openapi.install(app, settings)  # the document states the limits of these settings
+    if settings.link_fast_lane:  # innermost of ours: the body cap, the API key, metrics and CORS apply to it as well
+        route = next(r for r in link.router.routes if isinstance(r, APIRoute) and r.path == FAST_PATH
+                     and "POST" in r.methods)
+        app.add_middleware(LinkFastLane, state=state, route=route)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
                        path_limits={"/v1/jobs": settings.jobs.max_body_bytes,
                                     "/v1/entities:batch": settings.updates.max_body_bytes})

@@ -9,6 +9,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.types import Receive
 
 from service.conversions import response_fields, to_explained_response, to_queries, to_query
 from service.errors import TooManyItems, UnsupportedMediaType
@@ -49,7 +50,7 @@ _MULTIPART_SCHEMA = {
 
 
 async def run_linker(state: AppState, decode: Callable[[], list[LinkQuery]], source: str,
-                     request: Request | None = None) -> BatchOutcome:
+                     receive: Receive | None = None) -> BatchOutcome:
     """Admission (queue, deadline, disconnect while queued), then, in a worker thread, decode and the pipeline
     through the micro-batcher (service/batcher.py: this request's mentions share a link_batch call with others').
 
@@ -59,7 +60,7 @@ async def run_linker(state: AppState, decode: Callable[[], list[LinkQuery]], sou
     state.require_linker()
     adm = state.admission
     deadline = adm.deadline()
-    gone = (lambda: client_gone(request)) if request is not None else None
+    gone = (lambda: client_gone(receive)) if receive is not None else None
     ticket = state.batcher.ticket()
 
     def work() -> BatchOutcome:
@@ -70,10 +71,10 @@ async def run_linker(state: AppState, decode: Callable[[], list[LinkQuery]], sou
     return outcome
 
 
-async def client_gone(request: Request) -> None:
+async def client_gone(receive: Receive) -> None:
     """Return once the client has disconnected. The body has been read by then, so the only message left
     on the channel is http.disconnect; until it comes this just waits (uvicorn wakes it)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -96,12 +97,20 @@ async def link(request: Request, explain: bool = Query(False, description=EXPLAI
     state: AppState = request.app.state.el
     state.require_linker()
     req, image_bytes = await _parse_link_request(request, state.settings)
+    outcome = await run_linker(state, lambda: link_queries(req, state.settings, image_bytes, explain), "link",
+                               request.receive)
+    return Response(link_answer(outcome), media_type="application/json")
 
-    def decode() -> list[LinkQuery]:
-        return [replace(to_query(req, state.settings, image_bytes=image_bytes), explain=explain)]
 
-    outcome = await run_linker(state, decode, "link", request)
-    return json_response(to_explained_response(outcome.results[0]), exclude_unset=True)
+def link_queries(req: LinkRequest, settings: Settings, image_bytes: bytes | None = None,
+                 explain: bool = False) -> list[LinkQuery]:
+    """/v1/link's decode stage (this route's and the fast lane's, service/fast_lane.py), run inside the admitted work."""
+    return [replace(to_query(req, settings, image_bytes=image_bytes), explain=explain)]
+
+
+def link_answer(outcome: BatchOutcome) -> str:
+    """/v1/link's answer (see `json_response`): `explain` only when asked for, every other field is always set."""
+    return to_explained_response(outcome.results[0]).model_dump_json(exclude_unset=True)
 
 
 def json_response(model: BaseModel, *, exclude_unset: bool = False) -> Response:
@@ -127,7 +136,7 @@ async def link_batch(body: BatchLinkRequest, request: Request) -> Response:
     if len(body.items) > cap:
         raise TooManyItems(f"at most {cap} items per batch (got {len(body.items)}); use /v1/jobs for more")
     state.require_linker()
-    outcome = await run_linker(state, lambda: to_queries(body.items, state.settings), "batch", request)
+    outcome = await run_linker(state, lambda: to_queries(body.items, state.settings), "batch", request.receive)
     results = [BatchResult(**response_fields(r), id=r.id) for r in outcome.results]
     first = outcome.results[0]
     return json_response(BatchLinkResponse(results=results, index_version=first.index_version,
