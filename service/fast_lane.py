@@ -6,10 +6,10 @@ match over every route, the route wrapper and its parameter solving, each an asy
 thread that every request and every batch hand-over goes through. The lane sits innermost of our middleware
 (CORS, metrics, API key and body cap still apply, unchanged) and runs what the route runs, in the same order:
 readiness, the body validated as a LinkRequest, admission and the micro-batcher (`run_linker`), the answer written
-by `json_response`'s one pydantic-core call; errors get the bodies, statuses and headers of the app's handlers.
+by `link_answer` (one pydantic-core call); errors get the bodies, statuses and headers of the app's handlers.
 Anything else (multipart, `?explain=true` or any query string, another content type, a mounted root path) takes
-the route. Measured by `python scripts/bench_fast_lane.py` (`reports/bench-fast-lane.json`; README: Serving
-over HTTP). `EL_LINK_FAST_LANE=false` sends every request through the route.
+the route. Measured by `python scripts/bench_fast_lane.py` (`reports/bench-fast-lane.json`; README: Evaluation
+and benchmarks). `EL_LINK_FAST_LANE=false` sends every request through the route.
 """
 
 from __future__ import annotations
