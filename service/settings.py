@@ -319,7 +319,7 @@ class Settings(BaseSettings):
                                                   "below this marks the mention NIL; set alone, it selects that rule.")
     link_fast_lane: bool = Field(True, description="Answer POST /v1/link with a JSON body and no query string "
                                                    "without the framework's routing layers (service/fast_lane.py: the "
-                                                   "same checks, answers and errors; about 7 % more requests/s at "
+                                                   "same checks, answers and errors; about 6 % more requests/s at "
                                                    "concurrency 32 here); false: every request takes the route.")
     stage_delay_ms: int = Field(0, ge=0, description="Test hook: sleep this long in the encode stage.")
 
