@@ -249,6 +249,7 @@ def run(settings: Settings, opts: Options) -> dict:
         "entities_per_call": opts.batch, "rounds": opts.rounds,
         "update_encoder": "int8" if settings.updates.int8_encoder else "fp32",  # EL_UPDATES__INT8_ENCODER
         "update_nice": settings.updates.nice,  # EL_UPDATES__NICE
+        "update_encoder_threads": settings.updates.encoder_threads,  # EL_UPDATES__ENCODER_THREADS
         "idle_phases": [summary(p) for p in idle], "idle": summary(idle_all), "check_entity": check,
     }
     for kind in ("text", "image"):
