@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 BUCKET_TOKENS = 8  # length band of one encoder run (tokens)
 BUCKET_LEAST = 4  # rows below which a band joins its neighbour
+IMAGE_CHUNK = 4  # images per image-encoder run (encode_images): measured in scripts/bench_image_chunk.py
 _TEXT_LOCAL = contract.STUDENT_OUTPUTS.index("text_local")
 
 
@@ -145,10 +146,14 @@ class EncoderRuntime:
         if self.image_session is None or not present.any():
             return ImageFeatures(glob, local, present & (self.image_session is not None))
         idx = np.flatnonzero(present)
-        pixels = self.preprocess([images[i] for i in idx])  # type: ignore[misc]
         self.invocations += 1
-        g, p = self.image_session.run(list(contract.IMAGE_OUTPUTS), {"pixels": pixels})
-        glob[idx], local[idx] = g, p
+        # A few images per run: the CNN's activations for 64 images (~100 MB) spill every cache, and a batch of 64
+        # cost 2.3x more CPU per image than runs of 1-8 on this project's 2-core CPU (scripts/bench_image_chunk.py).
+        for start in range(0, len(idx), IMAGE_CHUNK):
+            part = idx[start : start + IMAGE_CHUNK]
+            pixels = self.preprocess([images[i] for i in part])  # type: ignore[misc]
+            g, p = self.image_session.run(list(contract.IMAGE_OUTPUTS), {"pixels": pixels})
+            glob[part], local[part] = g, p
         return ImageFeatures(glob, local, present)
 
     def encode_student(self, side: Literal["mention", "entity"], first: Sequence[str], second: Sequence[str],

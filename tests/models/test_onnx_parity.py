@@ -147,6 +147,23 @@ def test_encode_images_matches_torch_and_marks_missing(backbones, runtime) -> No
     assert np.abs(feats.patches[[0, 2]] - want_p).max() <= ATOL
 
 
+def test_encode_images_in_chunks_matches_one_at_a_time(runtime) -> None:
+    """More images than IMAGE_CHUNK, with gaps: every present image lands in its own row, as if encoded alone."""
+    from models.runtime import IMAGE_CHUNK
+
+    images = synthetic_images(2 * IMAGE_CHUNK + 1, seed=11)
+    mixed = [images[0], None, *images[1:5], None, *images[5:]]
+    feats = runtime.encode_images(mixed)
+    assert feats.present.tolist() == [im is not None for im in mixed]
+    for i, im in enumerate(mixed):
+        if im is None:
+            assert not feats.global_[i].any() and not feats.patches[i].any()
+            continue
+        alone = runtime.encode_images([im])
+        assert np.abs(feats.global_[i] - alone.global_[0]).max() <= ATOL
+        assert np.abs(feats.patches[i] - alone.patches[0]).max() <= ATOL
+
+
 def test_encode_texts_masks_and_type_ids(backbones, runtime, raw_tokenizer) -> None:
     first = ["Eiffel Tower", "Ada Lovelace", "Paris"]
     second = ["wrought-iron lattice tower in Paris", "English mathematician and writer, Analytical Engine", "city"]
