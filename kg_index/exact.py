@@ -23,12 +23,21 @@ bf16 rounding (`_bf16_bound`); a query whose kk-th fp32 score does not clear tha
 (measured on WikiMEL test, RichpediaMEL and WikiDiverse dev mentions against the 40,942-entity index: no query
 needed it). In the pipeline the retrieve stage's cost per mention fell 1.1x for batches of 8 and 1.3-1.6x for 16 to
 64 (one thread).
+
+Which kernel wins depends on the CPU, and this project's machines differ (an AMD EPYC and an Intel Xeon, both with
+AVX512_BF16): on the Xeon the bf16 shortlist lost to the fp32 GEMM from 16 queries on, and the GEMM's two layouts
+swapped places. So an index of CALIBRATE_MIN_ROWS or more measures its own `SearchPlan` once (`calibrate`: both
+fp32 layouts, then the shortlist against the faster one at 8, 16, 32 and 64 queries, over at most CALIBRATE_ROWS of
+its rows, about half a second, cached per size class for the process) rather than trusting the CPU's flags. Every
+plan gives the same rows: only the speed differs.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+from dataclasses import dataclass
 from typing import Literal
 
 import faiss
@@ -98,6 +107,27 @@ COARSE_MIN_BATCH = 6
 # mentions for the fp32 re-search, 128 none (WikiMEL test: 5,131 mentions; WikiDiverse dev: 1,656).
 COARSE_EXTRA = 80
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+CALIBRATE_MIN_ROWS = 8192  # smaller indexes keep the default plan: every kernel takes well under a millisecond
+CALIBRATE_ROWS = 65536  # rows timed by `calibrate` (the first ones): enough to stream past every cache
+CALIBRATE_BATCHES = (8, 16, 32, 64)
+LARGE_BATCH = 24  # from here on a batch takes the plan's large_layout
+Layout = Literal["queries", "vectors"]
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How ExactSearch scores a batch. `layout` (batches below LARGE_BATCH) and `large_layout`: the fp32 GEMM as
+    queries @ vectors.T ("queries") or as (vectors @ queries.T).T made contiguous ("vectors"; top-k on the
+    transposed view itself was 1.4x slower for 64 queries). `coarse_max_batch`: the largest batch answered through
+    the bf16 shortlist (from COARSE_MIN_BATCH on; below COARSE_MIN_BATCH it never is), None for no limit."""
+
+    layout: Layout = "queries"
+    large_layout: Layout = "queries"
+    coarse_max_batch: int | None = None
+    measured: dict[str, float] | None = None  # the calibration's medians, ms per batch (for logs and the bench)
+
+
+_plans: dict[tuple[int, int, bool], SearchPlan] = {}
 
 
 class ExactSearch:
@@ -118,6 +148,7 @@ class ExactSearch:
         self._max_norm = float(np.linalg.norm(vectors, axis=1).max(initial=0.0))
         self.shortlisted = 0  # queries answered through the bf16 shortlist
         self.fp32_researches = 0  # of those, the ones its bound sent back to the fp32 search (expected: none)
+        self.plan = plan_for(self)
 
     @classmethod
     def for_index(cls, index: faiss.Index) -> ExactSearch | None:
@@ -161,7 +192,7 @@ class ExactSearch:
                 if n_dead:
                     row[dead_np] = -np.inf
                 return row
-        elif len(queries) >= COARSE_MIN_BATCH and kk + COARSE_EXTRA < n and coarse_enabled():
+        elif len(queries) >= COARSE_MIN_BATCH and kk + COARSE_EXTRA < n and self._coarse_for(len(queries)):
             top, rows = self._shortlisted(queries, kk, dead)
 
             def full_row(i: int) -> np.ndarray:
@@ -188,12 +219,25 @@ class ExactSearch:
                 top[i, :k], rows[i, :k] = top_i[0, :k], rows_i[0, :k]
         return top[:, :k], rows[:, :k]
 
-    def _fp32_scores(self, queries: np.ndarray, dead: torch.Tensor | None) -> torch.Tensor:
-        """[B, N] fp32 inner products, dead rows -inf."""
+    def _coarse_for(self, batch: int) -> bool:
+        """Whether a batch of this size (COARSE_MIN_BATCH or more) takes the bf16 shortlist."""
+        if _coarse_mode == "on":
+            return True
+        limit = self.plan.coarse_max_batch
+        return coarse_enabled() and (limit is None or batch <= limit)
+
+    def _fp32_scores(self, queries: np.ndarray, dead: torch.Tensor | None, layout: Layout | None = None,
+                     ) -> torch.Tensor:
+        """[B, N] fp32 inner products (contiguous), dead rows -inf."""
         with torch.no_grad():
-            # vectors @ queries.T rather than queries @ vectors.T: the same products, and MKL's GEMM runs this
-            # layout 1.2-3.6x faster for batches of 64 down to 4 (measured on the 40,942 x 384 index).
-            scores = (self._t @ torch.from_numpy(queries).T).T
+            # The same products either way; which layout MKL's GEMM runs faster depends on the CPU (`SearchPlan`).
+            q = torch.from_numpy(queries)
+            if layout is None:
+                layout = self.plan.large_layout if len(queries) >= LARGE_BATCH else self.plan.layout
+            if layout == "queries":
+                scores = q @ self._t.T
+            else:
+                scores = (self._t @ q.T).T.contiguous()
             if dead is not None:
                 scores.masked_fill_(dead, float("-inf"))
         return scores
@@ -236,6 +280,82 @@ class ExactSearch:
                 t, r = torch.topk(self._fp32_scores(queries[again], dead), kk, dim=1, largest=True, sorted=True)
             top_np[again], rows_np[again] = t.numpy(), r.numpy()
         return top_np, rows_np
+
+
+def plan_for(search: ExactSearch) -> SearchPlan:
+    """The plan of an index of this size: measured once per size class and process (`calibrate`) where the
+    shortlist mode is 'auto' and the index has CALIBRATE_MIN_ROWS rows or more; else the default."""
+    n, d = search.vectors.shape
+    if _coarse_mode != "auto" or n < CALIBRATE_MIN_ROWS:
+        return SearchPlan()
+    key = (n.bit_length(), d, coarse_enabled())
+    if key not in _plans:
+        _plans[key] = calibrate(search)
+    return _plans[key]
+
+
+def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
+    """Time the kernels on this CPU over (at most CALIBRATE_ROWS of) the index's own vectors, one thread as served:
+    the faster fp32 layout for 8 and for 64 queries, then the shortlist against the fp32 search at each of
+    CALIBRATE_BATCHES, in alternating rounds with a cache-sized read between (the pipeline's other stages evict the
+    caches); the fastest round of each (noise only ever adds time)."""
+    rows = min(len(search), CALIBRATE_ROWS)
+    sub = ExactSearch.__new__(ExactSearch)  # the same kernels over a view of the first rows, without a plan
+    sub.__dict__.update(search.__dict__)
+    sub.vectors, sub._t = search.vectors[:rows], search._t[:rows]
+    sub._coarse = search._coarse[:rows] if search._coarse is not None else None
+    sub.plan = SearchPlan()
+    rng = np.random.default_rng(0)
+    picks = search.vectors[rng.choice(len(search), max(CALIBRATE_BATCHES))]
+    queries = np.ascontiguousarray(picks + rng.normal(0, 0.01, picks.shape).astype(np.float32))
+    kk = 48  # 32 candidates + TIE_MARGIN, as the retrieve stage asks
+    flush = np.ones(8 << 20, np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def timed(fn, batch: int) -> float:
+        flush.sum()
+        t = time.perf_counter()
+        fn(queries[:batch])
+        return (time.perf_counter() - t) * 1000
+
+    def fp32(layout: Layout):
+        return lambda q: torch.topk(sub._fp32_scores(q, None, layout), kk, dim=1)
+
+    times: dict[str, list[float]] = {}
+    try:
+        with torch.no_grad():
+            for _ in range(rounds):
+                for layout in ("queries", "vectors"):
+                    for b in (8, 64):
+                        times.setdefault(f"{layout}@{b}", []).append(timed(fp32(layout), b))
+            med = {k: min(v) for k, v in times.items()}
+            small: Layout = "queries" if med["queries@8"] <= med["vectors@8"] else "vectors"
+            large: Layout = "queries" if med["queries@64"] <= med["vectors@64"] else "vectors"
+            limit: int | None = COARSE_MIN_BATCH - 1  # no batch
+            if coarse_enabled() and sub._coarse is not None:
+                sub.plan = SearchPlan(small, large)
+                for _ in range(rounds):
+                    for b in CALIBRATE_BATCHES:
+                        times.setdefault(f"fp32@{b}", []).append(timed(lambda q: torch.topk(
+                            sub._fp32_scores(q, None), kk, dim=1), b))
+                        times.setdefault(f"bf16@{b}", []).append(timed(lambda q: sub._shortlisted(q, kk, None), b))
+                med = {k: min(v) for k, v in times.items()}
+                for b in CALIBRATE_BATCHES:  # the shortlist up to the last size at which it keeps winning
+                    if med[f"bf16@{b}"] >= med[f"fp32@{b}"]:
+                        break
+                    limit = b
+                else:
+                    limit = None
+    finally:
+        torch.set_num_threads(threads)
+    plan = SearchPlan(small, large, limit, {k: round(v, 2) for k, v in med.items()})
+    logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s (ms per batch: %s)",
+                len(search), search.vectors.shape[1], plan.layout, plan.large_layout,
+                "off" if limit is not None and limit < COARSE_MIN_BATCH else
+                f"for {COARSE_MIN_BATCH}-{limit} queries" if limit else f"from {COARSE_MIN_BATCH} queries",
+                plan.measured)
+    return plan
 
 
 def _faiss_order(top: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ Three parts, on the served index and the trained student's mention vectors:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import Counter, defaultdict
@@ -51,7 +52,8 @@ def main() -> None:
         raise SystemExit("the served index is not Flat: its search is FAISS's, the bf16 shortlist does not apply")
     report: dict = {"machine": machine, "index_version": linker.index.version, "entities": len(search),
                     "cpu_has_bf16": exact.cpu_has_bf16(), "coarse_extra": exact.COARSE_EXTRA,
-                    "coarse_min_batch": exact.COARSE_MIN_BATCH, "exactness": {}, "speed": {}}
+                    "coarse_min_batch": exact.COARSE_MIN_BATCH, "plan": dataclasses.asdict(search.plan),
+                    "exactness": {}, "speed": {}}
 
     for dataset, split in SPLITS:
         ms = read_mentions(settings.data_dir, dataset, split)

@@ -57,8 +57,10 @@ class IndexSettings(BaseModel):
         "auto", description="Exact search of Flat indexes (batches of 6 or more): score every entity with a bf16 "
                             "copy of the vectors, rescore the best in fp32 (still exact: a rounding bound sends "
                             "any doubtful query back to fp32). 'auto': where the CPU has native bf16 dot products "
-                            "(AVX512_BF16, AMX); 'on' anywhere; 'off' never (saves the copy: half the vectors' "
-                            "memory).")
+                            "(AVX512_BF16, AMX) and, for an index of 8,192 entities or more, only for the batch "
+                            "sizes at which it measured faster than the fp32 GEMM when the index loaded (about a "
+                            "second, once per process; kg_index/exact.py SearchPlan); 'on' anywhere; 'off' never "
+                            "(saves the copy: half the vectors' memory).")
     allow_source_mismatch: bool = Field(
         False, description="Serve an index built from another KG than the configured one (EL_INDEX__KG, "
                            "EL_DATA_DIR, EL_INDEX__LIMIT), with a warning in the log and in /readyz's detail, "

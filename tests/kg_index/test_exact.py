@@ -214,3 +214,71 @@ def test_bf16_shortlist_modes() -> None:
             exact.configure_coarse("fast")  # type: ignore[arg-type]
     finally:
         exact.configure_coarse(before)
+
+
+# ---- the search plan (measured per CPU): every plan answers the same rows ----
+
+
+@pytest.mark.parametrize("layout", ["queries", "vectors"])
+@pytest.mark.parametrize("b", [SMALL_BATCH + 1, 8, 30])
+def test_both_fp32_layouts_return_faiss_rows(monkeypatch: pytest.MonkeyPatch, layout: str, b: int) -> None:
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "_coarse_mode", "off")
+    rng = np.random.default_rng(b)
+    x, q = _unit(rng, 3000, 96), _unit(rng, b, 96)
+    ex = ExactSearch.for_index(_flat(x))
+    ex.plan = exact.SearchPlan(layout, layout)  # type: ignore[arg-type]
+    _check_like_faiss(ex, x, q, 32)
+    assert ex._fp32_scores(q, None).is_contiguous()
+
+
+@pytest.mark.parametrize(("limit", "b", "shortlisted"), [(8, 8, True), (8, 16, False), (5, 6, False),
+                                                           (None, 64, True)])
+def test_plan_limits_the_shortlist_to_its_batches(monkeypatch: pytest.MonkeyPatch, limit: int | None, b: int,
+                                                  shortlisted: bool) -> None:
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "_coarse_mode", "auto")
+    monkeypatch.setattr(exact, "cpu_has_bf16", lambda: True)  # the shortlist is exact on any CPU, only slower
+    rng = np.random.default_rng(b)
+    x, q = _unit(rng, 2000, 64), _unit(rng, b, 64)
+    ex = ExactSearch.for_index(_flat(x))
+    ex.plan = exact.SearchPlan("queries", "queries", limit)
+    _check_like_faiss(ex, x, q, 32)
+    assert ex.shortlisted == (b if shortlisted else 0)
+
+
+def test_calibration_measures_each_kernel_once_per_size_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index past CALIBRATE_MIN_ROWS (auto mode) times its kernels at load: a plan of allowed values, every timing
+    recorded, cached for the next index of its size class, and answering as FAISS does."""
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "_coarse_mode", "auto")
+    monkeypatch.setattr(exact, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(exact, "_plans", {})
+    rng = np.random.default_rng(21)
+    x = _unit(rng, exact.CALIBRATE_MIN_ROWS + 100, 32)
+    ex = ExactSearch.for_index(_flat(x))
+    plan = ex.plan
+    assert plan.measured is not None
+    assert {f"{layout}@{b}" for layout in ("queries", "vectors") for b in (8, 64)} <= plan.measured.keys()
+    assert {f"{kind}@{b}" for kind in ("fp32", "bf16") for b in exact.CALIBRATE_BATCHES} <= plan.measured.keys()
+    assert plan.coarse_max_batch in (exact.COARSE_MIN_BATCH - 1, *exact.CALIBRATE_BATCHES[:-1], None)
+    assert all(v > 0 for v in plan.measured.values())
+    assert ExactSearch.for_index(_flat(x[:-1])).plan is plan  # same size class: measured once
+    assert ex.shortlisted == 0  # the calibration's own searches are not counted
+    for b in (8, 64):
+        _check_like_faiss(ex, x, _unit(rng, b, 32), 32)
+
+
+def test_small_indexes_and_forced_modes_keep_the_default_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "_plans", {})
+    x = _unit(np.random.default_rng(2), exact.CALIBRATE_MIN_ROWS - 1, 16)
+    assert ExactSearch.for_index(_flat(x)).plan == exact.SearchPlan()
+    monkeypatch.setattr(exact, "_coarse_mode", "on")
+    assert ExactSearch.for_index(_flat(_unit(np.random.default_rng(2), exact.CALIBRATE_MIN_ROWS, 16))).plan \
+        == exact.SearchPlan()
+    assert not exact._plans
