@@ -27,6 +27,7 @@ from models.runtime import EncoderRuntime
 from service.pipeline.calibration import Calibration, Verdict
 from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.explain import PlanRecorder, explanations
+from service.pipeline.halves import Occupancy, in_halves
 from service.pipeline.kg_terms import KGTerms, LayeredKGTerms
 from service.pipeline.rerank import (
     CrossScorer,
@@ -177,6 +178,7 @@ class Linker:
         self.store: LiveStore | None = None
         self._entity_runtime: EncoderRuntime | None = None
         self._entity_runtime_lock = threading.Lock()
+        self._occupancy = Occupancy()  # shared by the copies (with_weights, ...): batches in flight
         if live:
             self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish)
 
@@ -323,9 +325,19 @@ class Linker:
         """Link a batch in one pass per stage; results in input order, each with the batch's stage timings.
 
         With a `deadline` (time.monotonic), stages not yet started are skipped once it has passed
-        (`DeadlineExceeded`).
+        (`DeadlineExceeded`). A batch of EL_BATCHING__SPLIT_MIN or more mentions that finds no other running is
+        linked as two halves at once, from the same snapshot (service/pipeline/halves.py).
         """
         snap = self._snapshot  # read once: the whole batch is answered from one index
+        split = self.settings.batching.split_min
+        with self._occupancy.enter() as alone:
+            if alone and split and len(queries) >= split and self.device.type == "cpu":
+                return in_halves(self._occupancy, queries, lambda part: self._link(snap, part, rerank, deadline),
+                                 _merge)
+            return self._link(snap, queries, rerank, deadline)
+
+    def _link(self, snap: Snapshot, queries: list[LinkQuery], rerank: bool | None,
+              deadline: float | None) -> BatchOutcome:
         cfg, s = self.rerank, self.settings
         do_rerank = s.rerank.enabled if rerank is None else rerank
         if not queries:
@@ -390,6 +402,15 @@ class Linker:
         other = copy.copy(self)
         other.excluded = frozenset(ids)
         return other
+
+
+def _merge(first: BatchOutcome, second: BatchOutcome) -> BatchOutcome:
+    """The outcome of a batch linked as two halves at once: results in order; each stage's time is the longer
+    half's (they ran side by side); each result keeps its own half's timings."""
+    timings = {k: max(first.timings_ms.get(k, 0.0), second.timings_ms.get(k, 0.0))
+               for k in {**first.timings_ms, **second.timings_ms}}
+    return BatchOutcome(first.results + second.results, first.ot_stats + second.ot_stats, timings,
+                        first.ot_skipped + second.ot_skipped)
 
 
 def load_verdict(settings: Settings, model_version: str) -> Verdict:
