@@ -149,8 +149,9 @@ class BatchingSettings(BaseModel):
                                                      "CPU work, interactive and job batches together.")
     split_min: int = Field(16, ge=0, description="A link_batch call of at least this many mentions that finds no "
                                                 "other running in this process is linked as two halves at once, "
-                                                "one per core (service/pipeline/halves.py; same answers; 1.1-1.2x "
-                                                "the mentions/s of one caller's batches of 64 here); 0: never.")
+                                                "one per core (service/pipeline/halves.py; same answers; 1.16-1.24x "
+                                                "the mentions/s of one caller's batches of 64 here, about 1.1x over "
+                                                "HTTP at concurrency 8-32); 0: never.")
     job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch while interactive work is "
                                                              "about (small, so a request never shares the CPU long with "
                                                              "a job batch).")

@@ -5,9 +5,11 @@ rerank (torch on one thread, EL_RERANK__TORCH_THREADS=1, right when two batches 
 KG terms run on one. With two batches in flight (EL_BATCHING__MAX_CONCURRENT=2) both cores are busy anyway; a batch
 that finds no other running leaves one idle for most of its time. Such a batch, when it is large enough, is cut
 in two halves linked at once, one in a helper thread, from the same index snapshot. The halves give the answers
-the whole batch gives (each mention is scored on its own; a test compares them). Measured in process on 2,048
-WikiMEL test mentions in batches of 64 (*exploratory*, then `el bench`): 1.2x the mentions/s with OT on every
-mention, 1.1x with the adaptive rerank, for about 5 % more CPU per mention.
+the whole batch gives (each mention is scored on its own; a test compares them). `scripts/bench_halves.py`
+(reports/bench-halves.json; 2,048 WikiMEL test mentions, batches of 64, one caller, alternating rounds on the 2-core
+Xeon): 1.24x the mentions/s with OT on every mention and 1.16x with the adaptive rerank, for 11 % and 5 % more CPU
+per mention; the same top-1 everywhere. Over HTTP (*exploratory*, wrk, alternating servers) it gave about 1.1x the
+requests/s at concurrency 8 and 32: even there one of the two batch slots is often empty.
 """
 
 from __future__ import annotations
