@@ -9,6 +9,7 @@ our Sinkhorn against POT's on the problems captured from one batch of the served
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -175,7 +176,10 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
     return report(rows, n_mentions=len(mentions), image_mentions=len(with_image), teacher_mentions=teacher_n,
                   dataset="wikimel test", machine=machine_info(linker.runtime.providers),
                   index={"version": idx.version, "entities": len(idx), "faiss": idx.manifest.faiss_factory,
-                         "features": "student" if idx.heads else "zero-shot"},
+                         "features": "student" if idx.heads else "zero-shot",
+                         # what this CPU measured at load (kg_index/exact.py), and the halves' threshold
+                         "search_plan": dataclasses.asdict(idx.exact.plan) if idx.exact is not None else None,
+                         "split_min": linker.settings.batching.split_min},
                   rerank={"candidates": linker.settings.rerank.candidates, "eps": linker.rerank.eps,
                           "skip_margin": linker.skip_margin},
                   notes=[("ratios: mentions/s and CPU-s/mention as row / baseline; h1_points as row - baseline in "
