@@ -37,6 +37,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,10 +128,25 @@ class SearchPlan:
     layout: Layout = "queries"
     large_layout: Layout = "queries"
     coarse_max_batch: int | None = None
+    small_halves: bool = False  # 1-2 queries with a spare core (`spare_core`): the GEMV in two row halves at once
     measured: dict[str, float] | None = None  # the calibration's medians, ms per batch (for logs and the bench)
 
 
 _plans: dict[tuple[int, int, bool], SearchPlan] = {}
+_spare: ContextVar[Executor | None] = ContextVar("exact_search_spare_core", default=None)
+
+
+@contextmanager
+def spare_core(executor: Executor | None) -> Iterator[None]:
+    """Within the block (this thread), a search of one or two queries may run half its scan on `executor`: an idle
+    core's thread (the Linker's helper when a batch runs alone). FAISS's scan of one query runs on one thread
+    whatever its OpenMP setting; where the plan measured them faster (`SearchPlan.small_halves`), two row halves
+    of the fp32 GEMV run at once instead."""
+    token = _spare.set(executor)
+    try:
+        yield
+    finally:
+        _spare.reset(token)
 
 
 class ExactSearch:
@@ -173,7 +192,13 @@ class ExactSearch:
             raise ValueError(f"k must be in [1, {n}], got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         kk = min(n, k + TIE_MARGIN)
-        if len(queries) <= SMALL_BATCH and isinstance(self._owner, faiss.Index):
+        spare = _spare.get() if self.plan.small_halves else None
+        if len(queries) <= SMALL_BATCH and spare is not None:
+            top, rows = self._in_row_halves(queries, kk, dead, spare)
+
+            def full_row(i: int) -> np.ndarray:
+                return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
+        elif len(queries) <= SMALL_BATCH and isinstance(self._owner, faiss.Index):
             n_dead = 0 if dead is None else int(dead.sum())
             threads = faiss.omp_get_max_threads()  # OpenMP's setting is per calling thread: restored below
             faiss.omp_set_num_threads(1)
@@ -242,6 +267,33 @@ class ExactSearch:
                 scores.masked_fill_(dead, float("-inf"))
         return scores
 
+    def _in_row_halves(self, queries: np.ndarray, kk: int, dead: torch.Tensor | None,
+                       spare: Executor) -> tuple[np.ndarray, np.ndarray]:
+        """Top kk (scores, rows), sorted: the fp32 scores of each half of the rows, one half on `spare`."""
+        n = len(self)
+        half = n // 2
+        q = torch.from_numpy(queries)
+
+        def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                scores = q @ self._t[lo:hi].T
+                if dead is not None:
+                    scores.masked_fill_(dead[lo:hi], float("-inf"))
+                top, rows = torch.topk(scores, min(kk, hi - lo), dim=1, sorted=False)
+            return top, rows + lo
+
+        later = spare.submit(part, half, n)
+        try:
+            first = part(0, half)
+        except BaseException:
+            wait([later])
+            raise
+        second = later.result()
+        with torch.no_grad():
+            both, rows = torch.cat([first[0], second[0]], 1), torch.cat([first[1], second[1]], 1)
+            top, order = torch.topk(both, kk, dim=1, sorted=True)
+            return top.numpy(), torch.gather(rows, 1, order).numpy()
+
     def _bf16_bound(self, q: torch.Tensor) -> torch.Tensor:
         """[B] an upper bound on |bf16 score - fp32 score| for any row: both factors rounded to bf16 (relative
         error u each), products summed in fp32 (d terms), the sum rounded to bf16 once more; every |q . v| is at
@@ -298,7 +350,8 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
     """Time the kernels on this CPU over (at most CALIBRATE_ROWS of) the index's own vectors, one thread as served:
     the faster fp32 layout for 8 and for 64 queries, then the shortlist against the fp32 search at each of
     CALIBRATE_BATCHES, in alternating rounds with a cache-sized read between (the pipeline's other stages evict the
-    caches); the fastest round of each (noise only ever adds time)."""
+    caches); the fastest round of each (noise only ever adds time). Then one query: FAISS's scan against the GEMV
+    in two row halves at once (a spare thread), over the whole index (up to 4 x CALIBRATE_ROWS rows)."""
     rows = min(len(search), CALIBRATE_ROWS)
     sub = ExactSearch.__new__(ExactSearch)  # the same kernels over a view of the first rows, without a plan
     sub.__dict__.update(search.__dict__)
@@ -347,14 +400,28 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                     limit = b
                 else:
                     limit = None
+            halves = False
+            if isinstance(search._owner, faiss.Index) and len(search) <= 4 * CALIBRATE_ROWS:
+                omp = faiss.omp_get_max_threads()
+                faiss.omp_set_num_threads(1)  # as served (SMALL_BATCH)
+                try:
+                    with ThreadPoolExecutor(1) as spare:
+                        for _ in range(2 * rounds):
+                            times.setdefault("faiss@1", []).append(timed(lambda q: search._owner.search(q, kk), 1))
+                            times.setdefault("halves@1", []).append(
+                                timed(lambda q: search._in_row_halves(q, kk, None, spare), 1))
+                finally:
+                    faiss.omp_set_num_threads(omp)
+                halves = min(times["halves@1"]) < min(times["faiss@1"])
+            med = {k: min(v) for k, v in times.items()}
     finally:
         torch.set_num_threads(threads)
-    plan = SearchPlan(small, large, limit, {k: round(v, 2) for k, v in med.items()})
-    logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s (ms per batch: %s)",
-                len(search), search.vectors.shape[1], plan.layout, plan.large_layout,
+    plan = SearchPlan(small, large, limit, halves, {k: round(v, 2) for k, v in med.items()})
+    logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s, one query alone: %s "
+                "(ms per batch: %s)", len(search), search.vectors.shape[1], plan.layout, plan.large_layout,
                 "off" if limit is not None and limit < COARSE_MIN_BATCH else
                 f"for {COARSE_MIN_BATCH}-{limit} queries" if limit else f"from {COARSE_MIN_BATCH} queries",
-                plan.measured)
+                "two row halves" if halves else "FAISS's scan", plan.measured)
     return plan
 
 

@@ -151,7 +151,9 @@ class BatchingSettings(BaseModel):
                                                 "other running in this process is linked as two halves at once, "
                                                 "one per core (service/pipeline/halves.py; same answers; 1.16-1.24x "
                                                 "the mentions/s of one caller's batches of 64 here, about 1.1x over "
-                                                "HTTP at concurrency 8-32); 0: never.")
+                                                "HTTP at concurrency 8-32); a smaller one alone may scan the index in "
+                                                "two halves at once for one or two queries, where the index's search "
+                                                "plan measured that faster. 0: neither.")
     job_max_batch: int = Field(8, ge=1, le=4096, description="Most job items in one batch while interactive work is "
                                                              "about (small, so a request never shares the CPU long with "
                                                              "a job batch).")

@@ -10,6 +10,12 @@ the whole batch gives (each mention is scored on its own; a test compares them).
 Xeon): 1.24x the mentions/s with OT on every mention and 1.16x with the adaptive rerank, for 11 % and 5 % more CPU
 per mention; the same top-1 everywhere. Over HTTP (*exploratory*, wrk, alternating servers) it gave about 1.1x the
 requests/s at concurrency 8 and 32: even there one of the two batch slots is often empty.
+
+A batch alone but below the minimum lends the idle helper thread to its search instead (kg_index/exact.py
+`spare_core`): one or two queries then scan the index in two row halves at once, where the index's search plan
+measured that faster than FAISS's one-thread scan (on the Xeon: 1.9 against 2.8 ms a query; a lone request's p50 in
+process 11.2 -> 9.5 ms, *exploratory*). Splitting smaller work (a single mention's 32 OT problems in two) was
+slower: the two threads then mostly wait for each other's GIL.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ import copy
 import logging
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kg_index.exact import configure_coarse
+from kg_index.exact import configure_coarse, spare_core
 from kg_index.live import Change, EntityRow, rows_from_features
 from kg_index.live_store import LiveStore
 from kg_index.load import EntityMeta, KGIndex, load_index
@@ -331,13 +332,16 @@ class Linker:
         snap = self._snapshot  # read once: the whole batch is answered from one index
         split = self.settings.batching.split_min
         with self._occupancy.enter() as alone:
-            if alone and split and len(queries) >= split and self.device.type == "cpu":
+            alone = alone and self.device.type == "cpu"
+            if alone and split and len(queries) >= split:
                 return in_halves(self._occupancy, queries, lambda part: self._link(snap, part, rerank, deadline),
                                  _merge)
-            return self._link(snap, queries, rerank, deadline)
+            # Alone and small: the helper thread is idle, and a search of one or two queries may use it
+            # (kg_index/exact.py spare_core; only where the index's plan measured that faster).
+            return self._link(snap, queries, rerank, deadline, self._occupancy.helper() if alone and split else None)
 
-    def _link(self, snap: Snapshot, queries: list[LinkQuery], rerank: bool | None,
-              deadline: float | None) -> BatchOutcome:
+    def _link(self, snap: Snapshot, queries: list[LinkQuery], rerank: bool | None, deadline: float | None,
+              spare: Executor | None = None) -> BatchOutcome:
         cfg, s = self.rerank, self.settings
         do_rerank = s.rerank.enabled if rerank is None else rerank
         if not queries:
@@ -350,7 +354,8 @@ class Linker:
 
         k = max(max(q.top_k for q in queries), s.rerank.candidates if do_rerank else 0)
         excluded = _rows_of(snap.index, self.excluded) if self.excluded else None
-        retrieval, rows = retrieve(snap.index, feats.global_, k, excluded)
+        with spare_core(spare):
+            retrieval, rows = retrieve(snap.index, feats.global_, k, excluded)
         timings["retrieve"], t = _lap(t)
 
         stats: list[OTStats] = []

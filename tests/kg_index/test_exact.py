@@ -264,6 +264,10 @@ def test_calibration_measures_each_kernel_once_per_size_class(monkeypatch: pytes
     assert plan.measured is not None
     assert {f"{layout}@{b}" for layout in ("queries", "vectors") for b in (8, 64)} <= plan.measured.keys()
     assert {f"{kind}@{b}" for kind in ("fp32", "bf16") for b in exact.CALIBRATE_BATCHES} <= plan.measured.keys()
+    assert {"faiss@1", "halves@1"} <= plan.measured.keys()
+    halves, scan = plan.measured["halves@1"], plan.measured["faiss@1"]
+    if halves != scan:  # (the report rounds to 0.01 ms; the choice used the unrounded times)
+        assert plan.small_halves == (halves < scan)
     assert plan.coarse_max_batch in (exact.COARSE_MIN_BATCH - 1, *exact.CALIBRATE_BATCHES[:-1], None)
     assert all(v > 0 for v in plan.measured.values())
     assert ExactSearch.for_index(_flat(x[:-1])).plan is plan  # same size class: measured once
@@ -282,3 +286,40 @@ def test_small_indexes_and_forced_modes_keep_the_default_plan(monkeypatch: pytes
     assert ExactSearch.for_index(_flat(_unit(np.random.default_rng(2), exact.CALIBRATE_MIN_ROWS, 16))).plan \
         == exact.SearchPlan()
     assert not exact._plans
+
+
+@pytest.mark.parametrize("b", [1, SMALL_BATCH])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_one_or_two_queries_in_row_halves_on_a_spare_core(monkeypatch: pytest.MonkeyPatch, b: int,
+                                                          with_dead: bool) -> None:
+    """With a spare core (and a plan that measured it faster) the GEMV runs in two row halves at once: FAISS's rows
+    and scores, dead rows never returned; without one, or with a plan against it, FAISS's scan answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from kg_index import exact
+
+    rng = np.random.default_rng(b + 10 * with_dead)
+    x, q = _unit(rng, 3001, 48), _unit(rng, b, 48)
+    ex = ExactSearch.for_index(_flat(x))
+    calls: list[int] = []
+    inner = ExactSearch._in_row_halves
+    monkeypatch.setattr(ExactSearch, "_in_row_halves", lambda self, *a: calls.append(1) or inner(self, *a))
+    dead = None
+    if with_dead:
+        _, best = _flat(x).search(q, 20)
+        dead = torch.zeros(len(x), dtype=torch.bool)
+        dead[torch.from_numpy(best[:, ::2].ravel())] = True
+    live = np.arange(len(x)) if dead is None else np.flatnonzero(~dead.numpy())
+    want_scores, want_rows = _flat(x[live]).search(q, 10)
+    with ThreadPoolExecutor(1) as spare:
+        for small_halves, expect_calls in ((False, 0), (True, 1)):
+            ex.plan = exact.SearchPlan(small_halves=small_halves)
+            with exact.spare_core(spare):
+                scores, rows = ex.search(q, 10, dead=dead)
+            assert len(calls) == expect_calls
+            assert np.array_equal(rows, live[want_rows])
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+        ex.search(q, 10, dead=dead)  # no spare core outside the block: FAISS's scan
+    assert len(calls) == 1

@@ -108,3 +108,32 @@ def test_no_halves_beside_another_batch_or_below_the_minimum(linker, test_mentio
         linker.link_batch(queries)
     linker.link_batch(queries[: linker.settings.batching.split_min - 1])
     assert sizes == [len(queries), linker.settings.batching.split_min - 1]
+
+
+@pytest.mark.slow
+@pytest.mark.onnx
+def test_a_lone_single_request_may_scan_on_the_spare_core(linker, test_mentions,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One mention, no other batch running: the search gets the helper thread as a spare core (used where the
+    index's plan measured two row halves faster; forced on here) and answers as without it; beside another batch
+    it does not get one."""
+    from dataclasses import replace
+
+    from kg_index.exact import ExactSearch
+
+    searcher = linker.index.exact
+    assert searcher is not None
+    calls: list[int] = []
+    inner = ExactSearch._in_row_halves
+    monkeypatch.setattr(ExactSearch, "_in_row_halves", lambda self, *a: calls.append(1) or inner(self, *a))
+    query = [LinkQuery(test_mentions[0].mention, test_mentions[0].context, top_k=10)]
+    want = linker.link_batch(query).results[0]  # the small test index's plan: FAISS's scan
+    assert not calls
+    monkeypatch.setattr(searcher, "plan", replace(searcher.plan, small_halves=True))
+    got = linker.link_batch(query).results[0]
+    assert calls == [1]
+    assert [e.id for e in got.entities] == [e.id for e in want.entities]
+    np.testing.assert_allclose([e.score for e in got.entities], [e.score for e in want.entities], atol=1e-5)
+    with linker._occupancy.enter():  # another batch in flight: no spare core
+        linker.link_batch(query)
+    assert calls == [1]
