@@ -27,9 +27,10 @@ needed it). In the pipeline the retrieve stage's cost per mention fell 1.1x for 
 Which kernel wins depends on the CPU, and this project's machines differ (an AMD EPYC and an Intel Xeon, both with
 AVX512_BF16): on the Xeon the bf16 shortlist lost to the fp32 GEMM from 16 queries on, and the GEMM's two layouts
 swapped places. So an index of CALIBRATE_MIN_ROWS or more measures its own `SearchPlan` once (`calibrate`: both
-fp32 layouts, then the shortlist against the faster one at 8, 16, 32 and 64 queries, over at most CALIBRATE_ROWS of
-its rows, about half a second, cached per size class for the process) rather than trusting the CPU's flags. Every
-plan gives the same rows: only the speed differs.
+fp32 layouts, then the shortlist against the fp32 search at 8, 16, 32 and 64 queries, over at most CALIBRATE_ROWS of
+its rows; and for one query, FAISS's scan against two row halves at once on a spare thread; about a second, cached
+per size class for the process) rather than trusting the CPU's flags. Every plan gives the same rows: only the
+speed differs.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class SearchPlan:
     large_layout: Layout = "queries"
     coarse_max_batch: int | None = None
     small_halves: bool = False  # 1-2 queries with a spare core (`spare_core`): the GEMV in two row halves at once
-    measured: dict[str, float] | None = None  # the calibration's medians, ms per batch (for logs and the bench)
+    measured: dict[str, float] | None = None  # the calibration's fastest rounds, ms per batch (logs, the bench)
 
 
 _plans: dict[tuple[int, int, bool], SearchPlan] = {}
@@ -382,9 +383,9 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                 for layout in ("queries", "vectors"):
                     for b in (8, 64):
                         times.setdefault(f"{layout}@{b}", []).append(timed(fp32(layout), b))
-            med = {k: min(v) for k, v in times.items()}
-            small: Layout = "queries" if med["queries@8"] <= med["vectors@8"] else "vectors"
-            large: Layout = "queries" if med["queries@64"] <= med["vectors@64"] else "vectors"
+            best = {k: min(v) for k, v in times.items()}
+            small: Layout = "queries" if best["queries@8"] <= best["vectors@8"] else "vectors"
+            large: Layout = "queries" if best["queries@64"] <= best["vectors@64"] else "vectors"
             limit: int | None = COARSE_MIN_BATCH - 1  # no batch
             if coarse_enabled() and sub._coarse is not None:
                 sub.plan = SearchPlan(small, large)
@@ -393,9 +394,9 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                         times.setdefault(f"fp32@{b}", []).append(timed(lambda q: torch.topk(
                             sub._fp32_scores(q, None), kk, dim=1), b))
                         times.setdefault(f"bf16@{b}", []).append(timed(lambda q: sub._shortlisted(q, kk, None), b))
-                med = {k: min(v) for k, v in times.items()}
+                best = {k: min(v) for k, v in times.items()}
                 for b in CALIBRATE_BATCHES:  # the shortlist up to the last size at which it keeps winning
-                    if med[f"bf16@{b}"] >= med[f"fp32@{b}"]:
+                    if best[f"bf16@{b}"] >= best[f"fp32@{b}"]:
                         break
                     limit = b
                 else:
@@ -413,10 +414,10 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                 finally:
                     faiss.omp_set_num_threads(omp)
                 halves = min(times["halves@1"]) < min(times["faiss@1"])
-            med = {k: min(v) for k, v in times.items()}
+            best = {k: min(v) for k, v in times.items()}
     finally:
         torch.set_num_threads(threads)
-    plan = SearchPlan(small, large, limit, halves, {k: round(v, 2) for k, v in med.items()})
+    plan = SearchPlan(small, large, limit, halves, {k: round(v, 2) for k, v in best.items()})
     logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s, one query alone: %s "
                 "(ms per batch: %s)", len(search), search.vectors.shape[1], plan.layout, plan.large_layout,
                 "off" if limit is not None and limit < COARSE_MIN_BATCH else
