@@ -28,9 +28,16 @@ Which kernel wins depends on the CPU, and this project's machines differ (an AMD
 AVX512_BF16): on the Xeon the bf16 shortlist lost to the fp32 GEMM from 16 queries on, and the GEMM's two layouts
 swapped places. So an index of CALIBRATE_MIN_ROWS or more measures its own `SearchPlan` once (`calibrate`: both
 fp32 layouts, then the shortlist against the fp32 search at 8, 16, 32 and 64 queries, over at most CALIBRATE_ROWS of
-its rows; and for one query, FAISS's scan against two row halves at once on a spare thread; about a second, cached
-per size class for the process) rather than trusting the CPU's flags. Every plan gives the same rows: only the
-speed differs.
+its rows; and for one query, FAISS's scan against two row halves at once on a spare thread and against the bf16
+scan below; about a second, cached per size class for the process) rather than trusting the CPU's flags.
+Every plan gives the same rows: only the speed differs.
+
+One or two queries (a lone request: its latency) may take a shortlist the same way: FAISS's SIMD scan over a bf16
+copy of the vectors (IndexScalarQuantizer QT_bf16: half the fp32 bytes) in two row halves, at once on a spare core
+or one after the other; the best kk + COARSE_EXTRA of each half rescored in fp32; exact by the same bound, with the
+same fp32 re-search where it does not clear. (FAISS's int8 "direct" scan is faster still, but from 64 dimensions
+on its SIMD path rounds the query to integers too, so its error has no useful bound.) `el bench` records the plan
+and its timings under `index.search_plan`.
 """
 
 from __future__ import annotations
@@ -117,6 +124,10 @@ CALIBRATE_ROWS = 65536  # rows timed by `calibrate` (the first ones): enough to 
 CALIBRATE_BATCHES = (8, 16, 32, 64)
 LARGE_BATCH = 24  # from here on a batch takes the plan's large_layout
 Layout = Literal["queries", "vectors"]
+# How one or two queries are searched: FAISS's fp32 scan ("faiss"), the fp32 GEMV in two row halves at once on a
+# spare core ("halves"), FAISS's bf16 scan with its two halves at once ("bf16_halves") or one after the other ("bf16":
+# no spare core needed).
+SmallKernel = Literal["faiss", "halves", "bf16_halves", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +140,8 @@ class SearchPlan:
     layout: Layout = "queries"
     large_layout: Layout = "queries"
     coarse_max_batch: int | None = None
-    small_halves: bool = False  # 1-2 queries with a spare core (`spare_core`): the GEMV in two row halves at once
+    small: SmallKernel = "faiss"  # 1-2 queries with a spare core (`spare_core`)
+    small_alone: Literal["faiss", "bf16"] = "faiss"  # 1-2 queries without one
     measured: dict[str, float] | None = None  # the calibration's fastest rounds, ms per batch (logs, the bench)
 
 
@@ -141,8 +153,8 @@ _spare: ContextVar[Executor | None] = ContextVar("exact_search_spare_core", defa
 def spare_core(executor: Executor | None) -> Iterator[None]:
     """Within the block (this thread), a search of one or two queries may run half its scan on `executor`: an idle
     core's thread (the Linker's helper when a batch runs alone). FAISS's scan of one query runs on one thread
-    whatever its OpenMP setting; where the plan measured them faster (`SearchPlan.small_halves`), two row halves
-    of the fp32 GEMV run at once instead."""
+    whatever its OpenMP setting; where the plan measured them faster (`SearchPlan.small`), two row halves of the
+    fp32 GEMV, or of the bf16 scan, run at once instead."""
     token = _spare.set(executor)
     try:
         yield
@@ -166,9 +178,13 @@ class ExactSearch:
         if coarse_enabled() and len(vectors) > COARSE_EXTRA + TIE_MARGIN:
             self._coarse = self._t.to(torch.bfloat16)
         self._max_norm = float(np.linalg.norm(vectors, axis=1).max(initial=0.0))
+        self._scan: list[tuple[int, faiss.Index]] | None = None  # (first row, FAISS bf16 scan) per row half
         self.shortlisted = 0  # queries answered through the bf16 shortlist
-        self.fp32_researches = 0  # of those, the ones its bound sent back to the fp32 search (expected: none)
+        self.scan_shortlisted = 0  # queries (one or two at a time) answered through the bf16 scan
+        self.fp32_researches = 0  # of those two, the ones a bound sent back to the fp32 search (expected: none)
         self.plan = plan_for(self)
+        if self.plan.small.startswith("bf16") or self.plan.small_alone == "bf16":
+            self._scan_halves()  # here, not in the first lone request after a load, reload or compaction
 
     @classmethod
     def for_index(cls, index: faiss.Index) -> ExactSearch | None:
@@ -193,14 +209,21 @@ class ExactSearch:
             raise ValueError(f"k must be in [1, {n}], got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         kk = min(n, k + TIE_MARGIN)
-        spare = _spare.get() if self.plan.small_halves else None
-        if len(queries) <= SMALL_BATCH and spare is not None:
+        spare = _spare.get()
+        n_dead = 0 if dead is None else int(dead.sum())
+        small = (self.plan.small if spare is not None else self.plan.small_alone) \
+            if len(queries) <= SMALL_BATCH else None
+        if small in ("bf16", "bf16_halves") and self._scan_possible(kk + n_dead):
+            top, rows = self._scan_shortlisted(queries, kk, dead, n_dead, spare if small == "bf16_halves" else None)
+
+            def full_row(i: int) -> np.ndarray:
+                return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
+        elif small == "halves" and spare is not None:
             top, rows = self._in_row_halves(queries, kk, dead, spare)
 
             def full_row(i: int) -> np.ndarray:
                 return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
         elif len(queries) <= SMALL_BATCH and isinstance(self._owner, faiss.Index):
-            n_dead = 0 if dead is None else int(dead.sum())
             threads = faiss.omp_get_max_threads()  # OpenMP's setting is per calling thread: restored below
             faiss.omp_set_num_threads(1)
             try:  # with dead rows: as many more hits as there are dead rows, so kk live ones remain
@@ -294,6 +317,75 @@ class ExactSearch:
             both, rows = torch.cat([first[0], second[0]], 1), torch.cat([first[1], second[1]], 1)
             top, order = torch.topk(both, kk, dim=1, sorted=True)
             return top.numpy(), torch.gather(rows, 1, order).numpy()
+
+    def _scan_possible(self, wanted: int) -> bool:
+        """Whether the bf16 scan's shortlist can serve `wanted` rows: each row half holds more than it takes."""
+        return wanted + COARSE_EXTRA < len(self) // 2
+
+    def _scan_halves(self) -> list[tuple[int, faiss.Index]]:
+        """FAISS bf16 scalar-quantizer scans over each half of the rows (half the fp32 bytes; made on first use)."""
+        if self._scan is None:
+            n, d = self.vectors.shape
+            parts = []
+            for lo, hi in ((0, n // 2), (n // 2, n)):
+                sq = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_bf16, faiss.METRIC_INNER_PRODUCT)
+                sq.add(self.vectors[lo:hi])  # bf16 needs no training
+                parts.append((lo, sq))
+            self._scan = parts
+        return self._scan
+
+    def _scan_shortlisted(self, queries: np.ndarray, kk: int, dead: torch.Tensor | None, n_dead: int,
+                          spare: Executor | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top kk (scores, rows), sorted, for one or two queries through the bf16 scan: FAISS's SIMD scan over a
+        bf16 copy of each row half (one on `spare` when given, else one after the other) takes the best
+        kk + COARSE_EXTRA (+ the dead rows) of each, those are rescored in fp32 and the top kk kept. Exact as the
+        bf16 shortlist of larger batches is (`_bf16_bound`, plus the rescoring's own rounding); a query whose kk-th
+        fp32 score does not clear the bound is searched again in fp32."""
+        m = kk + COARSE_EXTRA + n_dead
+        parts = self._scan_halves()
+
+        def scan(part: tuple[int, faiss.Index]) -> tuple[np.ndarray, np.ndarray]:
+            lo, sq = part
+            # One OpenMP thread, on whichever thread scans (the setting is per calling thread): a query's scan runs
+            # on one anyway, and a team's idle thread would spin on the core the other half needs.
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                d_, i_ = sq.search(queries, m)
+            finally:
+                faiss.omp_set_num_threads(threads)
+            return d_, i_ + lo
+
+        later = spare.submit(scan, parts[1]) if spare is not None else None
+        try:
+            first = scan(parts[0])
+        except BaseException:
+            if later is not None:
+                wait([later])
+            raise
+        second = later.result() if later is not None else scan(parts[1])
+        q = torch.from_numpy(queries)
+        idx = torch.from_numpy(np.concatenate([first[1], second[1]], 1))  # [B, 2m]
+        with torch.no_grad():
+            exact = torch.bmm(self._t[idx], q.unsqueeze(2)).squeeze(2)
+            if dead is not None:
+                exact.masked_fill_(dead[idx], float("-inf"))
+            top, o = torch.topk(exact, kk, dim=1, largest=True, sorted=True)
+            rows = torch.gather(idx, 1, o)
+            # A row left out by a half scores at most that half's last bf16 score: the larger of the two bounds it.
+            lowest = torch.from_numpy(np.maximum(first[0][:, -1], second[0][:, -1])).double()
+            rescoring = q.shape[1] * 2.0**-24 * q.norm(dim=1).double() * self._max_norm
+            unsafe = lowest + self._bf16_bound(q) + rescoring >= top[:, -1].double()
+        top_np, rows_np = top.numpy(), rows.numpy()
+        self.scan_shortlisted += len(queries)
+        if bool(unsafe.any()):
+            again = np.flatnonzero(unsafe.numpy())
+            self.fp32_researches += len(again)
+            logger.debug("bf16 scan: %d of %d queries searched again in fp32", len(again), len(queries))
+            with torch.no_grad():
+                t, r = torch.topk(self._fp32_scores(queries[again], dead), kk, dim=1, largest=True, sorted=True)
+            top_np[again], rows_np[again] = t.numpy(), r.numpy()
+        return top_np, rows_np
 
     def _bf16_bound(self, q: torch.Tensor) -> torch.Tensor:
         """[B] an upper bound on |bf16 score - fp32 score| for any row: both factors rounded to bf16 (relative
@@ -401,28 +493,46 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                     limit = b
                 else:
                     limit = None
-            halves = False
+            small_kernel: SmallKernel = "faiss"
+            alone: Literal["faiss", "bf16"] = "faiss"
             if isinstance(search._owner, faiss.Index) and len(search) <= 4 * CALIBRATE_ROWS:
                 omp = faiss.omp_get_max_threads()
                 faiss.omp_set_num_threads(1)  # as served (SMALL_BATCH)
+                with_scan = search._scan_possible(kk)
+                if with_scan:
+                    search._scan_halves()  # made before the timing
                 try:
                     with ThreadPoolExecutor(1) as spare:
                         for _ in range(2 * rounds):
                             times.setdefault("faiss@1", []).append(timed(lambda q: search._owner.search(q, kk), 1))
                             times.setdefault("halves@1", []).append(
                                 timed(lambda q: search._in_row_halves(q, kk, None, spare), 1))
+                            if with_scan:
+                                times.setdefault("bf16_halves@1", []).append(
+                                    timed(lambda q: search._scan_shortlisted(q, kk, None, 0, spare), 1))
+                                times.setdefault("bf16_alone@1", []).append(
+                                    timed(lambda q: search._scan_shortlisted(q, kk, None, 0, None), 1))
                 finally:
                     faiss.omp_set_num_threads(omp)
-                halves = min(times["halves@1"]) < min(times["faiss@1"])
+                    search.scan_shortlisted = search.fp32_researches = 0  # the calibration's own are not counted
+                best = {k: min(v) for k, v in times.items()}
+                spare_kernels: dict[SmallKernel, str] = {"faiss": "faiss@1", "halves": "halves@1"}
+                if with_scan:
+                    spare_kernels.update({"bf16_halves": "bf16_halves@1", "bf16": "bf16_alone@1"})
+                    alone = "bf16" if best["bf16_alone@1"] < best["faiss@1"] else "faiss"
+                small_kernel = min(spare_kernels, key=lambda kern: best[spare_kernels[kern]])
+                if not small_kernel.startswith("bf16") and alone != "bf16":
+                    search._scan = None  # not served: its memory back
             best = {k: min(v) for k, v in times.items()}
     finally:
         torch.set_num_threads(threads)
-    plan = SearchPlan(small, large, limit, halves, {k: round(v, 2) for k, v in best.items()})
-    logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s, one query alone: %s "
-                "(ms per batch: %s)", len(search), search.vectors.shape[1], plan.layout, plan.large_layout,
+    plan = SearchPlan(small, large, limit, small_kernel, alone, {k: round(v, 2) for k, v in best.items()})
+    logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s, one query with a spare "
+                "core: %s, alone: %s (ms per batch: %s)", len(search), search.vectors.shape[1], plan.layout,
+                plan.large_layout,
                 "off" if limit is not None and limit < COARSE_MIN_BATCH else
                 f"for {COARSE_MIN_BATCH}-{limit} queries" if limit else f"from {COARSE_MIN_BATCH} queries",
-                "two row halves" if halves else "FAISS's scan", plan.measured)
+                plan.small, plan.small_alone, plan.measured)
     return plan
 
 

@@ -264,14 +264,18 @@ def test_calibration_measures_each_kernel_once_per_size_class(monkeypatch: pytes
     assert plan.measured is not None
     assert {f"{layout}@{b}" for layout in ("queries", "vectors") for b in (8, 64)} <= plan.measured.keys()
     assert {f"{kind}@{b}" for kind in ("fp32", "bf16") for b in exact.CALIBRATE_BATCHES} <= plan.measured.keys()
-    assert {"faiss@1", "halves@1"} <= plan.measured.keys()
-    halves, scan = plan.measured["halves@1"], plan.measured["faiss@1"]
-    if halves != scan:  # (the report rounds to 0.01 ms; the choice used the unrounded times)
-        assert plan.small_halves == (halves < scan)
+    spare = {"faiss": "faiss@1", "halves": "halves@1", "bf16_halves": "bf16_halves@1", "bf16": "bf16_alone@1"}
+    assert set(spare.values()) <= plan.measured.keys()
+    # the fastest kernel for one query with a spare core, and without one (the report rounds to 0.01 ms; the choice
+    # used the unrounded times)
+    assert plan.measured[spare[plan.small]] <= min(plan.measured[v] for v in spare.values()) + 0.01
+    alone = {"faiss": "faiss@1", "bf16": "bf16_alone@1"}
+    assert plan.measured[alone[plan.small_alone]] <= min(plan.measured[v] for v in alone.values()) + 0.01
+    assert (ex._scan is not None) == (plan.small.startswith("bf16") or plan.small_alone == "bf16")
     assert plan.coarse_max_batch in (exact.COARSE_MIN_BATCH - 1, *exact.CALIBRATE_BATCHES[:-1], None)
     assert all(v > 0 for v in plan.measured.values())
     assert ExactSearch.for_index(_flat(x[:-1])).plan is plan  # same size class: measured once
-    assert ex.shortlisted == 0  # the calibration's own searches are not counted
+    assert ex.shortlisted == ex.scan_shortlisted == 0  # the calibration's own searches are not counted
     for b in (8, 64):
         _check_like_faiss(ex, x, _unit(rng, b, 32), 32)
 
@@ -314,8 +318,8 @@ def test_one_or_two_queries_in_row_halves_on_a_spare_core(monkeypatch: pytest.Mo
     live = np.arange(len(x)) if dead is None else np.flatnonzero(~dead.numpy())
     want_scores, want_rows = _flat(x[live]).search(q, 10)
     with ThreadPoolExecutor(1) as spare:
-        for small_halves, expect_calls in ((False, 0), (True, 1)):
-            ex.plan = exact.SearchPlan(small_halves=small_halves)
+        for small, expect_calls in (("faiss", 0), ("halves", 1)):
+            ex.plan = exact.SearchPlan(small=small)
             with exact.spare_core(spare):
                 scores, rows = ex.search(q, 10, dead=dead)
             assert len(calls) == expect_calls
@@ -323,3 +327,112 @@ def test_one_or_two_queries_in_row_halves_on_a_spare_core(monkeypatch: pytest.Mo
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
         ex.search(q, 10, dead=dead)  # no spare core outside the block: FAISS's scan
     assert len(calls) == 1
+
+
+# ---- the bf16 scan for one or two queries ----
+
+
+@pytest.mark.parametrize("b", [1, SMALL_BATCH])
+@pytest.mark.parametrize("kernel", ["bf16", "bf16_halves"])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_bf16_scan_returns_faiss_rows_alone_or_on_a_spare_core(b: int, kernel: str, with_dead: bool) -> None:
+    """One or two queries through the bf16 scan (its halves one after the other, or at once on a spare core):
+    FAISS's rows and scores, dead rows never returned, and no fp32 re-search on well-spread vectors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from kg_index import exact
+
+    rng = np.random.default_rng(b + 10 * with_dead)
+    x, q = _unit(rng, 3001, 384), _unit(rng, b, 384)  # 384 dimensions: FAISS's SIMD path, as served
+    ex = ExactSearch.for_index(_flat(x))
+    dead = None
+    if with_dead:
+        _, best = _flat(x).search(q, 20)
+        dead = torch.zeros(len(x), dtype=torch.bool)
+        dead[torch.from_numpy(best[:, ::2].ravel())] = True
+    live = np.arange(len(x)) if dead is None else np.flatnonzero(~dead.numpy())
+    want_scores, want_rows = _flat(x[live]).search(q, 10)
+    ex.plan = exact.SearchPlan(small=kernel, small_alone="bf16")  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as spare, exact.spare_core(spare):
+        scores, rows = ex.search(q, 10, dead=dead)
+    assert ex.scan_shortlisted == b and ex.fp32_researches == 0
+    assert np.array_equal(rows, live[want_rows])
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+    ex.plan = exact.SearchPlan(small_alone="faiss")  # no spare core, a plan against it: FAISS's scan
+    assert np.array_equal(ex.search(q, 10, dead=dead)[1], live[want_rows])
+    assert ex.scan_shortlisted == b
+
+
+@pytest.mark.parametrize("d", [48, 384])  # FAISS's scalar and SIMD paths
+def test_bf16_scan_error_is_within_its_bound_on_every_row(d: int) -> None:
+    """The bound covers the scan's error on every row, for vectors of very different ranges per dimension (how
+    loose it is shows in the re-searches: none for well-spread vectors, above)."""
+    import torch
+
+    rng = np.random.default_rng(d)
+    x = _unit(rng, 3000, d) * np.geomspace(1e-3, 10, d).astype(np.float32)
+    q = rng.standard_normal((2, d)).astype(np.float32)
+    ex = ExactSearch.for_index(_flat(x))
+    scan = np.concatenate([_scan_scores(sq, q) for _, sq in ex._scan_halves()], 1)
+    err = np.abs(scan - q @ x.T).max(axis=1)
+    bound = ex._bf16_bound(torch.from_numpy(q)).numpy()
+    assert (err > 0).all() and (err <= bound).all()
+
+
+def _scan_scores(sq: faiss.Index, q: np.ndarray) -> np.ndarray:
+    """Every row's scan score [B, ntotal], in row order."""
+    scores, rows = sq.search(q, sq.ntotal)
+    out = np.empty_like(scores)
+    np.put_along_axis(out, rows, scores, axis=1)
+    return out
+
+
+def test_bf16_scan_searches_again_in_fp32_where_its_bound_does_not_clear(monkeypatch) -> None:
+    """Near-tied vectors and a one-row margin: the bound does not clear, the query is searched again in fp32 and the
+    answer stays exact."""
+    from kg_index import exact
+
+    monkeypatch.setattr(exact, "COARSE_EXTRA", 1)
+    rng = np.random.default_rng(5)
+    base = _unit(rng, 1, 64)
+    x = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = base + 0.01 * rng.standard_normal((1, 64)).astype(np.float32)
+    ex = ExactSearch.for_index(_flat(x))
+    ex.plan = exact.SearchPlan(small_alone="bf16")
+    scores, rows = ex.search(q, 20)
+    assert ex.scan_shortlisted == 1 and ex.fp32_researches == 1
+    want_scores, want_rows = _flat(x).search(q, 20)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
+    assert np.array_equal(np.sort(rows, 1), np.sort(want_rows, 1))
+
+
+@pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
+def test_bf16_scan_keeps_faiss_order_for_duplicates(copies: int, k: int) -> None:
+    from kg_index import exact
+
+    rng = np.random.default_rng(copies)
+    base = _unit(rng, 5, 16)
+    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 600, 16)])
+    q = base[[2]]
+    want_scores, want_rows = _flat(x).search(q, k)
+    ex = ExactSearch.for_index(_flat(x))
+    ex.plan = exact.SearchPlan(small_alone="bf16")
+    scores, rows = ex.search(q, k)
+    assert ex.scan_shortlisted == 1
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+
+
+def test_bf16_scan_leaves_a_small_index_to_faiss() -> None:
+    """An index whose halves hold no more rows than the shortlist takes from each: FAISS's scan answers."""
+    from kg_index import exact
+
+    rng = np.random.default_rng(4)
+    x, q = _unit(rng, 200, 16), _unit(rng, 1, 16)  # halves of 100 rows: k 10 + 16 + 80 do not fit
+    ex = ExactSearch.for_index(_flat(x))
+    ex.plan = exact.SearchPlan(small_alone="bf16")
+    _check_like_faiss(ex, x, q, 10)
+    assert ex.scan_shortlisted == 0

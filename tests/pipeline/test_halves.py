@@ -129,7 +129,7 @@ def test_a_lone_single_request_may_scan_on_the_spare_core(linker, test_mentions,
     query = [LinkQuery(test_mentions[0].mention, test_mentions[0].context, top_k=10)]
     want = linker.link_batch(query).results[0]  # the small test index's plan: FAISS's scan
     assert not calls
-    monkeypatch.setattr(searcher, "plan", replace(searcher.plan, small_halves=True))
+    monkeypatch.setattr(searcher, "plan", replace(searcher.plan, small="halves"))
     got = linker.link_batch(query).results[0]
     assert calls == [1]
     assert [e.id for e in got.entities] == [e.id for e in want.entities]
