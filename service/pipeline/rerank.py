@@ -28,6 +28,7 @@ from models.features import SEG_FIRST, Features
 from models.sinkhorn import OTProblem, solve, uniform_marginals
 from service.pipeline.terms import TERMS
 from service.pipeline.types import OTStats
+from service.pipeline.visual_memo import BlankVisualMemo, memo_for
 
 if TYPE_CHECKING:
     from service.pipeline.explain import PlanRecorder
@@ -226,6 +227,12 @@ def _last_content(seg: np.ndarray) -> np.ndarray:
     return np.where(content.any(-1), seg.shape[-1] - np.argmax(content[..., ::-1], axis=-1), 0)
 
 
+def blank_visual_memo(index: KGIndex, cfg: RerankConfig, device: torch.device) -> BlankVisualMemo:
+    """The remembered visual terms of mentions without an image against this index's image rows, under the solver
+    setting the values depend on."""
+    return memo_for(index.image_local, (cfg.eps, cfg.max_iter, cfg.tol, cfg.sinkhorn_domain, str(device)))
+
+
 def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConfig,
                    device: torch.device, timings: dict[str, float] | None = None,
                    recorder: PlanRecorder | None = None) -> tuple[np.ndarray, list[OTStats]]:
@@ -275,24 +282,42 @@ def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: Reran
 
     # Visual unit: one problem per distinct (mention image, entity image) in the batch, a missing image on either
     # side being the blank image's features (the same for every mention and entity without one). A mention with
-    # an image against its candidates without one is then a single problem, and so is blank against blank.
+    # an image against its candidates without one is then a single problem, and so is blank against blank. A
+    # mention without an image against an image row solved before takes the remembered value (visual_memo.py).
+    want_vis = recorder is not None and bool(recorder.want.any())
     with timed(timings, "rerank_gather"):
         qi = np.repeat(np.arange(b), k)
         img_rows = index.image_rows[safe.reshape(-1)]
         keys = np.stack([np.where(feats.image_present[qi], qi, -1), np.maximum(img_rows, -1)], axis=1)
         _, todo, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)  # todo: a pair per key
-        e_img = np.where((img_rows[todo] >= 0)[:, None, None],
-                         np.asarray(index.image_local[np.maximum(img_rows[todo], 0)], dtype=np.float32)
-                         if index.n_image_rows else 0.0,
-                         np.asarray(index.image_blank, dtype=np.float32)[None])
-        ones_q = torch.ones(len(todo), feats.image_local.shape[1], dtype=torch.bool, device=device)
-        ones_e = torch.ones(len(todo), e_img.shape[1], dtype=torch.bool, device=device)
-        vis_args = (t(feats.image_local[qi[todo]]), ones_q, t(feats.unit_globals[qi[todo], 1]),
-                    t(e_img.astype(np.float32)), ones_e, t(ug.reshape(b * k, 2, -1)[todo, 1]))
-    want_vis = recorder is not None and bool(recorder.want.any())
+        vis = np.zeros(len(todo), np.float32)
+        memo = slots = None
+        if not want_vis:  # explain=true wants the plans themselves: solved every time
+            memo = blank_visual_memo(index, cfg, device)
+            slots = np.where(keys[todo, 0] < 0, memo.slots(keys[todo, 1]), -1)  # blank mentions only
+            hit = (slots >= 0) & memo.known[np.maximum(slots, 0)]
+            vis[hit] = memo.values[slots[hit]]
+            memo.hits += int(hit.sum())
+            solve_at = np.flatnonzero(~hit)
+        else:
+            solve_at = np.arange(len(todo))
+        pairs = todo[solve_at]
+        if len(pairs):
+            e_img = np.where((img_rows[pairs] >= 0)[:, None, None],
+                             np.asarray(index.image_local[np.maximum(img_rows[pairs], 0)], dtype=np.float32)
+                             if index.n_image_rows else 0.0,
+                             np.asarray(index.image_blank, dtype=np.float32)[None])
+            ones_q = torch.ones(len(pairs), feats.image_local.shape[1], dtype=torch.bool, device=device)
+            ones_e = torch.ones(len(pairs), e_img.shape[1], dtype=torch.bool, device=device)
+            vis_args = (t(feats.image_local[qi[pairs]]), ones_q, t(feats.unit_globals[qi[pairs], 1]),
+                        t(e_img.astype(np.float32)), ones_e, t(ug.reshape(b * k, 2, -1)[pairs, 1]))
     keep = [] if want_vis else None
-    vis_assign = _ot_assignment(cfg, stats, timings, keep) if want_vis else assign
-    vis = _pool_timed(timings, cross_g2l, *vis_args, vis_assign, pairwise=False, fast=True)[0].cpu().numpy()
+    if len(pairs):
+        vis_assign = _ot_assignment(cfg, stats, timings, keep) if want_vis else assign
+        solved = _pool_timed(timings, cross_g2l, *vis_args, vis_assign, pairwise=False, fast=True)[0].cpu().numpy()
+        vis[solve_at] = solved
+        if memo is not None and slots is not None:
+            memo.store(slots[solve_at], solved)
     per_pair = inverse.reshape(b, k)
     scores = (text + vis[per_pair]) / 6.0
     if want_vis:
