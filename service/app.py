@@ -77,7 +77,10 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for_serving) -> FastAPI:
+def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for_serving,
+               serve_when_loaded: bool = False) -> FastAPI:
+    """The app. `serve_when_loaded`: the lifespan's start-up waits for the index and encoders (uvicorn listens only
+    after it), for a worker process that must not answer 503 "loading" while the others are ready."""
     metrics = Metrics()
     adm = settings.admission
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
@@ -107,6 +110,8 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
         loader = asyncio.create_task(asyncio.to_thread(_load, state, linker_factory))
         app.state.el_loader = loader
         await asyncio.to_thread(state.jobs.start)  # open the store, re-queue a dead worker's jobs
+        if serve_when_loaded:
+            await asyncio.shield(loader)  # _load keeps its own errors (readiness reports them)
         try:
             yield
         finally:

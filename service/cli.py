@@ -28,7 +28,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.server import serve
 
-    # uvicorn with a readiness drain on SIGTERM and an index reload on SIGHUP (service/server.py).
+    if args.workers is not None:
+        settings = settings.model_copy(update={"workers": max(1, args.workers)})
+    # uvicorn with a readiness drain on SIGTERM and an index reload on SIGHUP (service/server.py), in EL_WORKERS
+    # processes (service/prefork.py).
     return serve(settings, create_app)
 
 
@@ -157,6 +160,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     opts = BenchOptions(n=args.n, image_n=args.image_n, batch=args.batch, teacher_n=args.teacher_n,
                         single_n=args.single_n,
                         http_seconds=args.http_seconds, http_concurrency=tuple(args.concurrency),
+                        http_workers=tuple(max(1, w) for w in args.http_workers),
                         paired_rounds=args.paired_rounds, paired_seconds=args.paired_seconds,
                         skip_plain=args.skip_plain, skip_http=args.skip_http, skip_teacher=args.skip_teacher,
                         skip_ot=args.skip_ot, cache_dir=Path(args.cache_dir))
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--ray", action="store_true", help="as Ray Serve replicas behind one address (joins "
                     "EL_RAY__ADDRESS, else starts a local Ray head); README: Scaling out")
     sv.add_argument("--replicas", type=int, default=None, help="replicas with --ray (default EL_RAY__REPLICAS)")
+    sv.add_argument("--workers", type=int, default=None, help="server processes on the one port (default "
+                    "EL_WORKERS; more than 1 refuses entity changes: README, Worker processes)")
     sv.set_defaults(fn=_serve)
     wk = sub.add_parser("worker", help="run batch jobs from the shared job store (EL_JOBS__DATABASE_URL) without an "
                         "HTTP server; start several to share one queue")
@@ -347,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paired-rounds", type=int, default=3,
                    help="alternating in-process (batch --batch) / HTTP (highest concurrency) rounds for the HTTP share; 0: none")
     p.add_argument("--paired-seconds", type=float, default=8.0, help="wrk duration per paired round")
+    p.add_argument("--http-workers", type=int, nargs="+", default=[1],
+                   help="HTTP rows (and share) for a server of each of these many processes (EL_WORKERS), e.g. 1 2")
     p.add_argument("--skip-plain", action="store_true", help="no plain bi-encoder row")
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows (they also skip when wrk is missing)")
     p.add_argument("--skip-teacher", action="store_true", help="no teacher row (its first run caches KB features)")

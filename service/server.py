@@ -117,16 +117,24 @@ def _overran(grace_s: float) -> None:
     os._exit(1)
 
 
-def serve(settings: Settings, app_factory: Callable[[Settings], FastAPI]) -> int:
-    """Run the app until SIGTERM/SIGINT; returns the process exit status."""
-    app = app_factory(settings)
+def server_config(settings: Settings, app: object) -> uvicorn.Config:
     sd = settings.shutdown
     # What is left of the grace period after the drain delay goes to in-flight requests; 1 s is kept
     # for the lifespan shutdown and interpreter exit.
     in_flight_s = max(sd.grace_s - sd.drain_delay_s - 1.0, 0.5)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=in_flight_s)  # type: ignore[arg-type]
-    server = GracefulServer(config, app.state.el)
+    return uvicorn.Config(app, host=settings.host, port=settings.port,  # type: ignore[arg-type]
+                          log_level=settings.log_level.lower(), timeout_graceful_shutdown=in_flight_s)
+
+
+def serve(settings: Settings, app_factory: Callable[..., FastAPI]) -> int:
+    """Run the app until SIGTERM/SIGINT; returns the process exit status. With EL_WORKERS > 1, that many
+    processes of it (service/prefork.py)."""
+    if settings.workers > 1:
+        from service.prefork import serve_workers
+
+        return serve_workers(settings, app_factory, settings.workers)
+    app = app_factory(settings)
+    server = GracefulServer(server_config(settings, app), app.state.el)
     try:
         server.run()
     except KeyboardInterrupt:  # SIGINT re-raised by uvicorn after its shutdown

@@ -92,9 +92,10 @@ class EntityUpdater:
         linker = self._linker()
         if not self.enabled:
             raise UpdatesDisabled("this server does not take entity changes (EL_UPDATES__ENABLED=false)")
-        if linker.store is None:  # e.g. a Ray Serve replica: each would hold its own copy of the changes
-            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas do not: change "
-                                  "the KG through one `el serve`, compact, and redeploy the replicas)")
+        if linker.store is None:  # a Ray Serve replica or one of EL_WORKERS processes: each would hold its own copy
+            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas and `el serve` "
+                                  "with EL_WORKERS > 1 do not: change the KG through one single-process `el serve`, "
+                                  "compact, then restart or redeploy)")
         return linker
 
     async def submit(self, n: int, decoders: Sequence[Callable[[], PendingChange]]) -> KGIndex:

@@ -175,9 +175,11 @@ def format_rows(rep: dict) -> str:
     single = rep.get("single_request") or {}
     for name, ratio in single.get("p50_ratio", {}).items():
         lines.append(f"single request: {name} p50 = {f(ratio, '.2f')} x {single['baseline']}'s")
-    if share := rep.get("http_share"):
+    for share in rep.get("http_shares") or ([rep["http_share"]] if rep.get("http_share") else []):
         each = ", ".join(f"{r['http_requests_per_s']:.1f}/{r['in_process_mentions_per_s']:.1f}" for r in share["rounds"])
-        lines.append(f"HTTP share at concurrency {share['concurrency']}, alternating rounds: median "
+        procs = share.get("workers", 1)
+        lines.append(f"HTTP share at concurrency {share['concurrency']}"
+                     f"{f', {procs} server processes' if procs > 1 else ''}, alternating rounds: median "
                      f"{share['median_share']:.2f} (HTTP req/s / in-process mentions/s: {each})")
     for note in rep.get("skipped", []):
         lines.append(f"skipped: {note}")

@@ -60,9 +60,20 @@ def _free_port() -> int:
 
 
 def _cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and of its running children (a server's worker processes, EL_WORKERS), in s."""
+    def own(stat: list[str]) -> int:
+        return int(stat[11]) + int(stat[12])
+
+    ticks = own(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[1] == str(pid):
+                ticks += own(stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def lua_script(mentions: Sequence[Mention], top_k: int) -> str:
@@ -170,10 +181,14 @@ def paired_share(server: Server, script: Path, concurrency: int, paired: Paired)
 def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies: Sequence[int] = (1, 8, 32),
               seconds: float = 10.0, top_k: int = 10, h1: float | None = None,
               expected_top1: Sequence[str | None] = (), check_n: int = 20,
-              paired: Paired | None = None) -> tuple[list[Row], dict | None]:
+              paired: Paired | None = None, workers: int = 1) -> tuple[list[Row], dict | None]:
     """One row per concurrency, and with `paired` the alternating share at the highest concurrency
     (`paired_share`). `h1` is the in-process served rows' H@1; expected_top1 their top-1 ids, of which the first
-    check_n are compared with what the server answers."""
+    check_n are compared with what the server answers. `workers` > 1: the server runs that many processes
+    (EL_WORKERS; rows `served_http_w<N>_c<C>`)."""
+    if workers > 1:
+        env = {**env, "EL_WORKERS": str(workers)}
+    name = "served_http" if workers == 1 else f"served_http_w{workers}"
     server = Server(env)
     try:
         server.wait_ready()
@@ -194,12 +209,14 @@ def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies
             dur_s = res["duration_us"] / 1e6
             errors = sum(res["errors"].values())
             rows.append(Row(
-                f"served_http_c{c}", f"HTTP POST /v1/link (text), wrk at concurrency {c} for {seconds:g} s on loopback "
-                f"(wrk shares the machine)", n, round(n / dur_s, 1) if dur_s else None, round(res["p50_us"] / 1000, 2),
+                f"{name}_c{c}", f"HTTP POST /v1/link (text), wrk at concurrency {c} for {seconds:g} s on loopback "
+                f"(wrk shares the machine){f', {workers} server processes' if workers > 1 else ''}", n, round(n / dur_s, 1) if dur_s else None, round(res["p50_us"] / 1000, 2),
                 round(res["p95_us"] / 1000, 2), round(res["p99_us"] / 1000, 2), round(cpu / max(n, 1), 5), h1=h1,
                 batch=1, h1_n=len(mentions), extra={"concurrency": c, "errors": errors, "error_kinds": res["errors"],
                                 "h1_from": "served_b1 (the same Linker, in process)", **extra}))
         share = paired_share(server, script, max(concurrencies), paired) if paired is not None else None
+        if share is not None:
+            share["workers"] = workers
         return rows, share
     finally:
         server.stop()

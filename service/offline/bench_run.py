@@ -38,6 +38,7 @@ class BenchOptions:
     paired_rounds: int = 3  # alternating in-process / HTTP rounds for the HTTP share (0: none)
     paired_seconds: float = 8.0  # wrk's run per round
     paired_n: int = 1024  # mentions of the in-process arm per round
+    http_workers: tuple[int, ...] = (1,)  # HTTP rows for a server of each of these many processes (EL_WORKERS)
     skip_plain: bool = False
     skip_http: bool = False
     skip_teacher: bool = False
@@ -102,6 +103,7 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
     rows: list[Row] = []
     skipped: list[str] = []
     http_share = None
+    http_shares: list[dict] = []  # one per server size (--http-workers)
 
     if not opts.skip_plain:
         from service.offline.bench_plain import plain_rows
@@ -149,10 +151,15 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
 
             paired = bench_http.Paired(in_process, f"Linker in process, text, batch {opts.batch}, first "
                                        f"{len(paired_queries)} mentions", opts.paired_rounds, opts.paired_seconds)
-        http, http_share = bench_http.http_rows(mentions, env, concurrencies=opts.http_concurrency,
-                                                seconds=opts.http_seconds, top_k=opts.top_k, h1=b1.h1,
-                                                expected_top1=top1_b1, paired=paired)
-        rows += http
+        for workers in opts.http_workers:
+            http, share = bench_http.http_rows(mentions, env, concurrencies=opts.http_concurrency,
+                                               seconds=opts.http_seconds, top_k=opts.top_k, h1=b1.h1,
+                                               expected_top1=top1_b1, paired=paired, workers=workers)
+            rows += http
+            if share is not None:
+                if http_share is None or workers == 1:  # the default server's share leads
+                    http_share = share
+                http_shares.append(share)
 
     if teacher_n:
         t = _teacher(linker, data_dir, mentions[:teacher_n])
@@ -185,7 +192,8 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
                   notes=[("ratios: mentions/s and CPU-s/mention as row / baseline; h1_points as row - baseline in "
                          "H@1 points (against the teacher: on its subset, h1_subset)"),
                          "latency: per call (a call of batch B answers B mentions); HTTP: per request under wrk",
-                         "CPU: the bench process's (all threads); HTTP rows: the server process's",
+                         "CPU: the bench process's (all threads); HTTP rows: the server's (with its workers)",
                          ("http_share: the HTTP rate at the highest concurrency over the in-process batched rate, "
-                          "the two measured in alternating rounds (median of the rounds' shares)")],
-                  skipped=skipped, http_share=http_share)
+                          "the two measured in alternating rounds (median of the rounds' shares), for the default "
+                          "single-process server; http_shares: one per server size (--http-workers)")],
+                  skipped=skipped, http_share=http_share, http_shares=http_shares)

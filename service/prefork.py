@@ -1,0 +1,189 @@
+"""`el serve` with EL_WORKERS > 1: that many server processes answering on one listening socket.
+
+Why: in one process the event loop (HTTP parsing, validation, answers) and the pipeline's Python parts share one
+interpreter lock, and under load the loop waits for it while requests queue in the socket; batches then stay
+small (6-9 at concurrency 32), and a small batch costs up to 1.6x more CPU per mention than one of 64. Each worker
+process has its own lock and its own micro-batcher. `el bench --workers 2` measures the difference (README:
+"Worker processes").
+
+Each worker is the single-process server (service/server.py: the same app, drain on SIGTERM, index reload on
+SIGHUP), on the socket this process opened. What differs:
+- entity changes are refused (409 `updates_disabled`, as on Ray Serve replicas): each process would apply them
+  to its own copy of the index. Change the KG through a single-process `el serve`, compact, then restart;
+- /metrics, admission limits and the micro-batcher are per process; every answer names its worker
+  (`X-EL-Worker`);
+- jobs: every worker runs a job runner on the one job store (leases share the chunks, as `el worker` does);
+- a worker loads its index before it takes connections, so one started again leaves them to the others meanwhile.
+
+This process only supervises: it forwards SIGTERM, SIGINT and SIGHUP to the workers (which run in their own
+process group, so a terminal's Ctrl-C reaches them once, through here), starts a worker again when one dies, and
+gives up (stopping the rest, exit status 1) when one dies again and again within a minute, which is how a failed
+startup looks. A worker whose supervisor is gone (SIGKILL) stops itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often the supervisor looks at its workers
+RESTARTS_PER_MINUTE = 3  # more deaths than this of one worker within a minute: stop everything
+
+
+class WorkerHeader:
+    """Names the worker process that answered (`X-EL-Worker: <n>`), for reading /metrics or a slow answer."""
+
+    def __init__(self, app: Any, worker: int) -> None:
+        self.app = app
+        self.header = (b"x-el-worker", str(worker).encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+def per_worker(settings: Settings, workers: int) -> Settings:
+    """The settings of one of `workers` processes: the defaults meant for a process that has the machine to itself
+    give way where not set explicitly. One batch at a time (EL_BATCHING__MAX_CONCURRENT), one ONNX Runtime thread
+    (EL_ENCODER__INTRA_OP_THREADS), no halves (EL_BATCHING__SPLIT_MIN): the other processes use the other cores.
+    (2 workers on 2 cores with every default kept answered fewer requests/s at concurrency 32 than one process.)"""
+    batching, encoder = settings.batching, settings.encoder
+    b = {k: v for k, v in (("max_concurrent", max(1, batching.max_concurrent // workers)), ("split_min", 0))
+         if k not in batching.model_fields_set}
+    e = {"intra_op_threads": 1} if "intra_op_threads" not in encoder.model_fields_set else {}
+    return settings.model_copy(update={"batching": batching.model_copy(update=b),
+                                       "encoder": encoder.model_copy(update=e)})
+
+
+def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: int) -> int:
+    """Run `workers` server processes on EL_HOST:EL_PORT until SIGTERM/SIGINT; returns the exit status."""
+    from service.encoders import export_encoders
+
+    settings = per_worker(settings, workers)
+    export_encoders(settings)  # once, here: workers starting together must not export the same files at once
+    sock = socket.create_server((settings.host, settings.port), backlog=2048)
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    deaths: dict[int, list[float]] = {i: [] for i in range(workers)}
+    stop = threading.Event()
+    forward: list[int] = []  # signals to pass on (set by the handler, sent by the loop)
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_worker_main, args=(settings, app_factory, sock, i, os.getpid()),
+                        name=f"el-serve-{i}", daemon=False)
+        p.start()
+        procs[i] = p
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        forward.append(sig)
+        if sig != signal.SIGHUP:
+            stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    status = 0
+    try:
+        for i in range(workers):
+            start(i)
+        logger.info("serving on http://%s:%d with %d worker processes (%s)", settings.host, settings.port, workers,
+                    ", ".join(str(p.pid) for p in procs.values()))
+        while not stop.is_set():
+            _send(procs, forward)
+            for i, p in list(procs.items()):
+                if p.exitcode is None:
+                    continue
+                now = time.monotonic()
+                deaths[i] = [t for t in deaths[i] if now - t < 60.0] + [now]
+                if len(deaths[i]) > RESTARTS_PER_MINUTE:
+                    logger.error("worker %d exited with status %s %d times within a minute; stopping", i,
+                                 p.exitcode, len(deaths[i]))
+                    status = 1
+                    stop.set()
+                    forward.append(signal.SIGTERM)
+                    break
+                logger.error("worker %d (pid %s) exited with status %s; starting it again", i, p.pid, p.exitcode)
+                start(i)
+            stop.wait(POLL_S)
+        _send(procs, forward)
+        grace = settings.shutdown.grace_s + 5.0
+        deadline = time.monotonic() + grace
+        for p in procs.values():
+            p.join(max(deadline - time.monotonic(), 0.1))
+        for i, p in procs.items():
+            if p.exitcode is None:
+                logger.error("worker %d did not stop within %.0f s; killing it", i, grace)
+                p.kill()
+                p.join(5.0)
+                status = 1
+            elif p.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:  # stopped as asked
+                status = 1
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        sock.close()
+    return status
+
+
+def _send(procs: dict[int, multiprocessing.process.BaseProcess], forward: list[int]) -> None:
+    while forward:
+        sig = forward.pop(0)
+        for p in procs.values():
+            if p.exitcode is None and p.pid is not None:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
+def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: socket.socket, worker: int,
+                 supervisor: int) -> None:
+    """One worker: the single-process server on the inherited socket, without live entity changes."""
+    from service.logging_setup import configure_logging
+    from service.server import GracefulServer, server_config
+
+    os.setpgrp()  # signals come through the supervisor only (a terminal's Ctrl-C would reach us twice)
+    # Until the server's own handler is in place: a reload asked for meanwhile is moot (the index is being loaded
+    # from the folder now), and SIGHUP's default action would end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    configure_logging(settings.log_level)
+    # Loaded before the socket is served: a worker started again takes no connection (to answer 503 "loading")
+    # while the others are ready.
+    app = app_factory(settings, linker_factory=_without_changes, serve_when_loaded=True)
+    server = GracefulServer(server_config(settings, WorkerHeader(app, worker)), app.state.el)
+    threading.Thread(target=_watch_supervisor, args=(supervisor,), daemon=True, name="el-supervisor-watch").start()
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # SIGINT, passed on by the supervisor: stopped as asked
+        pass
+
+
+def _without_changes(settings: Settings) -> Any:
+    from service.pipeline.linker import Linker
+
+    return Linker.from_settings(settings, live=False)
+
+
+def _watch_supervisor(supervisor: int) -> None:
+    """Stop (as on SIGTERM) once the supervisor is gone: nobody would stop or replace this worker any more."""
+    while os.getppid() == supervisor:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)

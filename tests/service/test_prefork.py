@@ -1,0 +1,110 @@
+"""`el serve` with EL_WORKERS=2 (service/prefork.py), over real HTTP with the real encoders: both processes answer as
+the single-process server does, entity changes are refused, a killed worker is started again while the other
+serves, SIGHUP reloads each, SIGTERM stops them all with status 0, and workers stop once their supervisor is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import Server, running_server
+
+pytestmark = pytest.mark.slow
+
+BODY = {"mention": "Barack Obama", "context": "Barack Obama spoke in Paris.", "top_k": 5}
+
+
+def _workers(server: Server) -> list[int]:
+    """The supervisor's running worker processes (not multiprocessing's resource tracker), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == server.proc.pid and stat[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _link_fresh_connection(url: str) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=30.0) as c:  # a new connection each time: any worker may take it
+        return c.post("/v1/link", json=BODY)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaped yet counts as stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait(cond, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return cond()
+
+
+@pytest.fixture(scope="module")
+def single(settings) -> list[str]:
+    with running_server(settings) as server, server.client() as c:
+        r = c.post("/v1/link", json=BODY)
+        assert r.status_code == 200 and "x-el-worker" not in r.headers
+        return [e["id"] for e in r.json()["entities"]]
+
+
+def test_two_workers_answer_as_one_process_and_refuse_changes(settings, single: list[str]) -> None:
+    with running_server(settings, EL_WORKERS=2, EL_UPDATES__ENABLED="true") as server:
+        assert len(_workers(server)) == 2
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _link_fresh_connection(server.base_url), range(32)))
+        assert all(r.status_code == 200 for r in answers)
+        assert {r.headers["x-el-worker"] for r in answers} <= {"0", "1"}
+        assert all([e["id"] for e in r.json()["entities"]] == single for r in answers)
+        with server.client() as c:
+            r = c.put("/v1/entities/new-1", json={"name": "New", "description": "a new entity"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "updates_disabled"
+            assert "EL_WORKERS" in r.json()["error"]["message"]
+            assert c.get("/metrics").headers["x-el-worker"] in {"0", "1"}
+
+
+def test_a_killed_worker_is_started_again_while_the_other_serves(settings) -> None:
+    with running_server(settings, EL_WORKERS=2, EL_LOG_LEVEL="INFO") as server:
+        first = _workers(server)
+        os.kill(first[0], signal.SIGKILL)
+        # Meanwhile the other worker answers every request (the new one takes no connection before it is loaded).
+        for _ in range(10):
+            r = _link_fresh_connection(server.base_url)
+            assert r.status_code == 200, (r.text, server.log())
+        assert _wait(lambda: len(_workers(server)) == 2 and first[0] not in _workers(server), 60.0), server.log()
+        assert "exited with status -9; starting it again" in server.log()
+        assert _wait(lambda: server.log().count("ready: index") == 3, 60.0), server.log()  # the new one too
+        server.signal(signal.SIGHUP)  # each worker reloads the index
+        assert _wait(lambda: server.log().count("SIGHUP: now serving index") == 2, 60.0), server.log()
+        assert _link_fresh_connection(server.base_url).status_code == 200
+        workers = _workers(server)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0, server.log()
+        assert not any(_alive(p) for p in workers)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(settings) -> None:
+    with running_server(settings, EL_WORKERS=2) as server:
+        workers = _workers(server)
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        assert _wait(lambda: not any(_alive(p) for p in workers), 30.0)
