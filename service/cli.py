@@ -353,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paired-rounds", type=int, default=3,
                    help="alternating in-process (batch --batch) / HTTP (highest concurrency) rounds for the HTTP share; 0: none")
     p.add_argument("--paired-seconds", type=float, default=8.0, help="wrk duration per paired round")
-    p.add_argument("--http-workers", type=int, nargs="+", default=[1],
-                   help="HTTP rows (and share) for a server of each of these many processes (EL_WORKERS), e.g. 1 2")
+    p.add_argument("--http-workers", type=int, nargs="+", default=[1, 2],
+                   help="HTTP rows (and share) for a server of each of these many processes (EL_WORKERS); 1: only "
+                   "the default single-process server")
     p.add_argument("--skip-plain", action="store_true", help="no plain bi-encoder row")
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows (they also skip when wrk is missing)")
     p.add_argument("--skip-teacher", action="store_true", help="no teacher row (its first run caches KB features)")

@@ -81,7 +81,8 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
 
     settings = per_worker(settings, workers)
     export_encoders(settings)  # once, here: workers starting together must not export the same files at once
-    sock = socket.create_server((settings.host, settings.port), backlog=2048)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     deaths: dict[int, list[float]] = {i: [] for i in range(workers)}
