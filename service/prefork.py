@@ -3,7 +3,7 @@
 Why: in one process the event loop (HTTP parsing, validation, answers) and the pipeline's Python parts share one
 interpreter lock, and under load the loop waits for it while requests queue in the socket; batches then stay
 small (6-9 at concurrency 32), and a small batch costs up to 1.6x more CPU per mention than one of 64. Each worker
-process has its own lock and its own micro-batcher. `el bench --workers 2` measures the difference (README:
+process has its own lock and its own micro-batcher. `el bench --http-workers 1 2` measures the difference (README:
 "Worker processes").
 
 Each worker is the single-process server (service/server.py: the same app, drain on SIGTERM, index reload on

@@ -84,17 +84,19 @@ def test_two_workers_answer_as_one_process_and_refuse_changes(settings, single: 
 
 def test_a_killed_worker_is_started_again_while_the_other_serves(settings) -> None:
     with running_server(settings, EL_WORKERS=2, EL_LOG_LEVEL="INFO") as server:
+        # Ready as soon as one worker is (a loading one takes no connection): wait for both here.
+        assert _wait(lambda: server.log().count("ready: index") == 2, 120.0), server.log()
         first = _workers(server)
         os.kill(first[0], signal.SIGKILL)
         # Meanwhile the other worker answers every request (the new one takes no connection before it is loaded).
         for _ in range(10):
             r = _link_fresh_connection(server.base_url)
             assert r.status_code == 200, (r.text, server.log())
-        assert _wait(lambda: len(_workers(server)) == 2 and first[0] not in _workers(server), 60.0), server.log()
+        assert _wait(lambda: len(_workers(server)) == 2 and first[0] not in _workers(server), 120.0), server.log()
         assert "exited with status -9; starting it again" in server.log()
-        assert _wait(lambda: server.log().count("ready: index") == 3, 60.0), server.log()  # the new one too
+        assert _wait(lambda: server.log().count("ready: index") == 3, 120.0), server.log()  # the new one too
         server.signal(signal.SIGHUP)  # each worker reloads the index
-        assert _wait(lambda: server.log().count("SIGHUP: now serving index") == 2, 60.0), server.log()
+        assert _wait(lambda: server.log().count("SIGHUP: now serving index") == 2, 120.0), server.log()
         assert _link_fresh_connection(server.base_url).status_code == 200
         workers = _workers(server)
         server.signal(signal.SIGTERM)
