@@ -366,22 +366,30 @@ class ExactSearch:
         second = later.result() if later is not None else scan(parts[1])
         q = torch.from_numpy(queries)
         idx = torch.from_numpy(np.concatenate([first[1], second[1]], 1))  # [B, 2m]
+        # A row left out by a half scores at most that half's last bf16 score: the larger of the two bounds it.
+        lowest = torch.from_numpy(np.maximum(first[0][:, -1], second[0][:, -1])).double()
+        rescoring = q.shape[1] * 2.0**-24 * q.norm(dim=1).double() * self._max_norm
+        self.scan_shortlisted += len(queries)
+        return self._rescored(queries, idx, kk, dead, lowest, self._bf16_bound(q) + rescoring, "bf16 scan")
+
+    def _rescored(self, queries: np.ndarray, idx: torch.Tensor, kk: int, dead: torch.Tensor | None,
+                  lowest: torch.Tensor, slack: torch.Tensor, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Top kk (scores, rows), sorted, of each query's shortlisted rows idx [B, S] rescored in fp32. A row left
+        out scores at most lowest + slack [B] (its coarse score at most the shortlist's lowest, plus the bound on
+        the coarse rounding): where that could reach the kk-th score, the query is searched again in fp32."""
+        q = torch.from_numpy(queries)
         with torch.no_grad():
-            exact = torch.bmm(self._t[idx], q.unsqueeze(2)).squeeze(2)
+            exact = torch.bmm(self._t[idx], q.unsqueeze(2)).squeeze(2)  # [B, S] fp32
             if dead is not None:
                 exact.masked_fill_(dead[idx], float("-inf"))
             top, o = torch.topk(exact, kk, dim=1, largest=True, sorted=True)
             rows = torch.gather(idx, 1, o)
-            # A row left out by a half scores at most that half's last bf16 score: the larger of the two bounds it.
-            lowest = torch.from_numpy(np.maximum(first[0][:, -1], second[0][:, -1])).double()
-            rescoring = q.shape[1] * 2.0**-24 * q.norm(dim=1).double() * self._max_norm
-            unsafe = lowest + self._bf16_bound(q) + rescoring >= top[:, -1].double()
+            unsafe = torch.isfinite(lowest) & (lowest + slack >= top[:, -1].double())
         top_np, rows_np = top.numpy(), rows.numpy()
-        self.scan_shortlisted += len(queries)
         if bool(unsafe.any()):
             again = np.flatnonzero(unsafe.numpy())
             self.fp32_researches += len(again)
-            logger.debug("bf16 scan: %d of %d queries searched again in fp32", len(again), len(queries))
+            logger.debug("%s: %d of %d queries searched again in fp32", what, len(again), len(queries))
             with torch.no_grad():
                 t, r = torch.topk(self._fp32_scores(queries[again], dead), kk, dim=1, largest=True, sorted=True)
             top_np[again], rows_np[again] = t.numpy(), r.numpy()
@@ -406,25 +414,9 @@ class ExactSearch:
             if dead is not None:
                 coarse.masked_fill_(dead, float("-inf"))
             last, idx = torch.topk(coarse, kk + COARSE_EXTRA, dim=1, sorted=False)
-            exact = torch.bmm(self._t[idx], q.unsqueeze(2)).squeeze(2)  # [B, kk + extra] fp32
-            if dead is not None:
-                exact.masked_fill_(dead[idx], float("-inf"))
-            top, o = torch.topk(exact, kk, dim=1, largest=True, sorted=True)
-            rows = torch.gather(idx, 1, o)
-            # A row outside the shortlist has a bf16 score <= the shortlist's lowest, so a true score <= that plus
-            # the bound: where that could reach the kk-th score, this query is searched again in fp32.
-            lowest = last.min(dim=1).values.double()
-            unsafe = torch.isfinite(lowest) & (lowest + self._bf16_bound(q) >= top[:, -1].double())
-        top_np, rows_np = top.numpy(), rows.numpy()
+            lowest = last.min(dim=1).values.double()  # a row outside the shortlist has a bf16 score <= this
         self.shortlisted += len(queries)
-        if bool(unsafe.any()):
-            again = np.flatnonzero(unsafe.numpy())
-            self.fp32_researches += len(again)
-            logger.debug("bf16 shortlist: %d of %d queries searched again in fp32", len(again), len(queries))
-            with torch.no_grad():
-                t, r = torch.topk(self._fp32_scores(queries[again], dead), kk, dim=1, largest=True, sorted=True)
-            top_np[again], rows_np[again] = t.numpy(), r.numpy()
-        return top_np, rows_np
+        return self._rescored(queries, idx, kk, dead, lowest, self._bf16_bound(q), "bf16 shortlist")
 
 
 def plan_for(search: ExactSearch) -> SearchPlan:

@@ -1,4 +1,5 @@
-"""ASGI middleware: request body cap (enforced while reading) and per-route metrics."""
+"""ASGI middleware: request body cap (enforced while reading), per-route metrics, and the header naming the
+process that answered."""
 
 from __future__ import annotations
 
@@ -111,3 +112,24 @@ class MetricsMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(path, scope.get("method", ""), str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+class AnswerHeader:
+    """One header on every HTTP answer, naming the process that answered (`X-EL-Replica` on Ray Serve replicas,
+    `X-EL-Worker` with EL_WORKERS > 1): to trace a slow or failing answer, or a scrape of /metrics, to it."""
+
+    def __init__(self, app: ASGIApp, name: str, value: str) -> None:
+        self.app = app
+        self.header = (name.lower().encode(), value.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)

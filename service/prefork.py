@@ -42,26 +42,6 @@ POLL_S = 0.2  # how often the supervisor looks at its workers
 RESTARTS_PER_MINUTE = 3  # more deaths than this of one worker within a minute: stop everything
 
 
-class WorkerHeader:
-    """Names the worker process that answered (`X-EL-Worker: <n>`), for reading /metrics or a slow answer."""
-
-    def __init__(self, app: Any, worker: int) -> None:
-        self.app = app
-        self.header = (b"x-el-worker", str(worker).encode())
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_header(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), self.header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
-
-
 def per_worker(settings: Settings, workers: int) -> Settings:
     """The settings of one of `workers` processes: the defaults meant for a process that has the machine to itself
     give way where not set explicitly. One batch at a time (EL_BATCHING__MAX_CONCURRENT), one ONNX Runtime thread
@@ -159,6 +139,7 @@ def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: sock
                  supervisor: int) -> None:
     """One worker: the single-process server on the inherited socket, without live entity changes."""
     from service.logging_setup import configure_logging
+    from service.middleware import AnswerHeader
     from service.server import GracefulServer, server_config
 
     os.setpgrp()  # signals come through the supervisor only (a terminal's Ctrl-C would reach us twice)
@@ -169,7 +150,7 @@ def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: sock
     # Loaded before the socket is served: a worker started again takes no connection (to answer 503 "loading")
     # while the others are ready.
     app = app_factory(settings, linker_factory=_without_changes, serve_when_loaded=True)
-    server = GracefulServer(server_config(settings, WorkerHeader(app, worker)), app.state.el)
+    server = GracefulServer(server_config(settings, AnswerHeader(app, "x-el-worker", str(worker))), app.state.el)
     threading.Thread(target=_watch_supervisor, args=(supervisor,), daemon=True, name="el-supervisor-watch").start()
     try:
         server.run(sockets=[sock])

@@ -29,26 +29,6 @@ APP_NAME = "el"
 DEPLOYMENT_NAME = "LinkReplica"
 
 
-class ReplicaHeader:
-    """Names the replica that answered (`X-EL-Replica`), for tracing a slow or failing answer to one replica."""
-
-    def __init__(self, app: Any, replica: str) -> None:
-        self.app = app
-        self.header = (b"x-el-replica", replica.encode())
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_header(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), self.header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
-
-
 def build_application(settings: Settings, *, replicas: int | None = None) -> Any:
     """The Serve application (a bound deployment) for these settings."""
     from ray import serve
@@ -78,10 +58,12 @@ def build_application(settings: Settings, *, replicas: int | None = None) -> Any
             from ray import serve
 
             from service.app import create_app
+            from service.middleware import AnswerHeader
 
             linker = self.linker
             app = create_app(self.settings, linker_factory=lambda _: linker)
-            app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
+            app.add_middleware(AnswerHeader, name="x-el-replica",
+                               value=serve.get_replica_context().replica_id.unique_id)
             self._el_app = app
             return app
 

@@ -45,6 +45,16 @@ def _check_like_faiss(ex: ExactSearch, x: np.ndarray, q: np.ndarray, k: int) -> 
     np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, rows, axis=1), atol=1e-5, rtol=0)
 
 
+def _every_other_best_dead(x: np.ndarray, q: np.ndarray):
+    """(dead [N] bool tensor, live rows): every other one of each query's best 20 rows removed."""
+    import torch
+
+    _, best = _flat(x).search(q, 20)
+    dead = torch.zeros(len(x), dtype=torch.bool)
+    dead[torch.from_numpy(best[:, ::2].ravel())] = True
+    return dead, np.flatnonzero(~dead.numpy())
+
+
 @pytest.mark.parametrize("batch", [1, SMALL_BATCH + 1])  # FAISS's own scan, then the GEMM
 @pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
 def test_duplicates_in_faiss_order(copies: int, k: int, batch: int) -> None:
@@ -300,8 +310,6 @@ def test_one_or_two_queries_in_row_halves_on_a_spare_core(monkeypatch: pytest.Mo
     and scores, dead rows never returned; without one, or with a plan against it, FAISS's scan answers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
     from kg_index import exact
 
     rng = np.random.default_rng(b + 10 * with_dead)
@@ -310,12 +318,7 @@ def test_one_or_two_queries_in_row_halves_on_a_spare_core(monkeypatch: pytest.Mo
     calls: list[int] = []
     inner = ExactSearch._in_row_halves
     monkeypatch.setattr(ExactSearch, "_in_row_halves", lambda self, *a: calls.append(1) or inner(self, *a))
-    dead = None
-    if with_dead:
-        _, best = _flat(x).search(q, 20)
-        dead = torch.zeros(len(x), dtype=torch.bool)
-        dead[torch.from_numpy(best[:, ::2].ravel())] = True
-    live = np.arange(len(x)) if dead is None else np.flatnonzero(~dead.numpy())
+    dead, live = _every_other_best_dead(x, q) if with_dead else (None, np.arange(len(x)))
     want_scores, want_rows = _flat(x[live]).search(q, 10)
     with ThreadPoolExecutor(1) as spare:
         for small, expect_calls in (("faiss", 0), ("halves", 1)):
@@ -340,19 +343,12 @@ def test_bf16_scan_returns_faiss_rows_alone_or_on_a_spare_core(b: int, kernel: s
     FAISS's rows and scores, dead rows never returned, and no fp32 re-search on well-spread vectors."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
     from kg_index import exact
 
     rng = np.random.default_rng(b + 10 * with_dead)
     x, q = _unit(rng, 3001, 384), _unit(rng, b, 384)  # 384 dimensions: FAISS's SIMD path, as served
     ex = ExactSearch.for_index(_flat(x))
-    dead = None
-    if with_dead:
-        _, best = _flat(x).search(q, 20)
-        dead = torch.zeros(len(x), dtype=torch.bool)
-        dead[torch.from_numpy(best[:, ::2].ravel())] = True
-    live = np.arange(len(x)) if dead is None else np.flatnonzero(~dead.numpy())
+    dead, live = _every_other_best_dead(x, q) if with_dead else (None, np.arange(len(x)))
     want_scores, want_rows = _flat(x[live]).search(q, 10)
     ex.plan = exact.SearchPlan(small=kernel, small_alone="bf16")  # type: ignore[arg-type]
     with ThreadPoolExecutor(1) as spare, exact.spare_core(spare):
