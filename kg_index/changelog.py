@@ -11,20 +11,24 @@ features that were served. Every record is checked on replay; a last record cut 
 finished, so it was never acknowledged) is dropped and the file truncated to the last whole record. A bad record
 followed by others, a record of another base index or a sequence gap refuses the folder (IndexIntegrityError
 naming the file), like any other damaged index file. Compaction (kg_index/compact.py) folds the log into a new
-folder, whose log starts empty.
+folder, whose log starts with the changes logged while it was written.
+
+Several processes may serve one folder and change it (`ChangeLog`): appends are serialised by a lock on the file,
+and each process reads the records the others appended before it appends, and before each batch it links.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -75,118 +79,235 @@ def decode_header(head: bytes, payload: bytes) -> tuple[dict, Change]:
     return header, Change(header["id"], row)
 
 
+def _parse(data: bytes | memoryview, base_version: str, offset: int, first_seq: int,
+           where: Path) -> tuple[list[Change], int, str | None]:
+    """The whole records at the start of data (read from byte `offset` of the log, the first being `first_seq`):
+    (changes, bytes they take, why the rest is not a whole record or None). A last record cut short or failing its
+    checksum is "the rest" (a write not finished, or never finished); anything else wrong raises
+    IndexIntegrityError."""
+    changes: list[Change] = []
+    pos = 0
+    while pos < len(data):
+        at = f"{where}: record {first_seq + len(changes)} at byte {offset + pos}"
+        if len(data) - pos < _HEAD.size:
+            return changes, pos, at + " is cut short"
+        magic, hlen, plen, digest = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + hlen + plen
+        if magic != MAGIC:
+            raise IndexIntegrityError(f"{at}: bad record marker (corrupted)")
+        if end > len(data):
+            return changes, pos, at + " is cut short"
+        body = bytes(data[pos + _HEAD.size : end])
+        if hashlib.sha256(body).digest() != digest:
+            if end == len(data):  # the last record, written but not wholly on disk: never acknowledged
+                return changes, pos, at + " fails its checksum"
+            raise IndexIntegrityError(f"{at}: checksum mismatch (corrupted or modified)")
+        try:
+            header, change = decode_header(body[:hlen], body[hlen:])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IndexIntegrityError(f"{at}: unreadable ({exc.__class__.__name__})") from exc
+        if header["base"] != base_version:
+            raise IndexIntegrityError(f"{at}: belongs to index {header['base']}, the folder holds {base_version}")
+        if header["seq"] != first_seq + len(changes):
+            raise IndexIntegrityError(f"{at}: sequence {header['seq']}, expected {first_seq + len(changes)}")
+        changes.append(change)
+        pos = end
+    return changes, pos, None
+
+
 def read_log(folder: Path, base_version: str, *, repair: bool = True, offset: int = 0,
              first_seq: int = 1) -> list[Change]:
     """Every change recorded for the index at folder (built as base_version), in order, from byte `offset` (where
     record `first_seq` starts). A torn last record is dropped (and, with repair, cut from the file); anything else
-    wrong raises IndexIntegrityError."""
+    wrong raises IndexIntegrityError. (Offline use; a serving process reads through its ChangeLog.)"""
     path = folder / LOG_NAME
     if not path.is_file():
         return []
     with path.open("rb") as f:
         f.seek(offset)
         data = f.read()
-    changes: list[Change] = []
-    pos = 0
-    while pos < len(data):
-        torn = f"{path}: record {first_seq + len(changes)} at byte {offset + pos}"
-        if len(data) - pos < _HEAD.size:
-            return _torn(path, offset + pos, len(data) - pos, changes, torn + " is cut short", repair)
-        magic, hlen, plen, digest = _HEAD.unpack_from(data, pos)
-        end = pos + _HEAD.size + hlen + plen
-        if magic != MAGIC:
-            raise IndexIntegrityError(f"{torn}: bad record marker (corrupted)")
-        if end > len(data):
-            return _torn(path, offset + pos, len(data) - pos, changes, torn + " is cut short", repair)
-        body = data[pos + _HEAD.size : end]
-        if hashlib.sha256(body).digest() != digest:
-            if end == len(data):  # the last record, written but not wholly on disk: never acknowledged
-                return _torn(path, offset + pos, len(data) - pos, changes, torn + " fails its checksum", repair)
-            raise IndexIntegrityError(f"{torn}: checksum mismatch (corrupted or modified)")
-        try:
-            header, change = decode_header(body[:hlen], body[hlen:])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IndexIntegrityError(f"{torn}: unreadable ({exc.__class__.__name__})") from exc
-        if header["base"] != base_version:
-            raise IndexIntegrityError(f"{torn}: belongs to index {header['base']}, the folder holds {base_version}")
-        if header["seq"] != first_seq + len(changes):
-            raise IndexIntegrityError(f"{torn}: sequence {header['seq']}, expected {first_seq + len(changes)}")
-        changes.append(change)
-        pos = end
-    return changes
-
-
-def _torn(path: Path, pos: int, left: int, changes: list[Change], why: str, repair: bool) -> list[Change]:
-    logger.warning("%s: dropping the unfinished last record (%d bytes; it was never acknowledged)", why, left)
-    if repair:
-        with path.open("r+b") as f:
-            f.truncate(pos)
-            f.flush()
-            os.fsync(f.fileno())
+    changes, used, torn = _parse(data, base_version, offset, first_seq, path)
+    if torn is not None:
+        logger.warning("%s: dropping the unfinished last record (%d bytes; it was never acknowledged)", torn,
+                       len(data) - used)
+        if repair:
+            with path.open("r+b") as f:
+                f.truncate(offset + used)
+                f.flush()
+                os.fsync(f.fileno())
     return changes
 
 
 class ChangeLog:
-    """The log of one index folder: appends records durably. The file is created, and an exclusive lock on it
-    taken, at the first append: several processes may serve one folder read-only, only one may change it."""
+    """This process's handle on the change log of one index folder. Every process serving the folder holds one
+    (the worker processes of `el serve --workers N`, a second server, `el compact-index`), and any of them may
+    change the index:
 
-    def __init__(self, folder: Path, base_version: str, next_seq: int) -> None:
+    - an append takes an exclusive lock on the file for its write only (`locked`), after reading what the others
+      appended meanwhile (`read_new`), so that records stay in sequence and every process applies the same ones;
+    - `moved` tells with two stat calls whether another process appended, or swapped in a compacted folder, since
+      this one last read: a reader calls it before each batch, which is how a change acknowledged by one process
+      is in the next link answered by any of them.
+
+    The handle follows the folder it was opened on (an open directory and log file): after a compaction swaps
+    another folder in at the same path, `swapped` is true and the owner opens the new one."""
+
+    def __init__(self, folder: Path, base_version: str) -> None:
         self.folder = folder
         self.path = folder / LOG_NAME
         self.base_version = base_version
-        self.next_seq = next_seq
-        self.bytes = self.path.stat().st_size if self.path.exists() else 0
-        self._f: BinaryIO | None = None
-
-    def _open(self) -> BinaryIO:
-        if self._f is None:
-            created = not self.path.exists()
-            f = self.path.open("ab")
+        self.next_seq = 1
+        self.bytes = 0  # how much of the file this process has read (whole records)
+        self._torn_size = -1  # the file size at which an unfinished last record was last seen (not read again)
+        self._dir = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        self._dir_id = _identity(os.fstat(self._dir))
+        self.fd: int | None = None
+        self.writable = True
+        try:
+            self._check_version()
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                raise LogBusy(f"{self.path}: held by another process serving this index folder") from None
-            if f.tell() != self.bytes:  # someone else wrote since we read it: our view is stale
-                f.close()
-                raise LogBusy(f"{self.path}: changed by another process since this one read it; restart to replay")
-            if created:  # the new directory entry must survive a crash too
-                _fsync_dir(self.folder)
-            self._f = f
-        return self._f
+                exists = _exists(self._dir)
+                self.fd = os.open(LOG_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644, dir_fd=self._dir)
+                if not exists:  # the new directory entry must survive a crash too
+                    os.fsync(self._dir)
+            except OSError:  # a read-only folder: serve it, follow a log someone else writes, change nothing
+                self.writable = False
+                if _exists(self._dir):
+                    self.fd = os.open(LOG_NAME, os.O_RDONLY, dir_fd=self._dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_version(self) -> None:
+        """The folder opened is the one loaded: a compaction may have swapped another in since (StaleFolder)."""
+        fd = os.open("manifest.json", os.O_RDONLY, dir_fd=self._dir)
+        with os.fdopen(fd, "rb") as f:
+            version = json.loads(f.read()).get("version")
+        if version != self.base_version:
+            raise StaleFolder(f"{self.folder}: now holds index {version}, not {self.base_version}")
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive against every other process's append (and compaction's swap) while inside."""
+        if self.fd is None:
+            yield
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def read_new(self, *, repair: bool = False) -> list[Change]:
+        """The changes appended since this process last read (by any process), in order. An unfinished last record
+        is left for later (another process may be writing it); with `repair` (only under `locked`, where no one
+        writes) it is a crash's, never acknowledged, and is cut from the file."""
+        if self.fd is None:
+            return []
+        size = os.fstat(self.fd).st_size
+        if size <= self.bytes:
+            return []
+        data = _pread_all(self.fd, size - self.bytes, self.bytes)
+        changes, used, torn = _parse(data, self.base_version, self.bytes, self.next_seq, self.path)
+        if torn is not None:
+            if repair:
+                logger.warning("%s: dropping the unfinished last record (%d bytes; it was never acknowledged)", torn,
+                               len(data) - used)
+                os.ftruncate(self.fd, self.bytes + used)
+                os.fsync(self.fd)
+            else:
+                self._torn_size = size
+        self.bytes += used
+        self.next_seq += len(changes)
+        return changes
+
+    def read_from(self, offset: int, first_seq: int) -> list[Change]:
+        """The changes from byte `offset` (record `first_seq`) to the end, as they are now (under `locked`)."""
+        if self.fd is None:
+            return []
+        size = os.fstat(self.fd).st_size
+        data = _pread_all(self.fd, size - offset, offset)
+        return _parse(data, self.base_version, offset, first_seq, self.path)[0]
+
+    def moved(self) -> bool:
+        """Whether another process appended or swapped the folder since this one last read (cheap: two stats)."""
+        if self.fd is not None:
+            size = os.fstat(self.fd).st_size
+            if size > self.bytes and size != self._torn_size:
+                return True
+        return self.swapped()
+
+    def folder_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of what the folder's path holds now."""
+        try:
+            return _identity(os.stat(self.folder))
+        except FileNotFoundError:
+            return None
+
+    def swapped(self) -> bool:
+        """The folder's path holds another folder now (a compaction swapped it in)."""
+        try:
+            return _identity(os.stat(self.folder)) != self._dir_id
+        except FileNotFoundError:  # between the two renames of a swap without renameat2: not yet
+            return False
 
     def append(self, changes: Iterable[Change]) -> int:
-        """Write the changes, fsync, return the sequence number of the last one. Only then may they be applied."""
+        """Write the changes and fsync; the sequence number of the last one. Call under `locked`, after
+        `read_new` has applied every record before them. Only then may they be applied."""
         blob = bytearray()
         seq = self.next_seq
         for c in changes:
             blob += encode_record(seq, self.base_version, c)
             seq += 1
-        f = self._open()
+        if self.fd is None or not self.writable:
+            raise OSError(errno.EROFS, f"{self.path}: the index folder is read-only")
         try:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
         except OSError:  # disk full, I/O error: nothing acknowledged, and no half record left for the next append
-            f.truncate(self.bytes)
+            os.ftruncate(self.fd, self.bytes)
             raise
         self.next_seq = seq
         self.bytes += len(blob)
         return seq - 1
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        for name in ("fd", "_dir"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
 class LogBusy(RuntimeError):
-    """Another process holds (or has changed) this folder's change log."""
+    """Another process holds this index's compaction."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+class StaleFolder(RuntimeError):
+    """The index folder's path holds another index than the one loaded (swapped in by a compaction meanwhile)."""
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _exists(dir_fd: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.stat(LOG_NAME, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    while n > 0:
+        part = os.pread(fd, n, offset)
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+        offset += len(part)
+    return b"".join(parts)

@@ -60,8 +60,8 @@ def _build_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _compact_index(settings: Settings, args: argparse.Namespace) -> int:
-    """Through a running server (--url: POST /v1/admin/compact), else offline on EL_INDEX__DIR (refused while a
-    server writes its change log)."""
+    """Through a running server (--url: POST /v1/admin/compact), else here on EL_INDEX__DIR: servers on the folder
+    go on serving and changing it, and load the compacted folder when they see it swapped in."""
     if args.url:
         import httpx
 
@@ -77,16 +77,15 @@ def _compact_index(settings: Settings, args: argparse.Namespace) -> int:
 
     runtime = export_encoders(settings)
     index, _ = load_checked_index(settings, runtime, settings.index.dir)
-    store = LiveStore(index)
+    store = LiveStore(index, encoder_signature=runtime.spec.signature())
     try:
         before, changes = store.snapshot.version, store.pending
         if not changes and not args.force:
             print(json.dumps({"index_version": before, "changes": 0, "compacted": False}))
             return 0
-        store.log._open()  # take the log's lock: refused while a server writes it
-        snap = store.compact(encoder_signature=runtime.spec.signature())
+        snap = store.compact()
     except LogBusy as exc:
-        print(f"el compact-index: {exc}; compact through the server: el compact-index --url URL", file=sys.stderr)
+        print(f"el compact-index: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()

@@ -41,7 +41,8 @@ class Metrics:
                                       registry=r)
         self.change_log = Gauge("el_change_log_changes", "Changes in the index folder's change log (since its last "
                                 "build or compaction)", registry=r)
-        self.compactions = Counter("el_index_compactions", "Change-log compactions", ["outcome"], registry=r)
+        self.compactions = Counter("el_index_compactions", "Change-log compactions (outcome ok, failed, busy: another "
+                                   "server process was compacting the folder)", ["outcome"], registry=r)
         self.batch_size = Histogram("el_batch_size", "Mentions per link_batch call of the micro-batcher", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_queue_wait = Histogram("el_batch_queue_wait_seconds", "Time a request (or job item) waited in the "

@@ -8,8 +8,11 @@ process has its own lock and its own micro-batcher. `el bench --http-workers 1 2
 
 Each worker is the single-process server (service/server.py: the same app, drain on SIGTERM, index reload on
 SIGHUP), on the socket this process opened. What differs:
-- entity changes are refused (409 `updates_disabled`, as on Ray Serve replicas): each process would apply them
-  to its own copy of the index. Change the KG through a single-process `el serve`, compact, then restart;
+- entity changes work as in one process, through any worker: each holds the index folder's change log
+  (kg_index/changelog.py), appends under the file's lock after reading what the others appended, and before each
+  batch takes in what they logged (two stat calls when nothing changed), so the next link after an acknowledged
+  change sees it whichever worker answers. One compaction runs at a time; the other workers load the compacted
+  folder when they see it swapped in (their links wait about a second meanwhile);
 - /metrics, admission limits and the micro-batcher are per process; every answer names its worker
   (`X-EL-Worker`);
 - jobs: every worker runs a job runner on the one job store (leases share the chunks, as `el worker` does);
@@ -137,7 +140,7 @@ def _send(procs: dict[int, multiprocessing.process.BaseProcess], forward: list[i
 
 def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: socket.socket, worker: int,
                  supervisor: int) -> None:
-    """One worker: the single-process server on the inherited socket, without live entity changes."""
+    """One worker: the single-process server on the inherited socket."""
     from service.logging_setup import configure_logging
     from service.middleware import AnswerHeader
     from service.server import GracefulServer, server_config
@@ -149,19 +152,13 @@ def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: sock
     configure_logging(settings.log_level)
     # Loaded before the socket is served: a worker started again takes no connection (to answer 503 "loading")
     # while the others are ready.
-    app = app_factory(settings, linker_factory=_without_changes, serve_when_loaded=True)
+    app = app_factory(settings, serve_when_loaded=True)
     server = GracefulServer(server_config(settings, AnswerHeader(app, "x-el-worker", str(worker))), app.state.el)
     threading.Thread(target=_watch_supervisor, args=(supervisor,), daemon=True, name="el-supervisor-watch").start()
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # SIGINT, passed on by the supervisor: stopped as asked
         pass
-
-
-def _without_changes(settings: Settings) -> Any:
-    from service.pipeline.linker import Linker
-
-    return Linker.from_settings(settings, live=False)
 
 
 def _watch_supervisor(supervisor: int) -> None:

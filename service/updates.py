@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from kg_index.changelog import LogBusy
+from kg_index.changelog import LogBusy, StaleFolder
 from kg_index.live import Change
 from kg_index.live_store import UnknownEntity
 from kg_index.load import EntityMeta, KGIndex
@@ -92,10 +92,9 @@ class EntityUpdater:
         linker = self._linker()
         if not self.enabled:
             raise UpdatesDisabled("this server does not take entity changes (EL_UPDATES__ENABLED=false)")
-        if linker.store is None:  # a Ray Serve replica or one of EL_WORKERS processes: each would hold its own copy
-            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas and `el serve` "
-                                  "with EL_WORKERS > 1 do not: change the KG through one single-process `el serve`, "
-                                  "compact, then restart or redeploy)")
+        if linker.store is None:  # a Ray Serve replica: each holds its own copy, maybe on another machine
+            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas do not: change "
+                                  "the KG through `el serve`, compact, then redeploy)")
         return linker
 
     async def submit(self, n: int, decoders: Sequence[Callable[[], PendingChange]]) -> KGIndex:
@@ -146,9 +145,9 @@ class EntityUpdater:
             snap = linker.apply_changes(changes)
         except UnknownEntity as exc:
             raise EntityNotFound(f"no entity with id {exc.args[0]!r} to delete (nothing in this request applied)") from None
-        except LogBusy as exc:
-            raise Conflict(f"cannot change this index: {exc.__class__.__name__}; another process writes its change log "
-                           "(nothing applied)") from None
+        except StaleFolder:
+            raise Conflict("the index folder was swapped again and again by compactions meanwhile; retry "
+                           "(nothing applied)", headers={"Retry-After": "1"}) from None
         except OSError as exc:  # a read-only or full index folder: nothing was acknowledged
             logger.error("cannot write the change log: %s", exc)
             raise UpdatesDisabled(f"cannot write the change log ({exc.__class__.__name__}); nothing applied") from None
@@ -176,6 +175,10 @@ class EntityUpdater:
             freeze_loaded_heap()  # the compacted index's objects, as at start-up
             self.last_compaction_error = None
             outcome = "ok"
+        except LogBusy as exc:  # another server process on this folder compacts it; this one will load the result
+            logger.info("not compacting: %s", exc)
+            self.last_compaction_error = str(exc)
+            outcome = "busy"
         except Exception as exc:  # logged and kept for the admin route; the old index keeps serving
             logger.exception("compaction failed; still serving the index and its change log")
             self.last_compaction_error = f"{type(exc).__name__}: {exc}"

@@ -163,7 +163,7 @@ class Linker:
     def __init__(self, settings: Settings, runtime: EncoderRuntime, index: KGIndex,
                  source_warning: str | None = None, *, live: bool = False) -> None:
         """`live`: open the index folder's change log (replaying it) so that entities can change while serving
-        (`apply_changes`, `compact`); the log lives in the folder, so only the serving process opens it."""
+        (`apply_changes`, `compact`), and follow the changes other processes serving the folder log."""
         self.settings = settings
         self.runtime = runtime
         self.model_version = f"{runtime.spec.name}@{runtime.spec.signature()}"
@@ -181,7 +181,8 @@ class Linker:
         self._entity_runtime_lock = threading.Lock()
         self._occupancy = Occupancy()  # shared by the copies (with_weights, ...): batches in flight
         if live:
-            self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish)
+            self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish,
+                                   encoder_signature=runtime.spec.signature())
 
     def _publish(self, index: KGIndex) -> None:
         """A live index changed (called under the swap lock): serve the new snapshot from the next batch on."""
@@ -218,6 +219,9 @@ class Linker:
 
     @property
     def index(self) -> KGIndex:
+        """The index served now (including the changes other processes on this folder have logged)."""
+        if self.store is not None:
+            self.store.sync()
         return self._snapshot.index
 
     @property
@@ -237,7 +241,8 @@ class Linker:
             if self.store is not None and self.store.compacting:
                 raise RuntimeError("a compaction is running; reload after it")
             base_terms = KGTerms(new.entities)
-            store = LiveStore(new, lock=self._swap_lock) if self.store is not None else None  # replays its log
+            store = (LiveStore(new, lock=self._swap_lock, encoder_signature=self.runtime.spec.signature())
+                     if self.store is not None else None)  # replays its log
             if self.store is not None:
                 self.store.close()
             self.store, self._base_terms, self._base_terms_version = store, base_terms, new.manifest.version
@@ -329,6 +334,8 @@ class Linker:
         (`DeadlineExceeded`). A batch of EL_BATCHING__SPLIT_MIN or more mentions that finds no other running is
         linked as two halves at once, from the same snapshot (service/pipeline/halves.py).
         """
+        if self.store is not None:  # changes other server processes logged: seen by this batch (two stats if none)
+            self.store.sync()
         snap = self._snapshot  # read once: the whole batch is answered from one index
         split = self.settings.batching.split_min
         with self._occupancy.enter() as alone:

@@ -1,10 +1,12 @@
 """`el serve` with EL_WORKERS=2 (service/prefork.py), over real HTTP with the real encoders: both processes answer as
-the single-process server does, entity changes are refused, a killed worker is started again while the other
-serves, SIGHUP reloads each, SIGTERM stops them all with status 0, and workers stop once their supervisor is gone."""
+the single-process server does, an entity change or a compaction made through either is seen by both, a killed
+worker is started again while the other serves, SIGHUP reloads each, SIGTERM stops them all with status 0, and
+workers stop once their supervisor is gone."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kg_index.manifest import Manifest
 from tests.service.conftest import Server, running_server
 
 pytestmark = pytest.mark.slow
@@ -67,19 +70,67 @@ def single(settings) -> list[str]:
         return [e["id"] for e in r.json()["entities"]]
 
 
-def test_two_workers_answer_as_one_process_and_refuse_changes(settings, single: list[str]) -> None:
-    with running_server(settings, EL_WORKERS=2, EL_UPDATES__ENABLED="true") as server:
+def _each_worker(url: str, send, tries: int = 80) -> dict[str, httpx.Response]:
+    """One answer from each of the two workers: new connections until both have answered (any may take one)."""
+    seen: dict[str, httpx.Response] = {}
+    for _ in range(tries):
+        with httpx.Client(base_url=url, timeout=60.0) as c:
+            r = send(c)
+        seen.setdefault(r.headers["x-el-worker"], r)
+        if len(seen) == 2:
+            break
+    assert set(seen) == {"0", "1"}, f"only worker(s) {sorted(seen)} answered {tries} new connections"
+    return seen
+
+
+@pytest.fixture
+def index_copy(small_index: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "index"
+    shutil.copytree(small_index, out)
+    return out
+
+
+def test_two_workers_answer_as_one_process_and_share_entity_changes(settings, single: list[str],
+                                                                      index_copy: Path) -> None:
+    """Any worker takes a change; the next link, whichever worker answers it, sees it; a removal and a compaction
+    likewise reach both."""
+    mention, context = "Zorblax Quintavian", "Zorblax Quintavian, the Venusian painter, in his studio in 1931."
+    body = {"mention": mention, "context": context, "top_k": 5}
+    with running_server(settings, EL_WORKERS=2, EL_INDEX__DIR=str(index_copy), EL_UPDATES__ENABLED="true",
+                        EL_UPDATES__COMPACT_AFTER=0, EL_LOG_LEVEL="INFO") as server:
+        assert _wait(lambda: server.log().count("ready: index") == 2, 120.0), server.log()
         assert len(_workers(server)) == 2
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: _link_fresh_connection(server.base_url), range(32)))
         assert all(r.status_code == 200 for r in answers)
-        assert {r.headers["x-el-worker"] for r in answers} <= {"0", "1"}
         assert all([e["id"] for e in r.json()["entities"]] == single for r in answers)
+
         with server.client() as c:
-            r = c.put("/v1/entities/new-1", json={"name": "New", "description": "a new entity"})
-            assert r.status_code == 409 and r.json()["error"]["code"] == "updates_disabled"
-            assert "EL_WORKERS" in r.json()["error"]["message"]
-            assert c.get("/metrics").headers["x-el-worker"] in {"0", "1"}
+            r = c.put("/v1/entities/live:zorblax", json={
+                "name": mention, "description": "Occupation: painter. Birth: 1890. Citizenship: Venus."})
+            assert r.status_code == 200, r.text
+            version, writer = r.json()["index_version"], r.headers["x-el-worker"]
+        for worker, r in _each_worker(server.base_url, lambda c: c.post("/v1/link", json=body)).items():
+            assert r.status_code == 200 and r.json()["index_version"] == version, (worker, r.text)
+            assert r.json()["entities"][0]["id"] == "live:zorblax", (worker, writer)
+
+        with server.client() as c:
+            r = c.delete("/v1/entities/live:zorblax")
+            assert r.status_code == 200, r.text
+            version = r.json()["index_version"]
+        for worker, r in _each_worker(server.base_url, lambda c: c.post("/v1/link", json=body)).items():
+            assert r.json()["index_version"] == version, worker
+            assert all(e["id"] != "live:zorblax" for e in r.json()["entities"]), worker
+
+        with server.client(timeout=120.0) as c:
+            r = c.post("/v1/admin/compact", params={"wait": "true"})
+            assert r.status_code == 200 and r.json()["state"] == "done", r.text
+            compacted = r.json()["index_version"]
+        assert "+" not in compacted and compacted == Manifest.read(index_copy).version
+        for worker, r in _each_worker(server.base_url, lambda c: c.post("/v1/link", json=BODY)).items():
+            assert r.json()["index_version"] == compacted, worker  # the other worker loaded the compacted folder
+            assert [e["id"] for e in r.json()["entities"]] == single, worker
+        assert "compacted by another process" in server.log()
 
 
 def test_a_killed_worker_is_started_again_while_the_other_serves(settings) -> None:
