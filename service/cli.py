@@ -98,7 +98,7 @@ def _bench_updates(settings: Settings, args: argparse.Namespace) -> int:
     from service.offline.bench_updates import Options, run
 
     report = run(settings, Options(requests=args.requests, clients=args.clients, batch=args.batch, rounds=args.rounds,
-                                   out=Path(args.out)))
+                                   update_clients=args.update_clients, workers=args.workers, out=Path(args.out)))
     keys = ("update_encoder", "text_entities_per_s", "image_entities_per_s", "text_entities_per_s_alone", "image_entities_per_s_alone",
             "text_entities_per_server_cpu_s", "image_entities_per_server_cpu_s", "p99_ratio_text_updates_to_idle",
             "p99_ratio_image_updates_to_idle", "idle", "during_text_updates", "during_image_updates")
@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     bu.add_argument("--clients", type=int, default=2, help="concurrent /v1/link client threads")
     bu.add_argument("--batch", type=int, default=32, help="entities per POST /v1/entities:batch")
     bu.add_argument("--rounds", type=int, default=1, help="text-only and image phases, each between idle ones")
+    bu.add_argument("--update-clients", type=int, default=1, help="concurrent entity-change streams")
+    bu.add_argument("--workers", type=int, default=1, help="server processes (EL_WORKERS)")
     bu.add_argument("--out", default="reports/updates.json")
     bu.set_defaults(fn=_bench_updates)
     t = sub.add_parser("train", help="train the OT-MEL teacher and the distilled student (writes models/weights/)")

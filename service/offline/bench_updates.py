@@ -50,6 +50,8 @@ class Options:
     batch: int = 32  # entities per POST /v1/entities:batch
     rounds: int = 1  # text-only and image phases, each between idle ones
     alone_calls: int = 8  # change calls timed without link load before each loaded phase
+    update_clients: int = 1  # concurrent change streams (one call at a time each)
+    workers: int = 1  # server processes (EL_WORKERS): with 2, two streams are encoded at once
     out: Path = Path("reports/updates.json")
 
 
@@ -121,47 +123,60 @@ def link_load(url: str, bodies: list[dict], clients: int) -> list[float]:
 Batch = tuple[int, bytes]  # entities in the call, its JSON body
 
 
-def with_updates(url: str, batches: Iterable[Batch], measure) -> tuple[list[float], dict]:
-    """Stream the batches (one call at a time) while `measure` runs; entities acknowledged per second meanwhile."""
+def with_updates(url: str, batches: Iterable[Batch], measure, streams: int = 1) -> tuple[list[float], dict]:
+    """Stream the batches (`streams` clients, one call at a time each) while `measure` runs; entities acknowledged
+    per second meanwhile."""
     stop = threading.Event()
     done = {"entities": 0, "calls": 0, "errors": 0, "last_version": None}
+    lock = threading.Lock()
+    source = iter(batches)
 
     def update() -> None:
         with httpx.Client(base_url=url, timeout=120.0) as c:
-            for n, body in batches:
-                if stop.is_set():
-                    return
+            while not stop.is_set():
+                with lock:
+                    item = next(source, None)
+                if item is None:
+                    raise SystemExit("bench-updates: ran out of entities to add; raise --batch or lower --requests")
+                n, body = item
                 r = c.post("/v1/entities:batch", content=body, headers=JSON)
-                if r.status_code != 200:
-                    done["errors"] += 1
-                    logger.error("entities:batch answered %s: %s", r.status_code, r.text[:200])
-                    continue
-                done["entities"] += n
-                done["calls"] += 1
-                done["last_version"] = r.json()["index_version"]
-            raise SystemExit("bench-updates: ran out of entities to add; raise --batch or lower --requests")
+                with lock:
+                    if r.status_code != 200:
+                        done["errors"] += 1
+                        logger.error("entities:batch answered %s: %s", r.status_code, r.text[:200])
+                        continue
+                    done["entities"] += n
+                    done["calls"] += 1
+                    done["last_version"] = max([done["last_version"] or "", r.json()["index_version"]],
+                                               key=lambda v: int(v.rpartition("+")[2] or 0))
 
     t0 = time.perf_counter()
-    thread = threading.Thread(target=update, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=update, daemon=True) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
     out = measure()
     stop.set()
-    thread.join()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - t0
     return out, {**done, "seconds": round(elapsed, 2), "entities_per_s": round(done["entities"] / elapsed, 1)}
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of a process (all its threads) and of its live child processes (the entity
-    batch decoding process), from /proc."""
-    total = 0
+    """User + system CPU time so far of a process (all its threads) and of its live descendants (worker processes,
+    the entity batch decoding process), from /proc."""
+    stats: dict[int, list[str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        if stat.parent.name == str(pid) or int(fields[1]) == pid:  # the server, or a child of it
-            total += int(fields[11]) + int(fields[12])
+    ours, grew = {pid}, True
+    while grew:
+        more = {p for p, f in stats.items() if int(f[1]) in ours} - ours
+        ours |= more
+        grew = bool(more)
+    total = sum(int(stats[p][11]) + int(stats[p][12]) for p in ours if p in stats)
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -225,7 +240,7 @@ def run(settings: Settings, opts: Options) -> dict:
         work = Path(tmp)
         index_dir = work / "index"
         private_copy(settings.index.dir, index_dir)
-        proc, url = start_server(index_dir, work, {"EL_UPDATES__COMPACT_AFTER": "0"})
+        proc, url = start_server(index_dir, work, {"EL_UPDATES__COMPACT_AFTER": "0", "EL_WORKERS": str(opts.workers)})
         try:
             link_load(url, bodies[:10], 1)  # warm the connection path
             idle.append(link_load(url, bodies, opts.clients))
@@ -234,7 +249,7 @@ def run(settings: Settings, opts: Options) -> dict:
                     alone[kind].append(updates_alone(url, islice(batches(f"alone-{kind}-{r}-", kind == "image"), opts.alone_calls),
                                                      proc.pid))
                     during, rate = with_updates(url, batches(f"bench-{kind}-{r}-", kind == "image"),
-                                                lambda: link_load(url, bodies, opts.clients))
+                                                lambda: link_load(url, bodies, opts.clients), opts.update_clients)
                     loaded[kind].append(during)
                     rates[kind].append(rate)
                     idle.append(link_load(url, bodies, opts.clients))
@@ -246,7 +261,8 @@ def run(settings: Settings, opts: Options) -> dict:
     report: dict = {
         "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": str(settings.index.dir), "clients": opts.clients, "requests_per_phase": opts.requests,
-        "entities_per_call": opts.batch, "rounds": opts.rounds,
+        "entities_per_call": opts.batch, "rounds": opts.rounds, "update_clients": opts.update_clients,
+        "server_workers": opts.workers,
         "update_encoder": "int8" if settings.updates.int8_encoder else "fp32",  # EL_UPDATES__INT8_ENCODER
         "update_nice": settings.updates.nice,  # EL_UPDATES__NICE
         "update_encoder_threads": settings.updates.encoder_threads,  # EL_UPDATES__ENCODER_THREADS
