@@ -231,8 +231,12 @@ class ChangeLog:
 
     def moved(self) -> bool:
         """Whether another process appended or swapped the folder since this one last read (cheap: two stats)."""
-        if self.fd is not None:
-            size = os.fstat(self.fd).st_size
+        fd = self.fd  # read once: the owner may close this handle meanwhile (it then holds a new one)
+        if fd is not None:
+            try:
+                size = os.fstat(fd).st_size
+            except OSError:  # closed just now: look again under the owner's lock
+                return True
             if size > self.bytes and size != self._torn_size:
                 return True
         return self.swapped()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,10 +79,12 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 
 
 def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for_serving,
-               serve_when_loaded: bool = False) -> FastAPI:
+               serve_when_loaded: bool = False, metrics_share: tuple[Path, str] | None = None) -> FastAPI:
     """The app. `serve_when_loaded`: the lifespan's start-up waits for the index and encoders (uvicorn listens only
-    after it), for a worker process that must not answer 503 "loading" while the others are ready."""
+    after it), for a worker process that must not answer 503 "loading" while the others are ready.
+    `metrics_share` (folder, worker): /metrics answers for every worker process (service/metrics_share.py)."""
     metrics = Metrics()
+    share = metrics.share_with(*metrics_share) if metrics_share is not None else None
     adm = settings.admission
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
                           retry_after_s=adm.retry_after_s, metrics=metrics)
@@ -109,6 +112,8 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(asyncio.to_thread(_load, state, linker_factory))
         app.state.el_loader = loader
+        if share is not None:
+            share.start()
         await asyncio.to_thread(state.jobs.start)  # open the store, re-queue a dead worker's jobs
         if serve_when_loaded:
             await asyncio.shield(loader)  # _load keeps its own errors (readiness reports them)
@@ -121,6 +126,8 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
             await asyncio.to_thread(state.jobs.stop)  # finish the chunk, hand the job back to the queue
             await asyncio.to_thread(state.updater.close)  # acknowledged changes are logged already; finish the rest
             state.entity_decoding.close()
+            if share is not None:
+                share.close()
 
     app = FastAPI(
         title="OT-MEL entity linking",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.metrics_share import MetricsShare
 from service.pipeline.decode import DECODE_COUNTS
 from service.pipeline.types import STAGES, OTStats
 
@@ -17,6 +19,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.share: MetricsShare | None = None
         r = self.registry
         self.requests = Counter("el_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self.latency = Histogram("el_request_latency_seconds", "HTTP latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -71,7 +74,13 @@ class Metrics:
             self.sinkhorn_marginal_error.set(st.max_marginal_error)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; with worker processes (share_with), every worker's, labelled by worker."""
+        return self.share.render() if self.share is not None else generate_latest(self.registry)
+
+    def share_with(self, folder: Path, worker: str) -> MetricsShare:
+        """Publish this registry to the workers' folder and render all of theirs (service/metrics_share.py)."""
+        self.share = MetricsShare(folder, worker, self.registry)
+        return self.share
 
 
 class _InvocationCollector(Collector):

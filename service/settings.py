@@ -322,7 +322,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="Server processes on the one port (service/prefork.py): 2 on 2 "
                                                      "cores gave 1.14x the requests/s at concurrency 32 here; entity "
                                                      "changes work through any of them (one shared change log); "
-                                                     "/metrics is per process (README: Worker processes).")
+                                                     "/metrics labels each series by worker (README: Worker "
+                                                     "processes).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     data_dir: Path = Field(Path("data/mel"), description="Folder of the MEL benchmark release files.")
     features_dir: Path = Field(Path("artifacts/features"), description="Cache of frozen backbone features "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kg_index.manifest import Manifest
 from tests.service.conftest import Server, running_server
@@ -131,6 +132,16 @@ def test_two_workers_answer_as_one_process_and_share_entity_changes(settings, si
             assert r.json()["index_version"] == compacted, worker  # the other worker loaded the compacted folder
             assert [e["id"] for e in r.json()["entities"]] == single, worker
         assert "compacted by another process" in server.log()
+
+        time.sleep(1.5)  # each worker publishes its metrics every second
+        with server.client() as c:
+            text = c.get("/metrics").text
+        linked: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == "el_mentions_linked_total":
+                    linked[sample.labels["worker"]] = linked.get(sample.labels["worker"], 0.0) + sample.value
+        assert set(linked) == {"0", "1"} and sum(linked.values()) >= 32 + 6, linked  # both workers, every link
 
 
 def test_a_killed_worker_is_started_again_while_the_other_serves(settings) -> None:
