@@ -158,7 +158,7 @@ class ChangeLog:
         self.base_version = base_version
         self.next_seq = 1
         self.bytes = 0  # how much of the file this process has read (whole records)
-        self._torn_size = -1  # the file size at which an unfinished last record was last seen (not read again)
+        self._torn_at: tuple[int, int] | None = None  # (size, mtime) when an unfinished record was seen: not re-read
         self._dir = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         self._dir_id = _identity(os.fstat(self._dir))
         self.fd: int | None = None
@@ -216,7 +216,8 @@ class ChangeLog:
                 os.ftruncate(self.fd, self.bytes + used)
                 os.fsync(self.fd)
             else:
-                self._torn_size = size
+                st = os.fstat(self.fd)
+                self._torn_at = (st.st_size, st.st_mtime_ns)
         self.bytes += used
         self.next_seq += len(changes)
         return changes
@@ -234,10 +235,10 @@ class ChangeLog:
         fd = self.fd  # read once: the owner may close this handle meanwhile (it then holds a new one)
         if fd is not None:
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
             except OSError:  # closed just now: look again under the owner's lock
                 return True
-            if size > self.bytes and size != self._torn_size:
+            if st.st_size > self.bytes and (st.st_size, st.st_mtime_ns) != self._torn_at:
                 return True
         return self.swapped()
 

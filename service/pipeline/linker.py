@@ -182,7 +182,11 @@ class Linker:
         self._occupancy = Occupancy()  # shared by the copies (with_weights, ...): batches in flight
         if live:
             self.store = LiveStore(index, lock=self._swap_lock, publish=self._publish,
-                                   encoder_signature=runtime.spec.signature())
+                                   encoder_signature=runtime.spec.signature(), loader=self._load_folder)
+
+    def _load_folder(self, folder: Path) -> KGIndex:
+        """A folder another process swapped in at the served path, with the checks of a reload."""
+        return load_checked_index(self.settings, self.runtime, folder)[0]
 
     def _publish(self, index: KGIndex) -> None:
         """A live index changed (called under the swap lock): serve the new snapshot from the next batch on."""
@@ -241,8 +245,8 @@ class Linker:
             if self.store is not None and self.store.compacting:
                 raise RuntimeError("a compaction is running; reload after it")
             base_terms = KGTerms(new.entities)
-            store = (LiveStore(new, lock=self._swap_lock, encoder_signature=self.runtime.spec.signature())
-                     if self.store is not None else None)  # replays its log
+            store = (LiveStore(new, lock=self._swap_lock, encoder_signature=self.runtime.spec.signature(),
+                               loader=self._load_folder) if self.store is not None else None)  # replays its log
             if self.store is not None:
                 self.store.close()
             self.store, self._base_terms, self._base_terms_version = store, base_terms, new.manifest.version

@@ -335,6 +335,52 @@ def test_one_compaction_at_a_time_and_the_other_process_follows_it(base: KGIndex
     b.close()
 
 
+def test_a_folder_rebuilt_in_place_is_followed_and_a_bad_one_is_not(base: KGIndex, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A build renames a new folder into the served path: the store loads it (through its loader, the checks of a
+    reload) at its next sync. One that fails them is left alone: the old snapshot serves, tried once, not per batch.
+    A killed compaction's leftover folder is cleared by the next compaction."""
+    rng = np.random.default_rng(29)
+    calls: list[Path] = []
+
+    def loader(folder: Path) -> KGIndex:
+        calls.append(folder)
+        return load_index(folder)
+
+    store = LiveStore(base, loader=loader)
+    store.apply([Change("A", make_row("A", "a", rng))])
+    rebuilt = make_folder(tmp_path / "rebuild", "Flat", n=50, seed=3)
+    m = Manifest.read(rebuilt)
+    m.version = "v-rebuilt"
+    m.write(rebuilt)
+    aside = base.folder.with_name("aside")
+    base.folder.rename(aside)
+    rebuilt.rename(base.folder)
+    store.sync()
+    assert store.snapshot.version == "v-rebuilt" and len(store.snapshot) == 50 and calls == [base.folder]
+    assert store.snapshot.row_of.get("A") is None  # a rebuild starts from its KG file (README: Limits)
+
+    broken = make_folder(tmp_path / "broken", "Flat", n=20, seed=4)
+    (broken / "ids.json").write_text("[]")  # fails its checksum
+    base.folder.rename(tmp_path / "aside2")
+    broken.rename(base.folder)
+    with caplog.at_level("ERROR"):
+        store.sync()
+        store.sync()
+    assert store.snapshot.version == "v-rebuilt" and len(calls) == 2  # tried once
+    assert "cannot load the index folder swapped in" in caplog.text
+    store.close()
+
+    stale = aside.parent / f".{aside.name}.compacting-99999999"
+    stale.mkdir()
+    (stale / "faiss.index").write_bytes(b"half")
+    again = LiveStore(load_index(aside))
+    again.apply([Change("B", make_row("B", "b", rng))])
+    again.compact()
+    assert not stale.exists()
+    again.close()
+
+
 def _append_many(folder: str, tag: str, n: int, start) -> None:
     """A separate process's writer: n changes, one request each, on the folder's shared log."""
     rng = np.random.default_rng(sum(map(ord, tag)))
