@@ -1,7 +1,8 @@
 """A job worker outside the API process: `el worker` (a plain process for systemd or Kubernetes) and each Ray
 actor of `el worker --ray` (service/scale/workers.py) run one of these.
 
-It is the embedded worker without the HTTP server: the same Linker (loaded from the same settings and index),
+It is the embedded worker without the HTTP server: the same Linker (loaded from the same settings and index; `el
+worker` also follows the index folder's change log, so entity changes made through the API reach its jobs),
 the same micro-batcher in front of it, the same JobRunner leasing chunks from the shared store
 (EL_JOBS__DATABASE_URL, PostgreSQL for workers on several machines). Several workers on one store share its
 chunks; the API processes then run with EL_JOBS__RUN_WORKER=false.
@@ -77,7 +78,9 @@ def run_worker(settings: Settings, *, metrics_port: int | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker = JobWorker(settings)
+    # The index folder's change log is followed (Linker.for_serving), as by the API's processes on this host: a job
+    # links against the entities as changed through the API, and after a compaction, against the compacted folder.
+    worker = JobWorker(settings, linker_factory=Linker.for_serving)
     worker.start()
     if metrics_port is not None:
         from prometheus_client import start_http_server

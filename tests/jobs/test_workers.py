@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,3 +91,30 @@ def test_two_workers_share_a_job_and_a_sigkill_loses_and_doubles_nothing(
     pids = {int(re.match(r"[^:]*:(\d+):", owner).group(1)) for owner in by}
     assert pids == {first.pid, second.pid}  # both workers committed chunks of the one job
     assert second.poll() is None  # the survivor keeps serving the queue
+
+
+def test_a_worker_links_against_the_entities_changed_through_the_api(
+        servers: Callable[..., Server], make_db: Callable[..., JobDB], workers, small_index: Path,
+        tmp_path: Path) -> None:
+    """`el worker` follows the index folder's change log: an entity added through the API after the worker loaded
+    is the answer of a job item that names it."""
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    db = make_db("worker-follows")
+    api = servers(db, EL_JOBS__RUN_WORKER="false", EL_INDEX__DIR=str(index), EL_UPDATES__ENABLED="true",
+                  EL_JOBS__POLL_INTERVAL_S="0.1")
+    worker = workers(api)
+    item = {"id": "z", "mention": "Zorblax Quintavian", "top_k": 3,
+            "context": "Zorblax Quintavian, the Venusian painter, in his studio in 1931."}
+    with api.client() as c:
+        job_id = submit(c, [item]).json()["job_id"]  # the worker loads, then links it against the folder as built
+        assert wait_job(c, job_id, finished, timeout_s=180, what="finish")["state"] == "succeeded"
+        assert result_lines(c, job_id)[0]["result"]["entities"][0]["id"] != "live:zorblax"
+        r = c.put("/v1/entities/live:zorblax", json={
+            "name": "Zorblax Quintavian", "description": "Occupation: painter. Birth: 1890. Citizenship: Venus."})
+        assert r.status_code == 200, r.text
+        job_id = submit(c, [item]).json()["job_id"]
+        assert wait_job(c, job_id, finished, timeout_s=60, what="finish")["state"] == "succeeded"
+        result = result_lines(c, job_id)[0]["result"]
+    assert result["entities"][0]["id"] == "live:zorblax" and result["index_version"] == r.json()["index_version"]
+    assert worker.poll() is None
