@@ -202,6 +202,11 @@ class RaySettings(BaseModel):
                                                              "default of 5 would cap micro-batches at 5).")
     worker_cpus: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per job worker actor.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs a local Ray head offers (unset: all of the machine's).")
+    shared_index: bool = Field(False, description="Replicas and job worker actors follow the index folder's change log, "
+                                                  "so entity changes go through any replica and reach every one: only "
+                                                  "where every node sees the one folder (one host, or a shared file "
+                                                  "system with working file locks). Off: replicas answer entity "
+                                                  "changes with 409 updates_disabled.")
 
 
 class AuthSettings(BaseModel):

@@ -93,8 +93,9 @@ class EntityUpdater:
         if not self.enabled:
             raise UpdatesDisabled("this server does not take entity changes (EL_UPDATES__ENABLED=false)")
         if linker.store is None:  # a Ray Serve replica: each holds its own copy, maybe on another machine
-            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas do not: change "
-                                  "the KG through `el serve`, compact, then redeploy)")
+            raise UpdatesDisabled("this server's index takes no entity changes (Ray Serve replicas do so only with "
+                                  "EL_RAY__SHARED_INDEX=true, where every node sees the one index folder; else "
+                                  "change the KG through `el serve`, compact, then redeploy)")
         return linker
 
     async def submit(self, n: int, decoders: Sequence[Callable[[], PendingChange]]) -> KGIndex:

@@ -6,6 +6,9 @@ replica batch together there. `max_ongoing_requests` is raised from Ray's defaul
 micro-batch at 5) to EL_RAY__MAX_ONGOING_REQUESTS; the app's own admission control still answers 429 beyond its
 queue. Each replica reserves EL_RAY__REPLICA_CPUS and sets ONNX Runtime's and torch's threads to that number.
 
+Entity changes: with EL_RAY__SHARED_INDEX every replica follows the index folder's change log (kg_index/changelog.py)
+and any of them takes a change; without it (each node with its own copy of the folder) replicas refuse them.
+
 Metrics: each replica's /metrics (el_* series) is that replica's registry only; through the proxy a scrape reaches
 one replica at random. Scrape Ray's own Prometheus endpoint instead (every node's metrics export port, see
 `ray start --metrics-export-port`), which carries Serve's series (ray_serve_*) per replica, or each replica's
@@ -50,8 +53,12 @@ def build_application(settings: Settings, *, replicas: int | None = None) -> Any
             configure_logging(self.settings.log_level)
             # Loaded here, before Serve marks the replica running: a replacement replica gets no traffic (and
             # answers no 503) while it loads. The app's own start-up then only warms it up again.
-            self.linker = Linker.from_settings(self.settings)
+            # EL_RAY__SHARED_INDEX: every replica on the one folder's change log, as `el serve --workers N` does.
+            self.linker = (Linker.for_serving(self.settings) if self.settings.ray.shared_index
+                           else Linker.from_settings(self.settings))
             self.linker.warm_up()
+            # The update encoder too, when changes are taken: else the app's start-up loads it, answering 503 meanwhile.
+            self.linker.warm_up_updates()
             self._el_app: Any = None
 
         def __serve_build_asgi_app__(self) -> Any:

@@ -30,7 +30,12 @@ def worker_actor_class(settings: Settings) -> Any:
 
             settings = pinned_threads(settings, settings.ray.worker_cpus)
             configure_logging(settings.log_level)
-            self.worker = JobWorker(settings)
+            if settings.ray.shared_index:  # follow the change log of the folder the replicas change
+                from service.pipeline.linker import Linker
+
+                self.worker = JobWorker(settings, linker_factory=Linker.for_serving)
+            else:
+                self.worker = JobWorker(settings)
             self.worker.start()
 
         def info(self) -> dict[str, Any]:

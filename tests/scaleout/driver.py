@@ -9,7 +9,8 @@ interface otherwise). Settings (encoders, index, data) come from the EL_ environ
 Layout: the head node (3 CPUs) runs Serve's controller and proxy, the 2 API replicas and job worker A; node 2
 (1 CPU) runs job worker B. Steps: batching under concurrent load; the 50 answers; one Idempotency-Key through two
 replicas at once; a job during which worker A is SIGKILLed and node 2 removed; SIGKILL of one replica under load;
-then `el serve --ray` and `el worker --ray` themselves, joining the cluster.
+an entity added and removed through the proxy, seen by every replica; then `el serve --ray` and `el worker --ray`
+themselves, joining the cluster.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def main() -> int:
             "EL_JOBS__DIR": tempfile.mkdtemp(prefix="el-scale-jobs-"), "EL_JOBS__RUN_WORKER": "false",
             "EL_JOBS__CHUNK_SIZE": "2", "EL_JOBS__LEASE_S": "3", "EL_JOBS__POLL_INTERVAL_S": "0.1",
             "EL_STAGE_DELAY_MS": "20", "EL_RAY__REPLICAS": "2", "EL_RAY__REPLICA_CPUS": "1",
-            "EL_RAY__WORKER_CPUS": "1", "EL_LOG_LEVEL": "WARNING",
+            "EL_RAY__WORKER_CPUS": "1", "EL_LOG_LEVEL": "WARNING", "EL_RAY__SHARED_INDEX": "true",
         })
         import psycopg
         import ray
@@ -284,6 +285,32 @@ def main() -> int:
             "ok_by_survivor_after_kill": sum(r[2] == 200 and r[0] > t_kill and r[3] in pids and r[3] != victim
                                              for r in recs),
         }
+        # 5b. Entity changes through the proxy (EL_RAY__SHARED_INDEX=true: every replica follows the folder's log):
+        # a change taken by one replica is in the next answer of each, and so is a removal.
+        zorblax = {"mention": "Zorblax Quintavian", "top_k": 3,
+                   "context": "Zorblax Quintavian, the Venusian painter, in his studio in 1931."}
+
+        def every_replica() -> dict[str, list]:
+            seen: dict[str, list] = {}
+            for _ in range(80):
+                with httpx.Client(base_url=base, timeout=60) as c:  # a new connection: the proxy picks a replica
+                    r = c.post("/v1/link", json=zorblax)
+                body = r.json()
+                seen.setdefault(r.headers.get("x-el-replica", "?"),
+                                [r.status_code, body["entities"][0]["id"], body["index_version"]])
+                if len(seen) >= len(replica_pids()):
+                    break
+            return seen
+
+        put = client.put("/v1/entities/live:zorblax", json={
+            "name": "Zorblax Quintavian", "description": "Occupation: painter. Birth: 1890. Citizenship: Venus."})
+        seen_put = every_replica()
+        removed = client.delete("/v1/entities/live:zorblax")
+        report["entity_changes"] = {
+            "replicas": len(replica_pids()), "put": [put.status_code, put.json().get("index_version")],
+            "seen_after_put": seen_put, "delete": [removed.status_code, removed.json().get("index_version")],
+            "seen_after_delete": every_replica()}
+
         # 6. The commands themselves, joining this cluster: `el serve --ray` redeploys the app (1 replica) on the
         # same proxy and deletes it on SIGTERM; `el worker --ray` runs a queued job and stops on SIGTERM.
         ray.kill(wa, no_restart=True)  # free a CPU on the head for the new replica

@@ -47,9 +47,11 @@ def report(settings, mentions: list[dict[str, Any]], tmp_path_factory: pytest.Te
         pytest.fail("PostgreSQL binaries not found (.ci/run installs Debian's postgresql)")
     work = tmp_path_factory.mktemp("scaleout")
     (work / "mentions.json").write_text(json.dumps(mentions))
+    index = work / "index"  # a private copy: the replicas write the entity changes' log into it
+    shutil.copytree(settings.index.dir, index)
     out = work / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EL_")} | {
-        "EL_ENCODER__ONNX_DIR": str(settings.encoder.onnx_dir), "EL_INDEX__DIR": str(settings.index.dir),
+        "EL_ENCODER__ONNX_DIR": str(settings.encoder.onnx_dir), "EL_INDEX__DIR": str(index),
         "EL_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     script = (f"ip link set lo up && exec {sys.executable} -m tests.scaleout.driver "
               f"--mentions {work / 'mentions.json'} --out {out}")
@@ -142,6 +144,17 @@ def test_a_killed_replica_fails_only_its_in_flight_requests_and_is_replaced(repo
     # can be at most one per client thread.
     assert len(k["failed"]) <= k["concurrency"], k["failed"]
     assert all(start < 0 for start, _, _, _ in k["failed"]), k["failed"]
+
+
+def test_an_entity_change_through_one_replica_reaches_every_replica(report: dict[str, Any]) -> None:
+    """EL_RAY__SHARED_INDEX=true: replicas on one host follow the index folder's change log."""
+    e = report["entity_changes"]
+    assert e["put"][0] == 200 and e["delete"][0] == 200, e
+    assert len(e["seen_after_put"]) == e["replicas"] == 2, e
+    assert all(v == [200, "live:zorblax", e["put"][1]] for v in e["seen_after_put"].values()), e
+    assert len(e["seen_after_delete"]) == 2, e
+    assert all(v[0] == 200 and v[1] != "live:zorblax" and v[2] == e["delete"][1]
+               for v in e["seen_after_delete"].values()), e
 
 
 def test_the_el_serve_and_el_worker_ray_commands(report: dict[str, Any]) -> None:
