@@ -6,8 +6,10 @@ workers stop once their supervisor is gone."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,6 +144,98 @@ def test_two_workers_answer_as_one_process_and_share_entity_changes(settings, si
                 if sample.name == "el_mentions_linked_total":
                     linked[sample.labels["worker"]] = linked.get(sample.labels["worker"], 0.0) + sample.value
         assert set(linked) == {"0", "1"} and sum(linked.values()) >= 32 + 6, linked  # both workers, every link
+
+
+def _after(version: str, acked: str) -> bool:
+    """`version` includes every change acknowledged as `acked`: the same folder and as many changes or more, or a
+    folder compacted later (its version starts with its UTC build time, and it carries every change before it)."""
+    base, _, n = version.partition("+")
+    acked_base, _, acked_n = acked.partition("+")
+    return base > acked_base if base != acked_base else int(n or 0) >= int(acked_n or 0)
+
+
+def test_two_writers_through_two_workers_under_links_and_a_compaction(settings, index_copy: Path) -> None:
+    """Two clients change disjoint entities in batches through new connections (either worker), three threads
+    link meanwhile, and a compaction runs half-way. No error; after each acknowledged batch the writer's next link,
+    whichever worker answers it, is at that version or later and finds the renamed entity under its new name; at
+    the end both workers hold every entity as its writer last set it."""
+    errors: list[str] = []
+    final: dict[str, str | None] = {}
+    bases: set[str] = set()  # the folders the acknowledged batches went into
+    done = threading.Event()
+
+    def writer(tag: str, url: str) -> None:
+        rng = random.Random(tag)
+        ids = [f"{tag}:{k}" for k in range(8)]
+        state: dict[str, str | None] = dict.fromkeys(ids)
+        for call in range(40):
+            items = []
+            for j in range(4):
+                h = rng.choice(ids)
+                if state[h] is not None and rng.random() < 0.25:
+                    items.append({"id": h, "op": "delete"})
+                    state[h] = None
+                else:
+                    state[h] = f"Quorbel {tag} {ids.index(h)} Rev{call}x{j}"
+                    items.append({"id": h, "name": state[h], "description": f"revision {call} {j}"})
+            with httpx.Client(base_url=url, timeout=120.0) as c:
+                r = c.post("/v1/entities:batch", json=items)
+            if r.status_code != 200:
+                errors.append(f"{tag} batch {call}: {r.status_code} {r.text[:200]}")
+                continue
+            acked = r.json()["index_version"]
+            bases.add(acked.partition("+")[0])
+            renamed = next((i for i in reversed(items) if i.get("op") != "delete" and state[i["id"]] == i["name"]), None)
+            if renamed is None:
+                continue
+            with httpx.Client(base_url=url, timeout=120.0) as c:
+                a = c.post("/v1/link", json={"mention": renamed["name"], "top_k": 5})
+            if a.status_code != 200:
+                errors.append(f"{tag} link: {a.status_code} {a.text[:200]}")
+            elif not _after(a.json()["index_version"], acked):
+                errors.append(f"{tag}: answered from {a.json()['index_version']} after {acked} was acknowledged")
+            elif not any(e["id"] == renamed["id"] and e["name"] == renamed["name"] for e in a.json()["entities"]):
+                errors.append(f"{tag}: {renamed['id']} not found as {renamed['name']!r} in {a.json()['index_version']}")
+        final.update(state)
+
+    def linker(seed: int, url: str) -> None:
+        rng = random.Random(seed)
+        while not done.is_set():
+            with httpx.Client(base_url=url, timeout=120.0) as c:
+                r = c.post("/v1/link", json={"mention": f"Quorbel w{rng.randrange(2)} {rng.randrange(8)}",
+                                             "top_k": 5})
+            if r.status_code != 200:
+                errors.append(f"link: {r.status_code} {r.text[:200]}")
+
+    with running_server(settings, EL_WORKERS=2, EL_INDEX__DIR=str(index_copy), EL_UPDATES__ENABLED="true",
+                        EL_UPDATES__COMPACT_AFTER=0, EL_LOG_LEVEL="INFO") as server:
+        assert _wait(lambda: server.log().count("ready: index") == 2, 120.0), server.log()
+        url = server.base_url
+        readers = [threading.Thread(target=linker, args=(i, url)) for i in range(3)]
+        writers = [threading.Thread(target=writer, args=(tag, url)) for tag in ("w0", "w1")]
+        for t in readers + writers:
+            t.start()
+        time.sleep(2.0)
+        with server.client(timeout=120.0) as c:
+            compacted = c.post("/v1/admin/compact", params={"wait": "true"})
+        for t in writers:
+            t.join(300)
+        done.set()
+        for t in readers:
+            t.join(60)
+        assert compacted.status_code == 200, compacted.text
+        assert not errors, errors[:5]
+        assert len(final) == 16 and len(bases) == 2, bases  # changes went in before and after the compaction
+        assert "compacted or rebuilt by another process" in server.log()  # the other worker followed the swap
+
+        def every_entity(c: httpx.Client) -> httpx.Response:
+            for h, name in final.items():  # one connection: one worker answers them all
+                r = c.get(f"/v1/entities/{h}")
+                assert (r.status_code, r.json().get("name")) == ((200, name) if name else (404, None)), \
+                    (h, name, r.headers.get("x-el-worker"), r.text)
+            return r
+
+        _each_worker(url, every_entity)
 
 
 def test_a_killed_worker_is_started_again_while_the_other_serves(settings) -> None:
