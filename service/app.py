@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +28,7 @@ from service.heap import freeze_loaded_heap
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.peers import Peers
 from service.pipeline.linker import BatchOutcome, Linker
 from service.pipeline.types import LinkQuery
 from service.routes import admin as admin_routes
@@ -79,12 +79,13 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 
 
 def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for_serving,
-               serve_when_loaded: bool = False, metrics_share: tuple[Path, str] | None = None) -> FastAPI:
+               serve_when_loaded: bool = False, peers: Peers | None = None) -> FastAPI:
     """The app. `serve_when_loaded`: the lifespan's start-up waits for the index and encoders (uvicorn listens only
     after it), for a worker process that must not answer 503 "loading" while the others are ready.
-    `metrics_share` (folder, worker): /metrics answers for every worker process (service/metrics_share.py)."""
+    `peers`: this is one worker process of `el serve --workers N`: /metrics answers for all of them
+    (service/metrics_share.py) and an admin reload reaches them all (service/peers.py)."""
     metrics = Metrics()
-    share = metrics.share_with(*metrics_share) if metrics_share is not None else None
+    share = metrics.share_with(peers.folder, peers.worker) if peers is not None else None
     adm = settings.admission
     admission = Admission(max_in_flight=adm.max_in_flight, max_queue=adm.max_queue, timeout_s=adm.request_timeout_s,
                           retry_after_s=adm.retry_after_s, metrics=metrics)
@@ -97,7 +98,7 @@ def create_app(settings: Settings, *, linker_factory: LinkerFactory = Linker.for
 
     # One batcher for the routes and the job worker: job items go through it at lower priority.
     batcher = MicroBatcher.from_settings(settings.batching, link_batch, metrics)
-    state = AppState(settings=settings, metrics=metrics, admission=admission, batcher=batcher)
+    state = AppState(settings=settings, metrics=metrics, admission=admission, batcher=batcher, peers=peers)
     # The job worker runs only while ready and not draining (on SIGTERM it hands its job back at the next chunk).
     state.jobs = JobManager(settings, metrics, linker=lambda: state.linker if state.ready and not state.draining else None,
                             batcher=batcher)

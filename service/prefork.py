@@ -13,8 +13,10 @@ SIGHUP), on the socket this process opened. What differs:
   batch takes in what they logged (two stat calls when nothing changed), so the next link after an acknowledged
   change sees it whichever worker answers. One compaction runs at a time; the other workers load the compacted
   folder when they see it swapped in (their links wait about a second meanwhile);
-- /metrics answers for all workers, each series labelled `worker` (service/metrics_share.py); admission limits
-  and the micro-batcher are per process; every answer names its worker (`X-EL-Worker`);
+- /metrics answers for all workers, each series labelled `worker` (service/metrics_share.py); POST
+  /v1/admin/reload reloads the worker it reaches and, through this process, the others (service/peers.py); it
+  reloads only the configured EL_INDEX__DIR (another folder for one worker alone is refused: 409); admission
+  limits and the micro-batcher are per process; every answer names its worker (`X-EL-Worker`);
 - jobs: every worker runs a job runner on the one job store (leases share the chunks, as `el worker` does);
 - a worker loads its index before it takes connections, so one started again leaves them to the others meanwhile.
 
@@ -40,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from service.peers import Peers, reload_requests
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
     export_encoders(settings)  # once, here: workers starting together must not export the same files at once
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
-    metrics_dir = Path(tempfile.mkdtemp(prefix="el-metrics-"))  # each worker's /metrics, for the others to merge
+    shared = Path(tempfile.mkdtemp(prefix="el-workers-"))  # the workers' metrics and reload requests (peers.py)
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     deaths: dict[int, list[float]] = {i: [] for i in range(workers)}
@@ -77,7 +80,7 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
     forward: list[int] = []  # signals to pass on (set by the handler, sent by the loop)
 
     def start(i: int) -> None:
-        p = ctx.Process(target=_worker_main, args=(settings, app_factory, sock, i, os.getpid(), metrics_dir),
+        p = ctx.Process(target=_worker_main, args=(settings, app_factory, sock, i, os.getpid(), shared),
                         name=f"el-serve-{i}", daemon=False)
         p.start()
         procs[i] = p
@@ -96,6 +99,9 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
                     ", ".join(str(p.pid) for p in procs.values()))
         while not stop.is_set():
             _send(procs, forward)
+            for asking in reload_requests(shared):  # POST /v1/admin/reload reached one worker: reload the others
+                logger.info("worker %s reloaded its index: SIGHUP to the others", asking)
+                _send({i: p for i, p in procs.items() if str(i) != asking}, [signal.SIGHUP])
             for i, p in list(procs.items()):
                 if p.exitcode is None:
                     continue
@@ -128,7 +134,7 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
         for s, h in previous.items():
             signal.signal(s, h)
         sock.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
     return status
 
 
@@ -144,7 +150,7 @@ def _send(procs: dict[int, multiprocessing.process.BaseProcess], forward: list[i
 
 
 def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: socket.socket, worker: int,
-                 supervisor: int, metrics_dir: Path) -> None:
+                 supervisor: int, shared: Path) -> None:
     """One worker: the single-process server on the inherited socket."""
     from service.logging_setup import configure_logging
     from service.middleware import AnswerHeader
@@ -157,7 +163,7 @@ def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: sock
     configure_logging(settings.log_level)
     # Loaded before the socket is served: a worker started again takes no connection (to answer 503 "loading")
     # while the others are ready.
-    app = app_factory(settings, serve_when_loaded=True, metrics_share=(metrics_dir, str(worker)))
+    app = app_factory(settings, serve_when_loaded=True, peers=Peers(shared, str(worker)))
     server = GracefulServer(server_config(settings, AnswerHeader(app, "x-el-worker", str(worker))), app.state.el)
     threading.Thread(target=_watch_supervisor, args=(supervisor,), daemon=True, name="el-supervisor-watch").start()
     try:

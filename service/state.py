@@ -10,6 +10,7 @@ from service.decode_process import DecodeProcess
 from service.errors import NotReady
 from service.jobs.manager import JobManager
 from service.metrics import Metrics
+from service.peers import Peers
 from service.pipeline.linker import Linker
 from service.settings import Settings
 from service.updates import EntityUpdater
@@ -30,6 +31,7 @@ class AppState:
     jobs: JobManager | None = None
     updater: EntityUpdater = None  # type: ignore[assignment]  # set by create_app
     entity_decoding: DecodeProcess = None  # type: ignore[assignment]  # set by create_app
+    peers: Peers | None = None  # set in a worker process of `el serve --workers N`
 
     def require_linker(self) -> Linker:
         if self.linker is None or not self.ready:

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 async def reload(request: Request, body: Annotated[ReloadRequest | None, Body()] = None) -> ReloadResponse:
     state: AppState = request.app.state.el
     folder = Path(body.index_dir) if body is not None and body.index_dir is not None else None
-    return await reload_index(state, folder)
+    return await reload_index(state, folder, everywhere=True)
 
 
 @router.post("/compact", response_model=CompactResponse,

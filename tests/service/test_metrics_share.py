@@ -1,4 +1,5 @@
-"""/metrics across worker processes (service/metrics_share.py), with two registries standing for two workers."""
+"""What worker processes share: /metrics (service/metrics_share.py, two registries standing for two workers) and
+reload requests (service/peers.py)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,13 @@ def test_every_worker_is_in_the_answer_labelled_and_shared_families_once(tmp_pat
     (tmp_path / "junk.prom").write_text("this is { not an exposition\n")
     assert _samples(a.render())[("el_requests_total", (*link, ("worker", "0")))] == 5  # a bad file is skipped
     a.close()
+
+
+def test_a_reload_request_names_the_worker_that_asked(tmp_path: Path) -> None:
+    from service.peers import Peers, reload_requests
+
+    Peers(tmp_path, "1").ask_others_to_reload()
+    Peers(tmp_path, "0").ask_others_to_reload()
+    assert sorted(reload_requests(tmp_path)) == ["0", "1"]
+    assert reload_requests(tmp_path) == []  # taken once
+    assert not list(tmp_path.iterdir())  # no temporary file left

@@ -254,6 +254,14 @@ def test_a_killed_worker_is_started_again_while_the_other_serves(settings) -> No
         server.signal(signal.SIGHUP)  # each worker reloads the index
         assert _wait(lambda: server.log().count("SIGHUP: now serving index") == 2, 120.0), server.log()
         assert _link_fresh_connection(server.base_url).status_code == 200
+        with server.client(timeout=120.0) as c:  # the admin route reloads the worker it reaches, then the other
+            r = c.post("/v1/admin/reload")
+            assert r.status_code == 200, r.text
+            assert _wait(lambda: "SIGHUP to the others" in server.log(), 5.0), server.log()
+            assert _wait(lambda: server.log().count("SIGHUP: now serving index") == 3, 120.0), server.log()
+            r = c.post("/v1/admin/reload", json={"index_dir": "/tmp/another-index"})  # one worker alone: refused
+            assert r.status_code == 409 and "EL_WORKERS" in r.json()["error"]["message"], r.text
+        assert _link_fresh_connection(server.base_url).status_code == 200
         workers = _workers(server)
         server.signal(signal.SIGTERM)
         assert server.proc.wait(timeout=30) == 0, server.log()
