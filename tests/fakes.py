@@ -126,6 +126,9 @@ class FakeLinker:
     def index(self) -> FakeIndex:
         return self._index
 
+    def sync(self) -> None:
+        """One process: nothing logged elsewhere to take in."""
+
     @property
     def source_warning(self) -> str | None:
         """The fake KG is always the configured one (the real check: service/index_source.py)."""

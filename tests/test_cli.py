@@ -241,6 +241,7 @@ def test_compact_index_offline_folds_the_change_log(tmp_path: Path, onnx_dir: Pa
     assert m.version == summary["index_version"] != built.version and m.compacted["changes"] == 2
     index = load_index(out)
     assert index.ids == ["acme", "anvil", "coyote", "bugs"] and (out / "changes.log").stat().st_size == 0
+    linker.sync()  # as each link batch does
     assert linker.index.version == m.version  # the serving linker loaded the compacted folder
     assert linker.link(LinkQuery("Bugs Bunny", "", None, top_k=1)).entities[0].id == "bugs"
     linker.apply_changes([Change("acme", None)])  # and goes on changing it, in the new folder's log

@@ -51,9 +51,11 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def _meta(request: Request, entity_id: str):
+async def _meta(request: Request, entity_id: str):
     state: AppState = request.app.state.el
-    index = state.require_linker().index
+    linker = state.require_linker()
+    await asyncio.to_thread(linker.sync)  # what other server processes changed (off the loop: a swap loads a folder)
+    index = linker.index
     row = index.row_of.get(entity_id)
     if row is None:
         raise EntityNotFound(f"no entity with id {entity_id!r} in index {index.version}")
@@ -63,7 +65,7 @@ def _meta(request: Request, entity_id: str):
 @router.get("/entities/{entity_id}", response_model=EntityResponse,
             responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def get_entity(entity_id: str, request: Request) -> EntityResponse:
-    _, e = _meta(request, entity_id)
+    _, e = await _meta(request, entity_id)
     return EntityResponse(id=e.id, name=e.name, description=e.description, has_image=e.has_image)
 
 
@@ -78,7 +80,7 @@ async def get_entity(entity_id: str, request: Request) -> EntityResponse:
                404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def get_entity_image(entity_id: str, request: Request) -> Response:
-    state, e = _meta(request, entity_id)
+    state, e = await _meta(request, entity_id)
     if not e.has_image:
         raise EntityImageNotFound(f"entity {entity_id!r} has no image in the KG")
     if e.changed:
