@@ -113,6 +113,9 @@ def test_two_workers_answer_as_one_process_and_share_entity_changes(settings, si
                 "name": mention, "description": "Occupation: painter. Birth: 1890. Citizenship: Venus."})
             assert r.status_code == 200, r.text
             version, writer = r.json()["index_version"], r.headers["x-el-worker"]
+        # Read back first (no link in between): GET /v1/entities takes in the other worker's change by itself.
+        for worker, r in _each_worker(server.base_url, lambda c: c.get("/v1/entities/live:zorblax")).items():
+            assert r.status_code == 200 and r.json()["name"] == mention, (worker, r.text)
         for worker, r in _each_worker(server.base_url, lambda c: c.post("/v1/link", json=body)).items():
             assert r.status_code == 200 and r.json()["index_version"] == version, (worker, r.text)
             assert r.json()["entities"][0]["id"] == "live:zorblax", (worker, writer)
