@@ -29,6 +29,10 @@ STUDENT_INPUTS = ("input_ids", "attention_mask",  # int64 [B, T]
                   "image_global", "image_patches", "image_present")  # float32 [B, Di], [B, P, Di]; bool [B]
 STUDENT_OUTPUTS = ("global", "text_local", "image_local", "g_text", "g_image")
 # float32 [B, 4d] retrieval vector, [B, T, d], [B, P, d] unit-norm local features, [B, d], [B, d] unit globals
+# The mention encoder again for runs with no image (most requests): the first four inputs only, the blank image's
+# features folded in as constants; the same outputs as the full graph fed image_present all False.
+TEXT_ONLY_MENTION_FILE = "student_mention.textonly.onnx"
+TEXT_ONLY_INPUTS = STUDENT_INPUTS[:4]
 
 
 # On EncoderSpec.heads: the mention encoder is int8. The ".2" names the quantisation recipe (the head kept in fp32,

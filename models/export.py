@@ -99,9 +99,10 @@ def ensure_exported(out_dir: Path, *, text: str, image: str, clip_path: Path | N
     from models.checkpoint import weights_digest
 
     tag = f"student@{weights_digest(heads)}"
-    student_files = [out_dir / f for f in contract.STUDENT_FILES.values()]
+    student_files = [out_dir / f for f in (*contract.STUDENT_FILES.values(), contract.TEXT_ONLY_MENTION_FILE)]
     if quantize:
-        student_files.append((out_dir / contract.STUDENT_FILES["mention"]).with_suffix(".int8.onnx"))
+        student_files += [(out_dir / f).with_suffix(".int8.onnx")
+                          for f in (contract.STUDENT_FILES["mention"], contract.TEXT_ONLY_MENTION_FILE)]
     # An int8 file of an older recipe (LEGACY_INT8_SUFFIX) matches neither and is redone.
     if spec.heads in (tag, tag + contract.INT8_SUFFIX) and spec.int8_mentions == quantize and all(
             f.exists() for f in student_files):
@@ -163,14 +164,20 @@ def export_student(backbones: Backbones, spec: contract.EncoderSpec, heads: Path
         if err > 1e-4:
             raise RuntimeError(f"{path}: ONNX differs from torch by {err:.2e} (> 1e-4)")
         logger.info("exported %s (max |onnx - torch| %.1e at a new shape)", path.name, err)
+    text_only = export_text_only_mention_encoder(encoders["mention"], out_dir)
     # int8 only for the mention encoder: it is the one on the request path; the entity encoder runs once, at
     # index build, and keeps full precision (so both precisions read the same index).
     int8_path = (out_dir / contract.STUDENT_FILES["mention"]).with_suffix(".int8.onnx")
     int8_ok = quantize and _quantize(out_dir, backbones.text.tokenizer_path, head_cfg)
     heads_tag = tag + contract.INT8_SUFFIX if int8_ok else tag
+    if int8_ok:
+        text_only_int8 = text_only.with_suffix(".int8.onnx")
+        quantize_student_encoder(text_only, text_only_int8)
+        check_text_only(int8_path, text_only_int8, backbones.text.tokenizer_path, head_cfg)
     if quantize and not int8_ok:
         logger.warning("the int8 mention encoder failed the accuracy gate; serving fp32")
         int8_path.unlink(missing_ok=True)
+        text_only.with_suffix(".int8.onnx").unlink(missing_ok=True)
     spec = replace(spec, heads=heads_tag, heads_dim=head_cfg.hidden)
     (out_dir / contract.SPEC_FILE).write_text(spec.to_json())
     return spec
@@ -189,11 +196,46 @@ def export_student_encoder(module: torch.nn.Module, path: Path) -> None:
     _export(module, args, path, contract.STUDENT_INPUTS, contract.STUDENT_OUTPUTS, STUDENT_AXES)
 
 
-def run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+def export_text_only_mention_encoder(module: torch.nn.Module, out_dir: Path) -> Path:
+    """The mention encoder for runs with no image (`TextOnlyStudentEncoder`), checked against the full export."""
+    from models.student import TextOnlyStudentEncoder
+
+    text_only = TextOnlyStudentEncoder(module.backbone, module.head, 1.0).eval()  # type: ignore[arg-type]
+    text_only.assign = module.assign  # type: ignore[assignment]
+    cfg = module.head.cfg  # type: ignore[union-attr]
+    path = out_dir / contract.TEXT_ONLY_MENTION_FILE
+    args = example_inputs(2, 12, cfg.image_dim, cfg.image_patches)[: len(contract.TEXT_ONLY_INPUTS)]
+    axes = {k: v for k, v in STUDENT_AXES.items() if k in contract.TEXT_ONLY_INPUTS + contract.STUDENT_OUTPUTS}
+    _export(text_only, args, path, contract.TEXT_ONLY_INPUTS, contract.STUDENT_OUTPUTS, axes)
+    inputs = example_inputs(3, 17, cfg.image_dim, cfg.image_patches, seed=1)
+    err = text_only_error(out_dir / contract.STUDENT_FILES["mention"], path, inputs)
+    if err > 1e-5:
+        raise RuntimeError(f"{path}: differs from the full mention encoder by {err:.2e} on text-only rows")
+    logger.info("exported %s (max |text-only - full| %.1e)", path.name, err)
+    return path
+
+
+def text_only_error(full: Path, text_only: Path, inputs: tuple[torch.Tensor, ...]) -> float:
+    """Max |text-only graph - full graph| over every output, the full one fed image_present all False."""
+    absent = (*inputs[:-1], torch.zeros_like(inputs[-1]))
+    ref = run_onnx(full, absent)
+    got = run_onnx(text_only, absent[: len(contract.TEXT_ONLY_INPUTS)], contract.TEXT_ONLY_INPUTS)
+    return max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
+
+
+def check_text_only(full: Path, text_only: Path, tokenizer_path: Path, cfg) -> None:
+    """The int8 text-only graph answers the probes as the int8 full graph does (the same quantised weights)."""
+    err = text_only_error(full, text_only, probe_inputs(tokenizer_path, cfg.image_dim, cfg.image_patches))
+    if err > 1e-4:
+        raise RuntimeError(f"{text_only}: differs from {full.name} by {err:.2e} on the probes")
+
+
+def run_onnx(path: Path, inputs: tuple[torch.Tensor, ...],
+             names: tuple[str, ...] = contract.STUDENT_INPUTS) -> list[np.ndarray]:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {name: t.numpy() for name, t in zip(contract.STUDENT_INPUTS, inputs)}
+    feed = {name: t.numpy() for name, t in zip(names, inputs)}
     return sess.run(list(contract.STUDENT_OUTPUTS), feed)
 
 

@@ -266,17 +266,34 @@ class ItemHead(nn.Module):
         self.dense_images = False  # True for export: no data-dependent indexing in the graph
 
     def forward(self, tokens: torch.Tensor, text_mask: torch.Tensor, first_mask: torch.Tensor,
-                image_global: torch.Tensor, image_patches: torch.Tensor, image_present: torch.Tensor,
-                assign: Assignment) -> ItemEncoding:
+                image_global: torch.Tensor | None, image_patches: torch.Tensor | None,
+                image_present: torch.Tensor | None, assign: Assignment) -> ItemEncoding:
         """tokens [B, T, Dt]; text_mask, first_mask [B, T] bool (content tokens; those of the first text,
-        i.e. the mention or the entity name); image_global [B, Di]; image_patches [B, P, Di]; image_present [B]."""
+        i.e. the mention or the entity name); image_global [B, Di]; image_patches [B, P, Di]; image_present [B].
+        No image inputs (None): no item has an image (`forward_blank`)."""
+        if image_global is None or image_patches is None or image_present is None:
+            return self.forward_blank(tokens, text_mask, first_mask, assign)
+        image_local, g_image = self._image(image_global, image_patches, image_present)
+        return self._encode(tokens, text_mask, first_mask, image_local, g_image, image_present, assign)
+
+    def forward_blank(self, tokens: torch.Tensor, text_mask: torch.Tensor, first_mask: torch.Tensor,
+                      assign: Assignment) -> ItemEncoding:
+        """`forward` for items none of which has an image: the blank image's features, projected once (constants
+        in an ONNX export) instead of from an all-zero input on every row; the same values as `forward`."""
+        b = tokens.shape[0]
+        blank_local, blank_global = self._blank()
+        absent = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+        return self._encode(tokens, text_mask, first_mask, blank_local.expand(b, -1, -1),
+                            blank_global.expand(b, -1), absent, assign)
+
+    def _encode(self, tokens: torch.Tensor, text_mask: torch.Tensor, first_mask: torch.Tensor,
+                image_local: torch.Tensor, g_image: torch.Tensor, image_present: torch.Tensor,
+                assign: Assignment) -> ItemEncoding:
         x = self.text_in(tokens)
         text_local = F.normalize(self.text_local(x), dim=-1) * text_mask.unsqueeze(-1)
         # Surface form and whole text pooled apart: the name carries much of the signal.
         pooled = torch.cat([masked_mean(x, first_mask), masked_mean(x, text_mask)], dim=-1)
         g_text = F.normalize(self.text_global(self.drop(pooled)), dim=-1)
-
-        image_local, g_image = self._image(image_global, image_patches, image_present)
 
         # Fusion unit: text tokens and image patches exchange values through the assignment, both ways.
         patch_mask = torch.ones(image_local.shape[:2], dtype=torch.bool, device=image_local.device)
@@ -290,11 +307,16 @@ class ItemHead(nn.Module):
                             image_present.to(torch.bool))
 
 
+    def _blank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blank image's (locals [P, d], global [d]): what a missing image looks like."""
+        blank_local = F.normalize(self.image_local(self.image_in(self.blank_patches)), dim=-1)
+        blank_global = F.normalize(self.image_global(self.image_in(self.blank_global)), dim=-1)
+        return blank_local, blank_global
+
     def _image(self, image_global: torch.Tensor, image_patches: torch.Tensor,
                present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image locals [B, P, d], image global [B, d]); rows without an image get the blank image's."""
-        blank_local = F.normalize(self.image_local(self.image_in(self.blank_patches)), dim=-1)  # [P, d]
-        blank_global = F.normalize(self.image_global(self.image_in(self.blank_global)), dim=-1)  # [d]
+        blank_local, blank_global = self._blank()
         if self.dense_images:  # one static graph (ONNX export): project every row, then select
             local = F.normalize(self.image_local(self.image_in(image_patches)), dim=-1)
             glob = F.normalize(self.image_global(self.image_in(image_global)), dim=-1)

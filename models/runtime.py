@@ -86,11 +86,15 @@ class EncoderRuntime:
         if self.spec.image_dim:
             self.image_session = ort.InferenceSession(str(onnx_dir / contract.IMAGE_FILE), opts, providers=providers)
         self.student_sessions = {}
+        self.text_only_sessions = {}  # side -> the graph for runs with no image, where the export has one
         if self.spec.heads:
             for side, name in contract.STUDENT_FILES.items():
                 int8 = self.spec.int8_mentions if side == "mention" else int8_entities
-                path = (onnx_dir / name).with_suffix(".int8.onnx" if int8 else ".onnx")
-                self.student_sessions[side] = ort.InferenceSession(str(path), opts, providers=providers)
+                suffix = ".int8.onnx" if int8 else ".onnx"
+                self.student_sessions[side] = ort.InferenceSession(str((onnx_dir / name).with_suffix(suffix)), opts,
+                                                                   providers=providers)
+                if side == "mention" and (text_only := (onnx_dir / contract.TEXT_ONLY_MENTION_FILE).with_suffix(suffix)).exists():
+                    self.text_only_sessions[side] = ort.InferenceSession(str(text_only), opts, providers=providers)
         self.providers = self.text_session.get_providers()
         self.tokenizer = Tokenizer.from_file(str(onnx_dir / self.spec.tokenizer))
         # longest_first cuts the longer text first (the context, for a short mention), and also works for a
@@ -169,16 +173,26 @@ class EncoderRuntime:
                                    np.zeros((0, d), np.float32), np.zeros(0, bool))
         ids, attn, content, type_ids = self.tokenize(first, second)
         first_mask = content & (type_ids == 0)
-        img = self.encode_images(images)
+        text_only = self.text_only_sessions.get(side)
+        if text_only is not None and all(im is None for im in images):
+            img = None  # no all-zero image inputs to build: the text-only graph has the blank image built in
+            present = np.zeros(len(images), bool)
+        else:
+            img = self.encode_images(images)
+            present = img.present
         self.invocations += 1
         n, width = ids.shape
         outs: list[np.ndarray] = []
         for rows in length_buckets(attn.sum(axis=1)):
             t = int(attn[rows].sum(axis=1).max())  # right padding: cut to the bucket's own longest row
             feed = {"input_ids": ids[rows, :t], "attention_mask": attn[rows, :t], "text_mask": content[rows, :t],
-                    "first_mask": first_mask[rows, :t], "image_global": img.global_[rows],
-                    "image_patches": img.patches[rows], "image_present": img.present[rows]}
-            got = sess.run(list(contract.STUDENT_OUTPUTS), feed)
+                    "first_mask": first_mask[rows, :t]}
+            if img is None or (text_only is not None and not img.present[rows].any()):
+                got = text_only.run(list(contract.STUDENT_OUTPUTS), feed)  # type: ignore[union-attr]
+            else:
+                feed |= {"image_global": img.global_[rows], "image_patches": img.patches[rows],
+                         "image_present": img.present[rows]}
+                got = sess.run(list(contract.STUDENT_OUTPUTS), feed)
             if not outs:
                 outs = [np.zeros((n, *o.shape[1:]), o.dtype) for o in got]
                 outs[_TEXT_LOCAL] = np.zeros((n, width, *got[_TEXT_LOCAL].shape[2:]), got[_TEXT_LOCAL].dtype)
@@ -188,7 +202,7 @@ class EncoderRuntime:
                 else:
                     outs[i][rows] = part
         glob, text_local, image_local, g_text, g_image = outs
-        return StudentFeatures(glob, text_local, content, first_mask, image_local, g_text, g_image, img.present)
+        return StudentFeatures(glob, text_local, content, first_mask, image_local, g_text, g_image, present)
 
 
 def length_buckets(lengths: np.ndarray, *, step: int = BUCKET_TOKENS, least: int = BUCKET_LEAST) -> list[np.ndarray]:

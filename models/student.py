@@ -120,6 +120,20 @@ class StudentEncoder(nn.Module):
         return enc.retrieval_vector(), enc.text_local, enc.image_local, enc.g_text, enc.g_image
 
 
+class TextOnlyStudentEncoder(StudentEncoder):
+    """`StudentEncoder` for batches with no image: text inputs only, the blank image's features folded in as
+    constants (`ItemHead.forward_blank`), so the runtime neither builds nor projects all-zero image inputs.
+    The same outputs as `StudentEncoder` fed image_present all False."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor,  # type: ignore[override]
+                first_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _, tokens = self.backbone(input_ids, attention_mask)
+        # Through the module call (not forward_blank directly): the export names the nodes "/head/...", which is
+        # how int8 quantisation keeps the head in fp32 (models/export.head_node_names).
+        enc = self.head(tokens, text_mask, first_mask, None, None, None, self.assign)
+        return enc.retrieval_vector(), enc.text_local, enc.image_local, enc.g_text, enc.g_image
+
+
 def mention_backbone(text_backbone: nn.Module, student: OTMELStudent) -> nn.Module:
     """The student's mention-side text backbone: the first `mention_layers` layers, the tuned ones replaced by
     the student's (a copy; the shared backbone stays whole for the entity side)."""

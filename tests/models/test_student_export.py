@@ -94,6 +94,45 @@ def test_a_batch_encoded_in_length_bands_equals_each_row_alone(runtime, side: st
         np.testing.assert_allclose(batch.g_image[i], alone.g_image[0], atol=1e-5)
 
 
+def test_text_only_mention_graph_gives_the_full_graphs_features_without_image_inputs(runtime, onnx_dir: Path) -> None:
+    """Runs with no image go through student_mention.textonly.onnx (no image inputs, the blank image folded in);
+    its features are the full graph's, and a run with an image still takes the full graph."""
+    from PIL import Image
+
+    path = onnx_dir / contract.TEXT_ONLY_MENTION_FILE
+    onnx.checker.check_model(str(path), full_check=True)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == list(contract.TEXT_ONLY_INPUTS)
+    first = ["Douglas Adams", "Paris", "Mercury", "Queen", "Jordan"]
+    second = ["The author of the Hitchhiker's Guide.", "", "closest planet to the sun", "a rock band", "the river"]
+    runs = {"full": 0, "text": 0}
+
+    class Counting:
+        def __init__(self, sess, key: str) -> None:
+            self.sess, self.key = sess, key
+
+        def run(self, *args, **kwargs):
+            runs[self.key] += 1
+            return self.sess.run(*args, **kwargs)
+
+    full, text_only = runtime.student_sessions["mention"], runtime.text_only_sessions["mention"]
+    try:
+        runtime.student_sessions["mention"] = Counting(full, "full")
+        runtime.text_only_sessions["mention"] = Counting(text_only, "text")
+        fast = runtime.encode_student("mention", first, second, [None] * 5)
+        assert runs == {"full": 0, "text": 1}
+        runtime.text_only_sessions.clear()
+        slow = runtime.encode_student("mention", first, second, [None] * 5)
+        assert runs == {"full": 1, "text": 1}
+        runtime.text_only_sessions["mention"] = Counting(text_only, "text")
+        runtime.encode_student("mention", first[:1], second[:1], [Image.new("RGB", (40, 30), (20, 90, 200))])
+        assert runs == {"full": 2, "text": 1}
+    finally:
+        runtime.student_sessions["mention"], runtime.text_only_sessions["mention"] = full, text_only
+    for a, b in zip(dataclasses.astuple(fast), dataclasses.astuple(slow)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not fast.image_present.any()
+
+
 def _export_int8(onnx_dir: Path, out: Path) -> contract.EncoderSpec:
     import shutil
 
@@ -117,6 +156,7 @@ def test_int8_mention_encoder_passes_the_gate_and_is_served(onnx_dir: Path, tmp_
     rt = EncoderRuntime(out, device="cpu")
     assert rt.student_sessions["mention"]._model_path.endswith(".int8.onnx")  # type: ignore[attr-defined]
     assert rt.student_sessions["entity"]._model_path.endswith("student_entity.onnx")  # type: ignore[attr-defined]
+    assert rt.text_only_sessions["mention"]._model_path.endswith("textonly.int8.onnx")  # type: ignore[attr-defined]
     names = ["Douglas Adams", "Ada Lovelace", "Mercury", "Queen"]
     texts = ["English author of The Hitchhiker's Guide to the Galaxy", "English mathematician, first programmer",
              "planet closest to the Sun", "British rock band formed in London in 1970"]
