@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from models import contract
 from service.offline.bench import PLAIN, PLAIN_B1, TEACHER, Row, add_ratios, format_rows, report, write_bench
 
 
@@ -74,6 +75,14 @@ def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path
         assert r["ratios"][PLAIN]["h1_points"] == pytest.approx(100 * (r["h1"] - rows[PLAIN]["h1"]), abs=0.01)
     assert rows["served_b1"]["h1"] == rows["served_b8"]["h1"]  # batching changes no answer
     assert 0.0 <= rows["served_b8_adaptive"]["extra"]["ot_skipped_share"] <= 1.0
+    # The int8 rows: the int8 mention encoder exported beside the cache, the served fp32 export left as it was.
+    fp32_dir = linker.settings.encoder.onnx_dir
+    assert not any(fp32_dir.glob("*mention*.int8.onnx"))
+    assert (tmp_path / "cache" / "onnx-int8" / contract.TEXT_ONLY_MENTION_FILE).with_suffix(".int8.onnx").exists()
+    for name in ("served_b8_int8", "served_b8_adaptive_int8"):
+        r = rows[name]
+        assert r["n"] == 24 and r["mentions_per_s"] > 0 and "int8" in r["what"]
+        assert abs(r["h1"] - rows["served_b8"]["h1"]) <= 0.1  # 24 mentions: at most 2 answers apart
     assert rows["ot_ours"]["n"] > 0 and rows["ot_ours"]["extra"]["max_marginal_error"] <= 1e-3
     assert rows["ot_pot_sinkhorn"]["ratios"]["ot_ours"]["time"] > 0
     if bench_http.wrk_path() is None:
