@@ -194,12 +194,13 @@ def plot(rep: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rep["rows"] if not r["name"].startswith("ot_")]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        if r["h1"] is None or not r["mentions_per_s"]:
-            continue
-        a.scatter(r["mentions_per_s"], r["h1"])
-        a.annotate(r["name"], (r["mentions_per_s"], r["h1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5))
+    points = [r for r in rows if r["h1"] is not None and r["mentions_per_s"]]
+    colours = plt.get_cmap("tab20")
+    for i, r in enumerate(points):  # the served rows sit close together at one H@1: a legend, not labels, names them
+        a.scatter(r["mentions_per_s"], r["h1"], color=colours(i % 20), marker="os^Dv<>PX*"[i % 10], s=30,
+                  label=r["name"])
+    a.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     a.set_xscale("log")
     a.set_xlabel("mentions / s (log)")
     a.set_ylabel("H@1")
