@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 
 CONTRACT_VERSION = "2"
@@ -35,11 +36,14 @@ TEXT_ONLY_MENTION_FILE = "student_mention.textonly.onnx"
 TEXT_ONLY_INPUTS = STUDENT_INPUTS[:4]
 
 
-# On EncoderSpec.heads: the mention encoder is int8. The ".2" names the quantisation recipe (the head kept in fp32,
-# models/export.head_node_names); exports marked "+int8" (recipe 1) had the head's image projections quantised as
-# well, so an old spec no longer matches and ensure_exported redoes its int8 file.
-INT8_SUFFIX = "+int8.2"
-LEGACY_INT8_SUFFIX = "+int8"
+# On EncoderSpec.heads: the mention encoder is int8. The ".3" names the quantisation recipe: the head and the
+# backbone's output projections kept in fp32 (models/export.int8_excluded_nodes). Recipe 2 (".2") quantised the
+# output projections too, which cost up to 0.27 H@1 points; recipe 1 ("+int8") also had the head's image
+# projections quantised. An old spec no longer matches, so ensure_exported redoes its int8 file.
+INT8_SUFFIX = "+int8.3"
+LEGACY_INT8_SUFFIXES = ("+int8.2", "+int8")
+ENTITY_INT8_RECIPE = "+int8.2"  # the int8 entity encoder of live updates: every backbone matrix product in int8
+_ANY_INT8 = re.compile(r"\+int8(\.\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class EncoderSpec:
     def signature(self) -> str:
         """What an index built with these encoders depends on. An int8 mention encoder is left out: entities are
         always encoded in fp32, so either precision reads the same index."""
-        fields = asdict(self) | {"heads": self.heads.removesuffix(INT8_SUFFIX).removesuffix(LEGACY_INT8_SUFFIX)}
+        fields = asdict(self) | {"heads": _ANY_INT8.sub("", self.heads)}
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

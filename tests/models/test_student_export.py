@@ -157,6 +157,13 @@ def test_int8_mention_encoder_passes_the_gate_and_is_served(onnx_dir: Path, tmp_
     assert rt.student_sessions["mention"]._model_path.endswith(".int8.onnx")  # type: ignore[attr-defined]
     assert rt.student_sessions["entity"]._model_path.endswith("student_entity.onnx")  # type: ignore[attr-defined]
     assert rt.text_only_sessions["mention"]._model_path.endswith("textonly.int8.onnx")  # type: ignore[attr-defined]
+    # Recipe 3: the output projections (attention and FFN) stay fp32 MatMuls, the other backbone products are int8.
+    for path in (mention, out / contract.TEXT_ONLY_MENTION_FILE):
+        nodes = onnx.load(str(path.with_suffix(".int8.onnx")), load_external_data=False).graph.node
+        kept = [n for n in nodes if "/output/dense/" in n.name and n.op_type == "MatMul"]
+        assert len(kept) == 4  # 2 layers x (attention output, FFN output)
+        assert not [n for n in nodes if "/output/dense/" in n.name and n.op_type in QUANTISED_OPS]
+        assert sum(n.op_type == "MatMulInteger" for n in nodes) >= 8  # query, key, value, FFN up of both layers
     names = ["Douglas Adams", "Ada Lovelace", "Mercury", "Queen"]
     texts = ["English author of The Hitchhiker's Guide to the Galaxy", "English mathematician, first programmer",
              "planet closest to the Sun", "British rock band formed in London in 1970"]
@@ -164,14 +171,17 @@ def test_int8_mention_encoder_passes_the_gate_and_is_served(onnx_dir: Path, tmp_
     e = rt.encode_student("entity", names, texts, [None] * 4).global_
     assert ((m @ e.T).argmax(1) == np.arange(4)).all()  # int8 mentions still find their own entity
 
-    # An export of the old recipe ("+int8": the head quantised too) is redone, not served.
+    # Exports of the older recipes ("+int8.2": the output projections quantised; "+int8": the head too) are redone.
     old = contract.EncoderSpec.from_json((out / contract.SPEC_FILE).read_text())
-    old = dataclasses.replace(old, heads=old.heads.removesuffix(contract.INT8_SUFFIX) + contract.LEGACY_INT8_SUFFIX)
-    (out / contract.SPEC_FILE).write_text(old.to_json())
-    stamp = mention.with_suffix(".int8.onnx").stat().st_mtime_ns
-    again = ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40,
-                            image_size=224, heads=STUDENT_WEIGHTS, quantize=True)
-    assert again.heads == spec.heads and mention.with_suffix(".int8.onnx").stat().st_mtime_ns != stamp
+    for legacy in contract.LEGACY_INT8_SUFFIXES:
+        old = dataclasses.replace(old, heads=old.heads.removesuffix(contract.INT8_SUFFIX) + legacy)
+        assert old.signature() == fp32.signature()
+        (out / contract.SPEC_FILE).write_text(old.to_json())
+        stamp = mention.with_suffix(".int8.onnx").stat().st_mtime_ns
+        again = ensure_exported(out, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40,
+                                image_size=224, heads=STUDENT_WEIGHTS, quantize=True)
+        assert again.heads == spec.heads and mention.with_suffix(".int8.onnx").stat().st_mtime_ns != stamp
+        old = again
 
 
 QUANTISED_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "ConvInteger"}
