@@ -52,6 +52,11 @@ class ImageFeatures:
     present: np.ndarray  # [B] bool
 
 
+def picks_cuda(device: str) -> bool:
+    """Whether `device` ("auto", "cpu", "cuda") runs the encoders on ONNX Runtime's CUDA provider here."""
+    return _providers(device)[0] == "CUDAExecutionProvider"
+
+
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
@@ -105,7 +110,8 @@ class EncoderRuntime:
         std = np.asarray(self.spec.pixel_std, dtype=np.float32).reshape(3, 1)
         self._pixel_table = ((np.arange(256, dtype=np.float32)[None, :] / 255.0) - mean) / std  # [3, 256] float32
         self.invocations = 0  # real model calls, for tests and metrics
-        logger.info("encoder runtime %s on %s", self.spec.name, self.providers)
+        logger.info("encoder runtime %s on %s (mention encoder %s)", self.spec.name, self.providers,
+                    "int8" if self.spec.int8_mentions else "fp32")
 
     def tokenize(self, first: Sequence[str], second: Sequence[str] | None = None) -> tuple[np.ndarray, ...]:
         """Token ids, attention mask, content-token mask (no [CLS]/[SEP]/padding) and type ids."""

@@ -162,7 +162,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
                         http_workers=tuple(max(1, w) for w in args.http_workers),
                         paired_rounds=args.paired_rounds, paired_seconds=args.paired_seconds,
                         skip_plain=args.skip_plain, skip_http=args.skip_http, skip_teacher=args.skip_teacher,
-                        skip_ot=args.skip_ot, skip_int8=args.skip_int8, cache_dir=Path(args.cache_dir))
+                        skip_ot=args.skip_ot, skip_precision=args.skip_precision, cache_dir=Path(args.cache_dir))
     report = run_bench(linker, settings.data_dir, opts)
     out = Path(args.out)
     chart = write_bench(report, out)
@@ -359,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-http", action="store_true", help="no HTTP rows (they also skip when wrk is missing)")
     p.add_argument("--skip-teacher", action="store_true", help="no teacher row (its first run caches KB features)")
     p.add_argument("--skip-ot", action="store_true", help="no Sinkhorn-vs-POT rows")
-    p.add_argument("--skip-int8", action="store_true",
-                   help="no rows with the int8 mention encoder (EL_ENCODER__QUANTIZE_INT8)")
+    p.add_argument("--skip-precision", action="store_true",
+                   help="no rows with the mention encoder in the other precision (fp32 where int8 is served, as on "
+                   "CPU by default; int8 where fp32 is: EL_ENCODER__QUANTIZE_INT8)")
     p.add_argument("--cache-dir", default="artifacts/bench",
-                   help="where the plain bi-encoder's entity matrix and the int8 encoder export are cached")
+                   help="where the plain bi-encoder's entity matrix and the other precision's encoder export are cached")
     p.add_argument("--out", default="reports/bench.json")
     p.set_defaults(fn=_bench)
     sc = sub.add_parser("bench-scale", help="FAISS index types and /v1/link latency at N entities, real plus synthetic "

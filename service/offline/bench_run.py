@@ -3,7 +3,8 @@
 Rows (each optional part can be skipped; a part whose tool is missing is skipped with a note in `skipped`):
 plain bi-encoder (bench_plain) | served Linker in process, batch 1 and batch B, text; batch 1 and B with the
 mention images (the mentions that have a local image) | adaptive rerank (EL_RERANK__SKIP_MARGIN) at batch B |
-the same with the int8 mention encoder (EL_ENCODER__QUANTIZE_INT8) at batch B, with and without the margin |
+the same with the mention encoder in the other precision (EL_ENCODER__QUANTIZE_INT8: fp32 where int8 is served, as
+on CPU by default, int8 where fp32 is) at batch B, with and without the margin |
 served over HTTP under wrk (bench_http) | the teacher's exhaustive scoring on the first `teacher_n` mentions |
 our Sinkhorn against POT's on the problems captured from one batch of the served reranker (bench_ot).
 """
@@ -44,7 +45,7 @@ class BenchOptions:
     skip_http: bool = False
     skip_teacher: bool = False
     skip_ot: bool = False
-    skip_int8: bool = False
+    skip_precision: bool = False  # no rows with the mention encoder in the other precision
     cache_dir: Path = Path("artifacts/bench")  # the plain bi-encoder's entity matrix
 
 
@@ -73,26 +74,28 @@ def _served(linker: Linker, name: str, what: str, mentions: list[Mention], image
     return row, top1
 
 
-def int8_linker(linker: Linker, cache_dir: Path) -> Linker | None:
-    """The served Linker with the int8 mention encoder (EL_ENCODER__QUANTIZE_INT8=true) on the same index object:
-    its encoders exported into `cache_dir`/onnx-int8 (a copy of the fp32 export plus the int8 files, made once), so
-    the fp32 export beside it is left as it is. None when the int8 encoder fails its accuracy gate."""
+def other_precision_linker(linker: Linker, cache_dir: Path) -> tuple[Linker | None, str]:
+    """The served Linker with its mention encoder in the other precision (fp32 if it serves int8, else int8), on
+    the same index object, and that precision's name. Its encoders are exported into `cache_dir`/onnx-<precision>
+    (a copy of the served export, redone there once), so the served export is left as it is. None when the int8
+    encoder fails its accuracy gate."""
     import shutil
 
     from models.runtime import EncoderRuntime
     from service.encoders import export_encoders
 
-    src = linker.settings.encoder.onnx_dir
-    out = cache_dir / "onnx-int8"
+    want_int8 = not linker.runtime.spec.int8_mentions
+    precision = "int8" if want_int8 else "fp32"
+    out = cache_dir / f"onnx-{precision}"
     if not (out / "encoder_spec.json").exists():
-        shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.int8.onnx"))
+        shutil.copytree(linker.settings.encoder.onnx_dir, out, dirs_exist_ok=True)
     settings = linker.settings.model_copy(deep=True)
-    settings.encoder.onnx_dir, settings.encoder.quantize_int8 = out, True
+    settings.encoder.onnx_dir, settings.encoder.quantize_int8 = out, want_int8
     runtime: EncoderRuntime = export_encoders(settings)
-    if not runtime.spec.int8_mentions:
-        return None
+    if runtime.spec.int8_mentions != want_int8:
+        return None, precision
     other = Linker(settings, runtime, linker.index, linker.source_warning)
-    return other.with_skip_margin(linker.skip_margin)
+    return other.with_skip_margin(linker.skip_margin), precision
 
 
 def _teacher(linker: Linker, data_dir: Path, mentions: list[Mention]) -> Row | None:
@@ -150,19 +153,19 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
         rows.append(_served(linker, f"served_b{opts.batch}_adaptive", f"Linker in process, text, batch {opts.batch}, "
                             f"OT skipped above margin {linker.skip_margin}", mentions, none, opts.batch, opts.top_k,
                             teacher_n)[0])
-    if not opts.skip_int8:
-        int8 = int8_linker(linker, opts.cache_dir)
-        if int8 is None:
-            skipped.append("int8 rows: the int8 mention encoder failed its accuracy gate")
+    if not opts.skip_precision:
+        other, precision = other_precision_linker(linker, opts.cache_dir)
+        if other is None:
+            skipped.append(f"{precision} rows: the int8 mention encoder failed its accuracy gate")
         else:
-            int8.warm_up()
-            rows.append(_served(int8.with_skip_margin(None), f"served_b{opts.batch}_int8", f"Linker in process, text, "
-                                f"batch {opts.batch}, int8 mention encoder", mentions, none, opts.batch, opts.top_k,
-                                teacher_n)[0])
+            other.warm_up()
+            rows.append(_served(other.with_skip_margin(None), f"served_b{opts.batch}_{precision}", f"Linker in "
+                                f"process, text, batch {opts.batch}, {precision} mention encoder", mentions, none,
+                                opts.batch, opts.top_k, teacher_n)[0])
             if linker.skip_margin is not None:
-                rows.append(_served(int8, f"served_b{opts.batch}_adaptive_int8", f"Linker in process, text, batch "
-                                    f"{opts.batch}, OT skipped above margin {linker.skip_margin}, int8 mention encoder",
-                                    mentions, none, opts.batch, opts.top_k, teacher_n)[0])
+                rows.append(_served(other, f"served_b{opts.batch}_adaptive_{precision}", f"Linker in process, text, "
+                                    f"batch {opts.batch}, OT skipped above margin {linker.skip_margin}, {precision} "
+                                    "mention encoder", mentions, none, opts.batch, opts.top_k, teacher_n)[0])
     if with_image:
         for b in (1, opts.batch):
             rows.append(_served(full, f"served_image_b{b}", f"Linker in process, text + image ({len(with_image)} "
