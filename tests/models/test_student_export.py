@@ -133,6 +133,28 @@ def test_text_only_mention_graph_gives_the_full_graphs_features_without_image_in
     assert not fast.image_present.any()
 
 
+def test_an_export_without_the_text_only_graph_is_served_and_then_completed(runtime, onnx_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """An export made before the text-only graph existed: the runtime serves every run through the full graph (the
+    same features), and the next `ensure_exported` adds the missing file."""
+    import shutil
+
+    from models.runtime import EncoderRuntime
+
+    old = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, old, ignore=shutil.ignore_patterns(contract.TEXT_ONLY_MENTION_FILE))
+    rt = EncoderRuntime(old, device="cpu")
+    assert rt.text_only_sessions == {}
+    first, second = ["Douglas Adams", "Mercury"], ["The author of the Hitchhiker's Guide.", "closest planet"]
+    got, ref = (r.encode_student("mention", first, second, [None, None]) for r in (rt, runtime))
+    for a, b in zip(dataclasses.astuple(got), dataclasses.astuple(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    ensure_exported(old, text="minilm", image="efficientnet-lite0", clip_path=None, max_tokens=40, image_size=224,
+                    heads=STUDENT_WEIGHTS)
+    assert (old / contract.TEXT_ONLY_MENTION_FILE).exists()
+    assert "mention" in EncoderRuntime(old, device="cpu").text_only_sessions
+
+
 def _export_int8(onnx_dir: Path, out: Path) -> contract.EncoderSpec:
     import shutil
 
