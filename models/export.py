@@ -200,8 +200,7 @@ def export_text_only_mention_encoder(module: torch.nn.Module, out_dir: Path) -> 
     """The mention encoder for runs with no image (`TextOnlyStudentEncoder`), checked against the full export."""
     from models.student import TextOnlyStudentEncoder
 
-    text_only = TextOnlyStudentEncoder(module.backbone, module.head, 1.0).eval()  # type: ignore[arg-type]
-    text_only.assign = module.assign  # type: ignore[assignment]
+    text_only = TextOnlyStudentEncoder(module.backbone, module.head, module.temperature).eval()  # type: ignore[arg-type]
     cfg = module.head.cfg  # type: ignore[union-attr]
     path = out_dir / contract.TEXT_ONLY_MENTION_FILE
     args = example_inputs(2, 12, cfg.image_dim, cfg.image_patches)[: len(contract.TEXT_ONLY_INPUTS)]

@@ -110,6 +110,7 @@ class StudentEncoder(nn.Module):
         super().__init__()
         self.backbone = text_backbone
         self.head = head
+        self.temperature = temperature
         self.assign = attention_assignment(temperature)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor,
