@@ -33,7 +33,7 @@ class EncoderSettings(BaseModel):
                                                       "models/weights/student.pt.")
     quantize_int8: bool | Literal["auto"] = Field(
         False, description="Serve the int8 student mention encoder when it passes the accuracy gate (true; 'auto': "
-        "on the CPU provider only): 1.07-1.18x the batched mentions/s, served H@1 and MRR within 0.05 points of "
+        "on the CPU provider only): 1.08-1.20x the batched mentions/s, served H@1 and MRR within 0.05 points of "
         "fp32, but a mention's answer can move with its batch neighbours (see README); false: fp32.")
 
     def int8_mentions(self) -> bool:
