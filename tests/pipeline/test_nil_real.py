@@ -34,6 +34,7 @@ def test_fit_calibration_on_labelled_mentions_of_ones_own_kg(linker, test_mentio
     import json
 
     from service.offline.calibration import run_fit
+    from service.offline.nil_protocol import FIT_SEEDS
     from service.pipeline.calibration import Calibration
     from service.pipeline.linker import load_verdict
 
@@ -42,6 +43,7 @@ def test_fit_calibration_on_labelled_mentions_of_ones_own_kg(linker, test_mentio
                             for m in test_mentions[:40]))
     cal = run_fit(linker, linker.settings.data_dir, [], files=[path])
     assert cal.fitted_for["splits"] == ["mine labelled"] and cal.model_version == linker.model_version
+    assert cal.fitted_for["nil_protocol"]["fit_seeds"] == list(FIT_SEEDS)  # the answerable fit saw every draw
     assert 0.0 < cal.nil_threshold < 1.0 or cal.nil_threshold == 0.0
     assert set(cal.report) == {"in_sample", "cross_fitted", "platt_top_score_only_ece"}
     cal.save(tmp_path / "cal.json")
