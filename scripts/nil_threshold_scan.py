@@ -49,7 +49,7 @@ def main() -> None:
     for spec in args.splits:
         dataset, split = spec.split(":")
         pair = collect_pair(linker, settings.data_dir, dataset, split)
-        _, p_answerable = calibration.assess(list(pair.nil.mentions), pair.nil.scores)
+        _, p_answerable = calibration.assess(list(pair.nil.mentions), pair.nil.scores, pair.nil.facts)
         answerable = ~pair.nil.no_answer
         today = float(pair.full.top1_right[answerable].mean())
         rows = {}

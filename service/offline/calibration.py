@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kg_index.load import EntityMeta
 from kg_index.records import Mention
 from service.offline.nil_protocol import FIT_SEEDS, NIL_FRACTION, NIL_SEED, nil_metrics, removed_entities
 from service.pipeline.calibration import (
@@ -22,6 +23,7 @@ from service.pipeline.calibration import (
     SCORE_FIELDS,
     Calibration,
     LogisticModel,
+    entity_facts,
     expand,
     features,
 )
@@ -49,6 +51,7 @@ class Scored:
     scores: np.ndarray  # [M, K, len(SCORE_FIELDS)] float32, NaN where a mention has fewer candidates
     gold: np.ndarray  # [M] int: the gold's position among the candidates, -1 when not among them
     no_answer: np.ndarray  # [M] bool: the gold is not in the KB (removed by the NIL protocol)
+    facts: np.ndarray  # [M, len(ENTITY_FEATURES)] what the KG says of each mention's top candidate (entity_facts)
     confidence: np.ndarray | None = None  # [M] the served confidence (NaN: null), as the pipeline answered
     said_nil: np.ndarray | None = None  # [M] bool: the served nil verdict
 
@@ -57,22 +60,20 @@ class Scored:
         return self.gold == 0
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, name=self.name, mentions=self.mentions, scores=self.scores, gold=self.gold,
-                            no_answer=self.no_answer)
+        np.savez_compressed(path, name=self.name, **{f: getattr(self, f) for f in _ROWS})
 
     @classmethod
     def load(cls, path: Path) -> Scored:
         z = np.load(path)
-        return cls(str(z["name"]), z["mentions"], z["scores"], z["gold"], z["no_answer"])
+        return cls(str(z["name"]), *(z[f] for f in _ROWS))
 
     def subset(self, keep: np.ndarray) -> Scored:
-        return Scored(self.name, self.mentions[keep], self.scores[keep], self.gold[keep], self.no_answer[keep])
+        return Scored(self.name, *(getattr(self, f)[keep] for f in _ROWS))
 
     @classmethod
     def concat(cls, parts: list[Scored]) -> Scored:
         """The rows of several runs (e.g. one split under several draws of removals) as one, named as the first."""
-        return cls(parts[0].name, *(np.concatenate([getattr(p, f) for p in parts])
-                                    for f in ("mentions", "scores", "gold", "no_answer")))
+        return cls(parts[0].name, *(np.concatenate([getattr(p, f) for p in parts]) for f in _ROWS))
 
     def served_metrics(self) -> dict:
         """What the pipeline itself answered: ECE of its confidence (whole-KB runs), its NIL metrics (NIL runs)."""
@@ -84,7 +85,10 @@ class Scored:
                 "nil": nil_metrics(self.no_answer, self.said_nil, self.top1_right)}
 
     def features(self) -> np.ndarray:
-        return features(list(self.mentions), self.scores)
+        return features(list(self.mentions), self.scores, self.facts)
+
+
+_ROWS = ("mentions", "scores", "gold", "no_answer", "facts")  # Scored's per-mention arrays, in field order
 
 
 def collect(linker: Linker, mentions: list[Mention], name: str, *, removed: frozenset[str] = frozenset(),
@@ -98,6 +102,7 @@ def collect(linker: Linker, mentions: list[Mention], name: str, *, removed: froz
     gold = np.full(len(mentions), -1)
     confidence = np.full(len(mentions), np.nan)
     said_nil = np.zeros(len(mentions), bool)
+    tops: list[EntityMeta | None] = [None] * len(mentions)
     for i in tqdm(range(0, len(mentions), batch), desc=name, unit="batch"):
         chunk = mentions[i : i + batch]
         out = lk.link_batch([LinkQuery(m.mention, m.context, load_entity_image(m.image), top_k=k) for m in chunk])
@@ -108,9 +113,11 @@ def collect(linker: Linker, mentions: list[Mention], name: str, *, removed: froz
                 scores[i + j, c] = [getattr(cand, f) or 0.0 for f in SCORE_FIELDS]
                 if cand.id == m.answer:
                     gold[i + j] = c
+            if r.entities:
+                tops[i + j] = lk.index.entities[lk.index.row_of[r.entities[0].id]]
     no_answer = np.array([m.answer in removed for m in mentions], bool)
-    return Scored(name, np.array([m.mention for m in mentions], dtype=str), scores, gold, no_answer, confidence,
-                  said_nil)
+    return Scored(name, np.array([m.mention for m in mentions], dtype=str), scores, gold, no_answer,
+                  entity_facts(tops), confidence, said_nil)
 
 
 def read_labelled_mentions(path: Path) -> list[Mention]:

@@ -8,7 +8,7 @@ service/offline/calibration.py) and shipped as JSON beside the heads (models/wei
 - `confidence`: P(the top entity is the gold), fitted on the dev splits' mentions against the whole KB;
 - `answerable`: P(the mention's entity is in the KB at all), fitted on the same mentions under the NIL protocol
   (service/offline/nil_protocol.py: 20 % of their gold entities masked out of the KB, under several draws), over
-  the score features and the mention's shape (SHAPE_FEATURES); `nil` is answerable < the fitted threshold (chosen
+  the score features, the mention's shape and what the KG says of the top candidate; `nil` is answerable < the fitted threshold (chosen
   on dev: best NIL F1 losing at most 1 H@1 point on any dev split).
 
 Pure numpy; the respond stage calls `Calibration.assess` once per batch.
@@ -19,13 +19,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kg_index.attributes import lifespan
 from service.pipeline.terms import TERMS
+
+if TYPE_CHECKING:
+    from kg_index.load import EntityMeta
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +47,32 @@ SCORE_FEATURES = ("top", "margin", "log_margin", "gap5", "retrieval", "ot", "nam
 # the answerable model separates WikiDiverse-like mentions from WikiMEL-like ones under one threshold.
 SHAPE_FEATURES = ("mention_lower", "mention_digit", "mention_chars", "mention_title", "mention_words",
                   "mention_upper")
-FEATURES = SCORE_FEATURES + SHAPE_FEATURES  # new features go last: a shipped model names the ones it reads
+# What the KG says of the top candidate (`entity_facts`): whether it has a description, how long (capped), and
+# whether it is dated (a birth or start year: the KG-consistency terms can only check a dated candidate). A bare or
+# undated entry gets few of the rerank's KG terms, so the same scores mean less; namesakes left in the KG are
+# often such entries.
+ENTITY_FEATURES = ("top_described", "top_description_len", "top_dated")
+FEATURES = SCORE_FEATURES + SHAPE_FEATURES + ENTITY_FEATURES  # new ones go last: a shipped model names what it reads
+DESCRIPTION_CAP = 500  # characters (99 % of the MEL KB's descriptions are shorter than 280)
 
 
-def features(mentions: list[str], cands: np.ndarray) -> np.ndarray:
-    """[B, len(FEATURES)] from the mentions and their candidates' scores [B, K, len(SCORE_FIELDS)] in served order
-    (final score descending; NaN rows where a mention has fewer than K). Serving and fitting both call this."""
+def entity_facts(entities: Sequence[EntityMeta | None]) -> np.ndarray:
+    """[B, len(ENTITY_FEATURES)] for each mention's top candidate (None: no candidate, all 0)."""
+    rows = []
+    for e in entities:
+        if e is None:
+            rows.append((0.0, 0.0, 0.0))
+            continue
+        start, end = lifespan(e.start_year, e.end_year, e.description)
+        rows.append((float(bool(e.description)), min(len(e.description or ""), DESCRIPTION_CAP) / 100,
+                     float(start is not None or end is not None)))
+    return np.array(rows, np.float64).reshape(len(rows), len(ENTITY_FEATURES))
+
+
+def features(mentions: list[str], cands: np.ndarray, facts: np.ndarray) -> np.ndarray:
+    """[B, len(FEATURES)] from the mentions, their candidates' scores [B, K, len(SCORE_FIELDS)] in served order
+    (final score descending; NaN rows where a mention has fewer than K) and their top candidate's `entity_facts`
+    [B, len(ENTITY_FEATURES)]. Serving and fitting both call this."""
     b = cands.shape[0]
     if cands.shape[1] < 2:  # margins need a second candidate: pad one
         cands = np.concatenate([cands, np.full((b, 2 - cands.shape[1], cands.shape[2]), np.nan, cands.dtype)], 1)
@@ -77,6 +102,7 @@ def features(mentions: list[str], cands: np.ndarray) -> np.ndarray:
             "log_n_name_tokens": np.log1p(n_tokens),
         }
     out.update(_shape(mentions))
+    out.update({f: facts[:, i] for i, f in enumerate(ENTITY_FEATURES)})
     return np.stack([out[f] for f in FEATURES], 1)
 
 
@@ -144,9 +170,10 @@ class Calibration:
     fitted_for: dict[str, Any] = field(default_factory=dict)  # index version, rerank weights, data, seed
     report: dict[str, Any] = field(default_factory=dict)  # figures measured at fit time (cross-fitted ECE, NIL)
 
-    def assess(self, mentions: list[str], cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(confidence [B], P(answerable) [B]) for candidate score tables [B, K, len(SCORE_FIELDS)]."""
-        x = features(mentions, cands)
+    def assess(self, mentions: list[str], cands: np.ndarray, facts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence [B], P(answerable) [B]) for candidate score tables [B, K, len(SCORE_FIELDS)] and the top
+        candidates' `entity_facts`."""
+        x = features(mentions, cands, facts)
         return self.confidence.predict(x), self.answerable.predict(x)
 
     def save(self, path: Path) -> None:
@@ -171,10 +198,11 @@ class Verdict:
     threshold: float | None = None  # overrides calibration.nil_threshold
     score_threshold: float = 0.0
 
-    def judge(self, mentions: list[str], cands: np.ndarray) -> tuple[list[float | None], list[bool]]:
+    def judge(self, mentions: list[str], cands: np.ndarray, facts: np.ndarray) -> tuple[list[float | None], list[bool]]:
+        """cands: the score tables; facts: the top candidates' `entity_facts`."""
         has = ~np.isnan(cands[:, 0, _F["score"]]) if cands.shape[1] else np.zeros(len(mentions), bool)
         if self.calibration is not None and len(mentions):
-            conf, answerable = self.calibration.assess(mentions, cands)
+            conf, answerable = self.calibration.assess(mentions, cands, facts)
         else:
             conf = answerable = np.full(len(mentions), np.nan)
         if self.rule == "calibrated" and self.calibration is not None:

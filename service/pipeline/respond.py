@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kg_index.load import KGIndex
-from service.pipeline.calibration import SCORE_FIELDS, Verdict
+from service.pipeline.calibration import SCORE_FIELDS, Verdict, entity_facts
 from service.pipeline.types import Candidate, LinkQuery, LinkResult
 
 
@@ -19,7 +19,8 @@ def build_results(index: KGIndex, queries: list[LinkQuery], rows: np.ndarray, te
     for i, order in enumerate(orders):
         for c, f in enumerate(SCORE_FIELDS):
             table[i, : len(order), c] = values[f][i, order] if f in values else 0.0
-    confidence, nil = verdict.judge([q.mention for q in queries], table)
+    tops = entity_facts([index.entities[rows[i, o[0]]] if o else None for i, o in enumerate(orders)])
+    confidence, nil = verdict.judge([q.mention for q in queries], table, tops)
     results = []
     for i, q in enumerate(queries):
         cands = []

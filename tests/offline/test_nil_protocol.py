@@ -70,7 +70,8 @@ def _scored(name: str, no_answer: list[int], right: list[int]):
 
     n = len(no_answer)
     gold = np.where(np.array(right, bool), 0, -1)
-    return Scored(name, np.array(["m"] * n), np.zeros((n, 2, 9), np.float32), gold, np.array(no_answer, bool))
+    return Scored(name, np.array(["m"] * n), np.zeros((n, 2, 9), np.float32), gold, np.array(no_answer, bool),
+                  np.zeros((n, 3)))
 
 
 def test_threshold_is_the_best_f1_within_one_h1_point_on_every_split() -> None:

@@ -7,9 +7,22 @@ import numpy as np
 import pytest
 
 from service.offline.calibration import Scored, SplitPair, cross_fit, ece, fit_logistic, fit_models, reliability
-from service.pipeline.calibration import FEATURES, SCORE_FIELDS, Calibration, LogisticModel, Verdict, features
+from service.pipeline.calibration import (
+    ENTITY_FEATURES,
+    FEATURES,
+    SCORE_FIELDS,
+    Calibration,
+    LogisticModel,
+    Verdict,
+    entity_facts,
+    features,
+)
 
 TOP = FEATURES.index("top")
+
+
+def _facts(n: int) -> np.ndarray:
+    return np.zeros((n, len(ENTITY_FEATURES)))
 
 
 def _cands(scores: list[list[float]]) -> np.ndarray:
@@ -78,7 +91,8 @@ def _scored(rng: np.random.Generator, n: int, no_answer: np.ndarray) -> Scored:
     """A toy NIL run: the answerable mentions' top candidate leads by a wide margin, the NIL ones' barely."""
     lead = np.where(no_answer, rng.normal(0.02, 0.02, n), rng.normal(0.15, 0.05, n))
     scores = _cands([[0.5, 0.5 - d, 0.1] for d in lead])
-    return Scored("toy dev nil", np.array(["Kennedy"] * n), scores, np.where(no_answer, -1, 0), no_answer)
+    return Scored("toy dev nil", np.array(["Kennedy"] * n), scores, np.where(no_answer, -1, 0), no_answer,
+                  np.zeros((n, len(ENTITY_FEATURES))))
 
 
 def test_answerable_model_is_fitted_on_every_draw_of_removals() -> None:
@@ -86,7 +100,7 @@ def test_answerable_model_is_fitted_on_every_draw_of_removals() -> None:
     n = 400
     draws = [rng.random(n) < 0.2 for _ in range(3)]
     full = Scored("toy dev", np.array(["Kennedy"] * n), _cands([[0.5, 0.3, 0.1]] * n), np.zeros(n, int),
-                  np.zeros(n, bool))
+                  np.zeros(n, bool), np.zeros((n, len(ENTITY_FEATURES))))
     pair = SplitPair(full, _scored(rng, n, draws[0]), [_scored(rng, n, d) for d in draws[1:]])
     assert len(pair.nil_all.gold) == 3 * n and pair.today_all.shape == (3 * n,)
     assert pair.nil_all.no_answer.tolist() == np.concatenate(draws).tolist()
@@ -100,18 +114,32 @@ def test_answerable_model_is_fitted_on_every_draw_of_removals() -> None:
 
 def test_mention_shape_features() -> None:
     names = ["parliament", "200 m", "NASA", "John F. Kennedy", "Kennedy", "Sun Yat-sen"]
-    f = dict(zip(FEATURES, features(names, _cands([[0.5, 0.1]] * len(names))).T))
+    f = dict(zip(FEATURES, features(names, _cands([[0.5, 0.1]] * len(names)), _facts(len(names))).T))
     assert f["mention_lower"].tolist() == [1, 0, 0, 0, 0, 0]
     assert f["mention_digit"].tolist() == [0, 1, 0, 0, 0, 0]
     assert f["mention_upper"].tolist() == [0, 0, 1, 0, 0, 0]
     assert f["mention_title"].tolist() == [0, 0, 1, 1, 1, 1]
     assert f["mention_words"].tolist() == [1, 2, 1, 3, 1, 2]
     assert f["mention_chars"].tolist() == pytest.approx([1.0, 0.5, 0.4, 1.5, 0.7, 1.1])
-    assert features([], _cands([[0.5]])[:0]).shape == (0, len(FEATURES))
+    assert features([], _cands([[0.5]])[:0], _facts(0)).shape == (0, len(FEATURES))
+
+
+def test_top_candidate_facts() -> None:
+    from kg_index.load import EntityMeta
+
+    dated = EntityMeta("Q1", "John F. Kennedy", "Sex: male. Birth: 1917, Brookline. Death: 1963, Dallas.", False)
+    stated = EntityMeta("Q2", "Acme", "", False, start_year=1990)  # the KG's own year, no description
+    bare = EntityMeta("Q3", "Kennedy", "", False)
+    long = EntityMeta("Q4", "Long", "x" * 5000, False)
+    f = entity_facts([dated, stated, bare, long, None])
+    assert f.tolist() == [[1.0, len(dated.description) / 100, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0],
+                          [1.0, 5.0, 0.0], [0.0, 0.0, 0.0]]
+    x = dict(zip(FEATURES, features(["a"] * 5, _cands([[0.5, 0.1]] * 5), f).T))
+    assert x["top_dated"].tolist() == [1, 1, 0, 0, 0] and x["top_description_len"][3] == 5.0
 
 
 def test_features_pad_a_lone_candidate_and_read_served_order() -> None:
-    x = features(["Kennedy", "John F. Kennedy"], _cands([[0.5], [0.6, 0.2, 0.1]]))
+    x = features(["Kennedy", "John F. Kennedy"], _cands([[0.5], [0.6, 0.2, 0.1]]), _facts(2))
     assert x.shape == (2, len(FEATURES))
     f = dict(zip(FEATURES, x.T))
     assert f["top"].tolist() == pytest.approx([0.5, 0.6])
@@ -130,25 +158,25 @@ def test_calibration_round_trip(tmp_path) -> None:
     cal.save(tmp_path / "c.json")
     back = Calibration.load(tmp_path / "c.json")
     cands = _cands([[0.3, 0.25], [-0.1, -0.5]])
-    for a, b in zip(cal.assess(["a", "b"], cands), back.assess(["a", "b"], cands)):
+    for a, b in zip(cal.assess(["a", "b"], cands, _facts(2)), back.assess(["a", "b"], cands, _facts(2))):
         np.testing.assert_allclose(a, b)
     assert back.model_version == "model@x" and back.fitted_for == {"splits": ["wikimel dev"]}
 
 
 def test_verdict_rules() -> None:
     cands = _cands([[0.3, 0.25], [0.2, -0.3]])
-    conf, nil = Verdict(_calibration(0.5)).judge(["a", "b"], cands)
+    conf, nil = Verdict(_calibration(0.5)).judge(["a", "b"], cands, _facts(2))
     # margins 0.05 and 0.5: P(answerable) sigmoid(-1) = 0.27 < 0.5 (nil), sigmoid(8) (not nil)
     assert nil == [True, False]
     assert conf == pytest.approx([1 / (1 + np.exp(-3.0)), 1 / (1 + np.exp(-2.0))])
-    assert Verdict(_calibration(0.5), threshold=0.2).judge(["a", "b"], cands)[1] == [False, False]
+    assert Verdict(_calibration(0.5), threshold=0.2).judge(["a", "b"], cands, _facts(2))[1] == [False, False]
     # the deprecated rule: the top final score against EL_NIL_THRESHOLD; confidence is still given
-    conf2, nil2 = Verdict(_calibration(), rule="score_threshold", score_threshold=0.25).judge(["a", "b"], cands)
+    conf2, nil2 = Verdict(_calibration(), rule="score_threshold", score_threshold=0.25).judge(["a", "b"], cands, _facts(2))
     assert nil2 == [False, True] and conf2 == conf
     # no candidate: nil, confidence null, under either rule; no calibration: confidence null
     empty = np.full((1, 2, len(SCORE_FIELDS)), np.nan, np.float32)
-    assert Verdict(_calibration()).judge(["x"], empty) == ([None], [True])
-    assert Verdict(None, score_threshold=0.0).judge(["a", "b"], cands) == ([None, None], [False, False])
+    assert Verdict(_calibration()).judge(["x"], empty, _facts(1)) == ([None], [True])
+    assert Verdict(None, score_threshold=0.0).judge(["a", "b"], cands, _facts(2)) == ([None, None], [False, False])
 
 
 def test_nil_threshold_alone_selects_the_old_rule(monkeypatch) -> None:

@@ -174,8 +174,9 @@ def test_link_confidence_and_nil_follow_the_shipped_rule(client: httpx.Client, s
     (models/weights/calibration.json) gives for the candidates' scores (all of them returned: top_k = candidates)."""
     import numpy as np
 
+    from kg_index.load import load_index
     from models.checkpoint import WEIGHTS_DIR
-    from service.pipeline.calibration import SCORE_FIELDS, Calibration
+    from service.pipeline.calibration import SCORE_FIELDS, Calibration, entity_facts
 
     cal = Calibration.load(WEIGHTS_DIR / "calibration.json")
     k = settings.rerank.candidates
@@ -187,7 +188,9 @@ def test_link_confidence_and_nil_follow_the_shipped_rule(client: httpx.Client, s
     for i, res in enumerate(results):
         for c, e in enumerate(res["entities"]):
             table[i, c] = [e[f] for f in SCORE_FIELDS]
-    confidence, answerable = cal.assess([res["mention"] for res in results], table)
+    entities = {e.id: e for e in load_index(settings.index.dir).entities}
+    facts = entity_facts([entities[res["entities"][0]["id"]] if res["entities"] else None for res in results])
+    confidence, answerable = cal.assess([res["mention"] for res in results], table, facts)
     assert [res["confidence"] for res in results] == pytest.approx(confidence.tolist(), abs=1e-4)
     assert all(0.0 <= res["confidence"] <= 1.0 for res in results)
     assert [res["nil"] for res in results] == (answerable < cal.nil_threshold).tolist()
