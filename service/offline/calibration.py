@@ -152,9 +152,10 @@ def collect_pair(linker: Linker, data_dir: Path, dataset: str, split: str, *, li
                        missing, len(mentions))
     removed = removed_entities(m.answer for m in mentions)
     name = f"{dataset} {split}"
+    full, nil = collect(linker, mentions, name), collect(linker, mentions, f"{name} nil", removed=removed)
     draws = [collect(linker, mentions, f"{name} nil", removed=removed_entities((m.answer for m in mentions), seed=s))
              for s in extra_seeds]
-    return SplitPair(collect(linker, mentions, name), collect(linker, mentions, f"{name} nil", removed=removed), draws)
+    return SplitPair(full, nil, draws)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, degree: int = 1, l2: float = 1.0,

@@ -8,8 +8,8 @@ service/offline/calibration.py) and shipped as JSON beside the heads (models/wei
 - `confidence`: P(the top entity is the gold), fitted on the dev splits' mentions against the whole KB;
 - `answerable`: P(the mention's entity is in the KB at all), fitted on the same mentions under the NIL protocol
   (service/offline/nil_protocol.py: 20 % of their gold entities masked out of the KB, under several draws), over
-  the score features, the mention's shape and what the KG says of the top candidate; `nil` is answerable < the fitted threshold (chosen
-  on dev: best NIL F1 losing at most 1 H@1 point on any dev split).
+  the score features, the mention's shape and what the KG says of the top candidate; `nil` is answerable < the
+  fitted threshold (chosen on dev: best NIL F1 losing at most 1 H@1 point on any dev split).
 
 Pure numpy; the respond stage calls `Calibration.assess` once per batch.
 """
