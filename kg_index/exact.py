@@ -56,10 +56,13 @@ import faiss
 import numpy as np
 import torch
 
+from kg_index.int8_scan import Int8Scores, int8_usable
+
 logger = logging.getLogger(__name__)
 
 CoarseMode = Literal["auto", "on", "off"]
 _coarse_mode: CoarseMode = "auto"
+_int8_mode: CoarseMode = "auto"
 
 
 def configure_coarse(mode: CoarseMode) -> None:
@@ -69,6 +72,20 @@ def configure_coarse(mode: CoarseMode) -> None:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"bf16 shortlist mode must be auto, on or off, got {mode!r}")
     _coarse_mode = mode
+
+
+def configure_int8(mode: CoarseMode) -> None:
+    """The int8 shortlist policy of every ExactSearch of this process (EL_INDEX__INT8_SHORTLIST): 'auto' for the
+    batch sizes at which the index's calibration measured it fastest, 'on' for every batch (tests), 'off' never.
+    Either way only where FBGEMM's int8 products are exact in int32 on this CPU (`int8_scan.int8_usable`)."""
+    global _int8_mode
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"int8 shortlist mode must be auto, on or off, got {mode!r}")
+    _int8_mode = mode
+
+
+def int8_enabled() -> bool:
+    return _int8_mode != "off" and int8_usable()
 
 
 @functools.cache
@@ -118,6 +135,10 @@ COARSE_MIN_BATCH = 6
 # Shortlist = kk + COARSE_EXTRA rows. With kk = 48 (32 candidates + TIE_MARGIN), 96 rows left 0.5-1.4 % of the
 # mentions for the fp32 re-search, 128 none (WikiMEL test: 5,131 mentions; WikiDiverse dev: 1,656).
 COARSE_EXTRA = 80
+# The int8 shortlist's extra rows. Its bound is wider than bf16's (~0.019 against ~0.003 for these unit-norm
+# vectors: the queries' rounding to 255 steps), so it takes more: with kk = 48, 128 rows left 59 % of 3,000 real
+# mentions (WikiMEL test, WikiDiverse and RichpediaMEL dev) for the fp32 re-search, 256 none.
+INT8_EXTRA = 208
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 CALIBRATE_MIN_ROWS = 8192  # smaller indexes keep the default plan: every kernel takes well under a millisecond
 CALIBRATE_ROWS = 65536  # rows timed by `calibrate` (the first ones): enough to stream past every cache
@@ -126,8 +147,8 @@ LARGE_BATCH = 24  # from here on a batch takes the plan's large_layout
 Layout = Literal["queries", "vectors"]
 # How one or two queries are searched: FAISS's fp32 scan ("faiss"), the fp32 GEMV in two row halves at once on a
 # spare core ("halves"), FAISS's bf16 scan with its two halves at once ("bf16_halves") or one after the other ("bf16":
-# no spare core needed).
-SmallKernel = Literal["faiss", "halves", "bf16_halves", "bf16"]
+# no spare core needed), or the int8 shortlist ("int8", kg_index/int8_scan.py; no spare core needed).
+SmallKernel = Literal["faiss", "halves", "bf16_halves", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +162,8 @@ class SearchPlan:
     large_layout: Layout = "queries"
     coarse_max_batch: int | None = None
     small: SmallKernel = "faiss"  # 1-2 queries with a spare core (`spare_core`)
-    small_alone: Literal["faiss", "bf16"] = "faiss"  # 1-2 queries without one
+    small_alone: Literal["faiss", "bf16", "int8"] = "faiss"  # 1-2 queries without one
+    int8_batches: tuple[int, int] = (0, -1)  # batches of lo..hi (> SMALL_BATCH) queries take the int8 shortlist
     measured: dict[str, float] | None = None  # the calibration's fastest rounds, ms per batch (logs, the bench)
 
 
@@ -179,12 +201,17 @@ class ExactSearch:
             self._coarse = self._t.to(torch.bfloat16)
         self._max_norm = float(np.linalg.norm(vectors, axis=1).max(initial=0.0))
         self._scan: list[tuple[int, faiss.Index]] | None = None  # (first row, FAISS bf16 scan) per row half
+        self._int8: Int8Scores | None = None  # the int8 copy, where the plan or the mode uses it
         self.shortlisted = 0  # queries answered through the bf16 shortlist
         self.scan_shortlisted = 0  # queries (one or two at a time) answered through the bf16 scan
-        self.fp32_researches = 0  # of those two, the ones a bound sent back to the fp32 search (expected: none)
+        self.int8_shortlisted = 0  # queries answered through the int8 shortlist
+        self.fp32_researches = 0  # of those three, the ones a bound sent back to the fp32 search (expected: none)
         self.plan = plan_for(self)
         if self.plan.small.startswith("bf16") or self.plan.small_alone == "bf16":
             self._scan_halves()  # here, not in the first lone request after a load, reload or compaction
+        if self._int8_possible() and (_int8_mode == "on" or self.plan.int8_batches[0] <= self.plan.int8_batches[1]
+                                      or "int8" in (self.plan.small, self.plan.small_alone)):
+            self._int8_kernel()
 
     @classmethod
     def for_index(cls, index: faiss.Index) -> ExactSearch | None:
@@ -213,7 +240,13 @@ class ExactSearch:
         n_dead = 0 if dead is None else int(dead.sum())
         small = (self.plan.small if spare is not None else self.plan.small_alone) \
             if len(queries) <= SMALL_BATCH else None
-        if small in ("bf16", "bf16_halves") and self._scan_possible(kk + n_dead):
+        if (small == "int8" or self._int8_for(len(queries))) and kk + INT8_EXTRA + n_dead < n \
+                and self._int8_possible():
+            top, rows = self._int8_shortlisted(queries, kk, dead)
+
+            def full_row(i: int) -> np.ndarray:
+                return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
+        elif small in ("bf16", "bf16_halves") and self._scan_possible(kk + n_dead):
             top, rows = self._scan_shortlisted(queries, kk, dead, n_dead, spare if small == "bf16_halves" else None)
 
             def full_row(i: int) -> np.ndarray:
@@ -267,6 +300,38 @@ class ExactSearch:
                 top_i, rows_i = _faiss_order(row[cand][None], cand[None])
                 top[i, :k], rows[i, :k] = top_i[0, :k], rows_i[0, :k]
         return top[:, :k], rows[:, :k]
+
+    def _int8_possible(self) -> bool:
+        return int8_enabled() and len(self) > INT8_EXTRA + TIE_MARGIN
+
+    def _int8_for(self, batch: int) -> bool:
+        """Whether a batch of this size takes the int8 shortlist (1-2 queries: also where their kernel is int8)."""
+        if not self._int8_possible():
+            return False
+        lo, hi = self.plan.int8_batches
+        return _int8_mode == "on" or lo <= batch <= hi
+
+    def _int8_kernel(self) -> Int8Scores:
+        if self._int8 is None:
+            self._int8 = Int8Scores(self._t)
+        return self._int8
+
+    def _int8_shortlisted(self, queries: np.ndarray, kk: int, dead: torch.Tensor | None,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Top kk (scores, rows), sorted, through the int8 shortlist: FBGEMM's int8 scores of every row, the best
+        kk + INT8_EXTRA rescored in fp32; exact by `Int8Scores.bound` plus the rescoring's own rounding, with the
+        same fp32 re-search as the bf16 shortlist where that does not clear."""
+        kernel = self._int8_kernel()
+        q = torch.from_numpy(queries)
+        with torch.no_grad():
+            approx = kernel.scores(q)
+            if dead is not None:
+                approx.masked_fill_(dead, float("-inf"))
+            last, idx = torch.topk(approx, kk + INT8_EXTRA, dim=1, sorted=False)
+            lowest = last.min(dim=1).values.double()
+        rescoring = q.shape[1] * 2.0**-24 * q.norm(dim=1).double() * self._max_norm
+        self.int8_shortlisted += len(queries)
+        return self._rescored(queries, idx, kk, dead, lowest, kernel.bound(q) + rescoring, "int8 shortlist")
 
     def _coarse_for(self, batch: int) -> bool:
         """Whether a batch of this size (COARSE_MIN_BATCH or more) takes the bf16 shortlist."""
@@ -421,11 +486,13 @@ class ExactSearch:
 
 def plan_for(search: ExactSearch) -> SearchPlan:
     """The plan of an index of this size: measured once per size class and process (`calibrate`) where the
-    shortlist mode is 'auto' and the index has CALIBRATE_MIN_ROWS rows or more; else the default."""
+    shortlist modes are 'auto' (or one 'auto', the other 'off') and the index has CALIBRATE_MIN_ROWS rows or
+    more; else the default (a mode forced 'on' serves every batch its way)."""
     n, d = search.vectors.shape
-    if _coarse_mode != "auto" or n < CALIBRATE_MIN_ROWS:
+    modes = (_coarse_mode, _int8_mode)
+    if "on" in modes or "auto" not in modes or n < CALIBRATE_MIN_ROWS:
         return SearchPlan()
-    key = (n.bit_length(), d, coarse_enabled())
+    key = (n.bit_length(), d, coarse_enabled(), int8_enabled())
     if key not in _plans:
         _plans[key] = calibrate(search)
     return _plans[key]
@@ -471,14 +538,23 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
             small: Layout = "queries" if best["queries@8"] <= best["vectors@8"] else "vectors"
             large: Layout = "queries" if best["queries@64"] <= best["vectors@64"] else "vectors"
             limit: int | None = COARSE_MIN_BATCH - 1  # no batch
+            shortlists = {}
             if coarse_enabled() and sub._coarse is not None:
+                shortlists["bf16"] = lambda q: sub._shortlisted(q, kk, None)
+            with_int8 = int8_enabled() and rows > INT8_EXTRA + TIE_MARGIN
+            if with_int8:
+                sub._int8 = search._int8_kernel() if rows == len(search) else Int8Scores(sub._t)
+                shortlists["int8"] = lambda q: sub._int8_shortlisted(q, kk, None)
+            if shortlists:
                 sub.plan = SearchPlan(small, large)
                 for _ in range(rounds):
                     for b in CALIBRATE_BATCHES:
                         times.setdefault(f"fp32@{b}", []).append(timed(lambda q: torch.topk(
                             sub._fp32_scores(q, None), kk, dim=1), b))
-                        times.setdefault(f"bf16@{b}", []).append(timed(lambda q: sub._shortlisted(q, kk, None), b))
+                        for name, fn in shortlists.items():
+                            times.setdefault(f"{name}@{b}", []).append(timed(fn, b))
                 best = {k: min(v) for k, v in times.items()}
+            if "bf16" in shortlists:
                 for b in CALIBRATE_BATCHES:  # the shortlist up to the last size at which it keeps winning
                     if best[f"bf16@{b}"] >= best[f"fp32@{b}"]:
                         break
@@ -486,7 +562,7 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                 else:
                     limit = None
             small_kernel: SmallKernel = "faiss"
-            alone: Literal["faiss", "bf16"] = "faiss"
+            alone: Literal["faiss", "bf16", "int8"] = "faiss"
             if isinstance(search._owner, faiss.Index) and len(search) <= 4 * CALIBRATE_ROWS:
                 omp = faiss.omp_get_max_threads()
                 faiss.omp_set_num_threads(1)  # as served (SMALL_BATCH)
@@ -504,28 +580,63 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                                     timed(lambda q: search._scan_shortlisted(q, kk, None, 0, spare), 1))
                                 times.setdefault("bf16_alone@1", []).append(
                                     timed(lambda q: search._scan_shortlisted(q, kk, None, 0, None), 1))
+                            if with_int8:
+                                times.setdefault("int8@1", []).append(
+                                    timed(lambda q: search._int8_shortlisted(q, kk, None), 1))
                 finally:
                     faiss.omp_set_num_threads(omp)
-                    search.scan_shortlisted = search.fp32_researches = 0  # the calibration's own are not counted
+                    # the calibration's own are not counted
+                    search.scan_shortlisted = search.int8_shortlisted = search.fp32_researches = 0
                 best = {k: min(v) for k, v in times.items()}
                 spare_kernels: dict[SmallKernel, str] = {"faiss": "faiss@1", "halves": "halves@1"}
+                alone_kernels: dict[Literal["faiss", "bf16", "int8"], str] = {"faiss": "faiss@1"}
                 if with_scan:
                     spare_kernels.update({"bf16_halves": "bf16_halves@1", "bf16": "bf16_alone@1"})
-                    alone = "bf16" if best["bf16_alone@1"] < best["faiss@1"] else "faiss"
+                    alone_kernels["bf16"] = "bf16_alone@1"
+                if with_int8:
+                    spare_kernels["int8"] = alone_kernels["int8"] = "int8@1"
                 small_kernel = min(spare_kernels, key=lambda kern: best[spare_kernels[kern]])
+                alone = min(alone_kernels, key=lambda kern: best[alone_kernels[kern]])
                 if not small_kernel.startswith("bf16") and alone != "bf16":
                     search._scan = None  # not served: its memory back
             best = {k: min(v) for k, v in times.items()}
+            int8_batches = _int8_batches(best, limit) if with_int8 else (0, -1)
+            if int8_batches[0] > int8_batches[1] and "int8" not in (small_kernel, alone) and _int8_mode != "on":
+                search._int8 = None  # not served: its memory back
     finally:
         torch.set_num_threads(threads)
-    plan = SearchPlan(small, large, limit, small_kernel, alone, {k: round(v, 2) for k, v in best.items()})
+    plan = SearchPlan(small, large, limit, small_kernel, alone, int8_batches,
+                      {k: round(v, 2) for k, v in best.items()})
     logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s, one query with a spare "
                 "core: %s, alone: %s (ms per batch: %s)", len(search), search.vectors.shape[1], plan.layout,
                 plan.large_layout,
                 "off" if limit is not None and limit < COARSE_MIN_BATCH else
                 f"for {COARSE_MIN_BATCH}-{limit} queries" if limit else f"from {COARSE_MIN_BATCH} queries",
                 plan.small, plan.small_alone, plan.measured)
+    if int8_batches[0] <= int8_batches[1]:
+        logger.info("exact search plan for %d x %d: the int8 shortlist first for %d-%d queries", len(search),
+                    search.vectors.shape[1], *int8_batches)
     return plan
+
+
+def _int8_batches(best: dict[str, float], bf16_limit: int | None) -> tuple[int, int]:
+    """The batch sizes lo..hi (more than SMALL_BATCH queries) at which the int8 shortlist measured fastest: from the
+    first of CALIBRATE_BATCHES up to the last size at which it keeps winning against the fp32 search or the bf16
+    shortlist, whichever that size would take. (0, -1) for none."""
+    def wins(b: int) -> bool:
+        if f"int8@{b}" not in best:
+            return False
+        others = [v for k, v in best.items() if k.endswith(f"@{b}") and not k.startswith("int8")
+                  and not (k.startswith("bf16@") and bf16_limit is not None and b > bf16_limit)
+                  and k not in (f"queries@{b}", f"vectors@{b}")]
+        return bool(others) and best[f"int8@{b}"] < min(others)
+
+    lo, hi = 0, -1
+    for b in CALIBRATE_BATCHES:
+        if not wins(b):
+            break
+        lo, hi = SMALL_BATCH + 1, b
+    return lo, hi
 
 
 def _faiss_order(top: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,14 @@ class IndexSettings(BaseModel):
                             "sizes at which it measured faster than the fp32 GEMM when the index loaded (about a "
                             "second, once per process; kg_index/exact.py SearchPlan); 'on' anywhere; 'off' never "
                             "(saves the copy: half the vectors' memory).")
+    int8_shortlist: Literal["auto", "on", "off"] = Field(
+        "auto", description="Exact search of Flat indexes: score every entity with an int8 copy of the vectors "
+                            "(FBGEMM, a quarter of the fp32 bytes), rescore the best in fp32 (still exact: a bound "
+                            "on the int8 rounding sends any doubtful query back to fp32). 'auto': for the batch sizes "
+                            "at which it measured fastest when the index loaded (with the bf16 shortlist's "
+                            "measurement; small batches, one query alone), where FBGEMM's int8 products do not "
+                            "saturate on the CPU (VNNI); 'on' for every batch; 'off' never (saves the copy: a "
+                            "quarter of the vectors' memory).")
     allow_source_mismatch: bool = Field(
         False, description="Serve an index built from another KG than the configured one (EL_INDEX__KG, "
                            "EL_DATA_DIR, EL_INDEX__LIMIT), with a warning in the log and in /readyz's detail, "

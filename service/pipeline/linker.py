@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kg_index.exact import configure_coarse, spare_core
+from kg_index.exact import configure_coarse, configure_int8, spare_core
 from kg_index.live import Change, EntityRow, rows_from_features
 from kg_index.live_store import LiveStore
 from kg_index.load import EntityMeta, KGIndex, load_index
@@ -218,6 +218,7 @@ class Linker:
 
             torch.set_num_threads(settings.rerank.torch_threads)
         configure_coarse(settings.index.bf16_shortlist)
+        configure_int8(settings.index.int8_shortlist)
         index, warning = load_checked_index(settings, runtime, settings.index.dir)
         return cls(settings, runtime, index, warning, live=live)
 

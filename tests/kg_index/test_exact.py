@@ -275,17 +275,23 @@ def test_calibration_measures_each_kernel_once_per_size_class(monkeypatch: pytes
     assert {f"{layout}@{b}" for layout in ("queries", "vectors") for b in (8, 64)} <= plan.measured.keys()
     assert {f"{kind}@{b}" for kind in ("fp32", "bf16") for b in exact.CALIBRATE_BATCHES} <= plan.measured.keys()
     spare = {"faiss": "faiss@1", "halves": "halves@1", "bf16_halves": "bf16_halves@1", "bf16": "bf16_alone@1"}
+    alone = {"faiss": "faiss@1", "bf16": "bf16_alone@1"}
+    if exact.int8_enabled():  # the int8 shortlist competes too, where FBGEMM's int8 products are exact
+        spare["int8"] = alone["int8"] = "int8@1"
+        assert {f"int8@{b}" for b in exact.CALIBRATE_BATCHES} <= plan.measured.keys()
+        lo, hi = plan.int8_batches
+        assert (lo, hi) == (0, -1) or (lo == SMALL_BATCH + 1 and hi in exact.CALIBRATE_BATCHES)
     assert set(spare.values()) <= plan.measured.keys()
     # the fastest kernel for one query with a spare core, and without one (the report rounds to 0.01 ms; the choice
     # used the unrounded times)
     assert plan.measured[spare[plan.small]] <= min(plan.measured[v] for v in spare.values()) + 0.01
-    alone = {"faiss": "faiss@1", "bf16": "bf16_alone@1"}
     assert plan.measured[alone[plan.small_alone]] <= min(plan.measured[v] for v in alone.values()) + 0.01
     assert (ex._scan is not None) == (plan.small.startswith("bf16") or plan.small_alone == "bf16")
     assert plan.coarse_max_batch in (exact.COARSE_MIN_BATCH - 1, *exact.CALIBRATE_BATCHES[:-1], None)
     assert all(v > 0 for v in plan.measured.values())
     assert ExactSearch.for_index(_flat(x[:-1])).plan is plan  # same size class: measured once
-    assert ex.shortlisted == ex.scan_shortlisted == 0  # the calibration's own searches are not counted
+    # the calibration's own searches are not counted
+    assert ex.shortlisted == ex.scan_shortlisted == ex.int8_shortlisted == 0
     for b in (8, 64):
         _check_like_faiss(ex, x, _unit(rng, b, 32), 32)
 
