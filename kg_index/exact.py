@@ -324,11 +324,8 @@ class ExactSearch:
         kernel = self._int8_kernel()
         q = torch.from_numpy(queries)
         with torch.no_grad():
-            approx = kernel.scores(q)
-            if dead is not None:
-                approx.masked_fill_(dead, float("-inf"))
-            last, idx = torch.topk(approx, kk + INT8_EXTRA, dim=1, sorted=False)
-            lowest = last.min(dim=1).values.double()
+            last, idx = kernel.top(q, kk + INT8_EXTRA, dead)
+            lowest = last.min(dim=1).values.double()  # a row outside the shortlist has an int8 score <= this
         rescoring = q.shape[1] * 2.0**-24 * q.norm(dim=1).double() * self._max_norm
         self.int8_shortlisted += len(queries)
         return self._rescored(queries, idx, kk, dead, lowest, kernel.bound(q) + rescoring, "int8 shortlist")

@@ -38,19 +38,28 @@ _REL = 1e-3  # relative slack on the bound: the scale's own float rounding, the 
 
 
 _CHUNK = 65536  # rows per step of the statistics below: no full-size fp32 temporary for a large index
+# Rows per block of `Int8Scores.top`'s first pass (a block's best score stands for its block). Top 256 of 40,942
+# scores: 1.5-2.7x faster than torch.topk over all of them for 1-16 queries at 32; 16 and 64 gained less.
+BLOCK = 32
 
 
 def _pack(vectors: torch.Tensor) -> tuple[object, float, float]:
-    """FBGEMM's prepacked per-row symmetric int8 copy of vectors [N, D] fp32, the largest L1 norm of a row and the
-    largest L2 norm of a row's rounding error (the copy dequantized minus the row)."""
-    scales = torch.cat([vectors[i : i + _CHUNK].abs().amax(dim=1) for i in range(0, len(vectors), _CHUNK)])
+    """FBGEMM's prepacked per-row symmetric int8 copy of vectors [N, D] fp32, padded with zero rows to a multiple of
+    BLOCK rows, the largest L1 norm of a row and the largest L2 norm of a row's rounding error (the copy dequantized
+    minus the row)."""
+    n = len(vectors)
+    scales = torch.cat([vectors[i : i + _CHUNK].abs().amax(dim=1) for i in range(0, n, _CHUNK)])
     scales = (scales / 127.0).clamp_min(1e-12).double()
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch, still the way into FBGEMM here
         warnings.simplefilter("ignore")
-        q = torch.quantize_per_channel(vectors, scales, torch.zeros(len(vectors), dtype=torch.long), 0, torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(q, None)
+        q = torch.quantize_per_channel(vectors, scales, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        ints = q.int_repr()
+        pad = -n % BLOCK
+        padded = torch._make_per_channel_quantized_tensor(
+            torch.cat([ints, ints.new_zeros(pad, ints.shape[1])]), torch.cat([scales, scales.new_ones(pad)]),
+            torch.zeros(n + pad, dtype=torch.long), 0) if pad else q
+        packed = torch.ops.quantized.linear_prepack(padded, None)
     l1 = residual = 0.0
-    ints = q.int_repr()
     for i in range(0, len(vectors), _CHUNK):
         rows = vectors[i : i + _CHUNK]
         approx = ints[i : i + _CHUNK].float() * scales[i : i + _CHUNK, None].float()
@@ -90,12 +99,37 @@ class Int8Scores:
         if vectors.ndim != 2 or not len(vectors):
             raise ValueError(f"vectors must be [N, D] with N > 0, got {tuple(vectors.shape)}")
         self._packed, self._l1, self._residual = _pack(vectors)
-        self.dim = int(vectors.shape[1])
+        self.rows, self.dim = int(vectors.shape[0]), int(vectors.shape[1])
 
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
         """[B, N] fp32 approximate scores (one FBGEMM call, on torch's intra-op threads)."""
+        return self._padded_scores(queries)[:, : self.rows]
+
+    def _padded_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """[B, N rounded up to BLOCK] fp32: the padding rows' scores are 0."""
         with torch.no_grad():
             return torch.ops.quantized.linear_dynamic(queries, self._packed, False)
+
+    def top(self, queries: torch.Tensor, s: int, dead: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(approximate scores [B, s], rows [B, s]) in no order: s rows of each query such that every other row
+        scores at most the smallest of them (the top s, ties aside). `dead` [N] bool: rows scored -inf. Needs
+        s < N. Two passes: the s blocks of BLOCK rows with the best maxima, then the top s of their rows (a row
+        outside those blocks scores at most the s-th best maximum, which is at most the s-th best row's score)."""
+        n = self.rows
+        with torch.no_grad():
+            scores = self._padded_scores(queries)
+            scores[:, n:] = float("-inf")
+            if dead is not None:
+                scores[:, :n].masked_fill_(dead, float("-inf"))
+            b, blocks = len(scores), scores.shape[1] // BLOCK
+            if s * 4 > blocks:  # few blocks to skip: one top-k over every row
+                return torch.topk(scores[:, :n], s, dim=1, sorted=False)
+            by_block = scores.view(b, blocks, BLOCK)
+            _, best = torch.topk(by_block.amax(dim=2), s, dim=1, sorted=False)
+            cand = torch.gather(by_block, 1, best[:, :, None].expand(b, s, BLOCK)).view(b, s * BLOCK)
+            values, at = torch.topk(cand, s, dim=1, sorted=False)
+            return values, torch.gather(best, 1, at // BLOCK) * BLOCK + at % BLOCK
 
     def bound(self, queries: torch.Tensor) -> torch.Tensor:
         """[B] float64: |approximate - exact score| of each query against any row is at most this (module doc)."""

@@ -141,3 +141,35 @@ def test_a_bf16_time_past_its_limit_does_not_count_against_int8() -> None:
     assert exact._int8_batches(times, 8) == (0, -1)  # at 8 the bf16 shortlist is faster
     times["bf16@8"] = 6.0
     assert exact._int8_batches(times, 8) == (SMALL_BATCH + 1, 16)
+
+
+@pytest.mark.parametrize(("n", "with_dead"), [(40_000, False), (40_000, True), (33_000, True), (3_000, True)])
+def test_top_returns_rows_that_no_other_row_outscores(n: int, with_dead: bool) -> None:
+    """`Int8Scores.top` (two passes over blocks of rows from about 4 x s blocks on, one top-k below): s live rows
+    with their own int8 scores, every other live row scoring at most the least of them, padding never returned."""
+    rng = np.random.default_rng(n)
+    x = torch.from_numpy(_unit(rng, n, 32))
+    x[100:140] = x[7]  # duplicates: ties
+    q = torch.from_numpy(_unit(rng, 5, 32))
+    q[1] = x[7]
+    kernel = Int8Scores(x)
+    dead = torch.from_numpy(rng.random(n) < 0.3) if with_dead else None
+    values, rows = kernel.top(q, 256, dead)
+    full = kernel.scores(q)
+    if dead is not None:
+        full.masked_fill_(dead, float("-inf"))
+    assert rows.shape == (5, 256) and int(rows.max()) < n
+    for i in range(5):
+        assert len(set(rows[i].tolist())) == 256
+        assert torch.equal(values[i], full[i, rows[i]]) and torch.isfinite(values[i]).all()
+        others = torch.ones(n, dtype=torch.bool)
+        others[rows[i]] = False
+        assert full[i, others].max() <= values[i].min()
+
+
+def test_a_large_index_answers_through_the_block_pass_as_faiss_does(int8_on) -> None:
+    rng = np.random.default_rng(11)
+    x, q = _unit(rng, 40_000, 16), _unit(rng, 8, 16)
+    ex = ExactSearch.for_index(_flat(x))
+    _check_like_faiss(ex, x, q, 32)
+    assert ex.int8_shortlisted == 8
