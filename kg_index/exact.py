@@ -38,6 +38,12 @@ or one after the other; the best kk + COARSE_EXTRA of each half rescored in fp32
 same fp32 re-search where it does not clear. (FAISS's int8 "direct" scan is faster still, but from 64 dimensions
 on its SIMD path rounds the query to integers too, so its error has no useful bound.) `el bench` records the plan
 and its timings under `index.search_plan`.
+
+Where FBGEMM's int8 products are exact in int32 (VNNI: kg_index/int8_scan.py), the plan also times an int8
+shortlist (an int8 copy of the vectors, a quarter of the fp32 bytes; its best kk + INT8_EXTRA rescored in fp32,
+exact by `Int8Scores.bound`) for one query alone and for batches from 8 on, and serves it for one or two queries
+without a spare core and for the batch sizes up to the last at which it keeps winning (`SearchPlan.int8_batches`):
+the small batches /v1/link forms under load, where streaming the vectors is most of the search.
 """
 
 from __future__ import annotations
