@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
@@ -175,6 +176,37 @@ class SearchPlan:
 
 _plans: dict[tuple[int, int, bool], SearchPlan] = {}
 _spare: ContextVar[Executor | None] = ContextVar("exact_search_spare_core", default=None)
+_calibrating: ContextVar[bool] = ContextVar("exact_search_calibrating", default=False)
+
+Kernel = Literal["fp32", "faiss_scan", "halves", "bf16_scan", "bf16_shortlist", "int8_shortlist"]
+KERNELS: tuple[Kernel, ...] = ("fp32", "faiss_scan", "halves", "bf16_scan", "bf16_shortlist", "int8_shortlist")
+
+
+class SearchCounts:
+    """Process-wide, thread-safe: queries answered per kernel by every ExactSearch of the process, and queries a
+    shortlist's bound sent back to the fp32 search (expected: almost none); the `el_exact_search_*` metrics.
+    The calibration's own searches are not counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queries = dict.fromkeys(KERNELS, 0)
+        self._researched = 0
+
+    def add(self, kernel: Kernel, queries: int) -> None:
+        with self._lock:
+            self._queries[kernel] += queries
+
+    def add_researched(self, queries: int) -> None:
+        if not _calibrating.get():
+            with self._lock:
+                self._researched += queries
+
+    def snapshot(self) -> tuple[dict[str, int], int]:
+        with self._lock:
+            return dict(self._queries), self._researched
+
+
+SEARCH_COUNTS = SearchCounts()
 
 
 @contextmanager
@@ -246,23 +278,28 @@ class ExactSearch:
         n_dead = 0 if dead is None else int(dead.sum())
         small = (self.plan.small if spare is not None else self.plan.small_alone) \
             if len(queries) <= SMALL_BATCH else None
+        kernel: Kernel = "fp32"
         if (small == "int8" or self._int8_for(len(queries))) and kk + INT8_EXTRA + n_dead < n \
                 and self._int8_possible():
+            kernel = "int8_shortlist"
             top, rows = self._int8_shortlisted(queries, kk, dead)
 
             def full_row(i: int) -> np.ndarray:
                 return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
         elif small in ("bf16", "bf16_halves") and self._scan_possible(kk + n_dead):
+            kernel = "bf16_scan"
             top, rows = self._scan_shortlisted(queries, kk, dead, n_dead, spare if small == "bf16_halves" else None)
 
             def full_row(i: int) -> np.ndarray:
                 return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
         elif small == "halves" and spare is not None:
+            kernel = "halves"
             top, rows = self._in_row_halves(queries, kk, dead, spare)
 
             def full_row(i: int) -> np.ndarray:
                 return self._fp32_scores(queries[i : i + 1], dead)[0].numpy()
         elif len(queries) <= SMALL_BATCH and isinstance(self._owner, faiss.Index):
+            kernel = "faiss_scan"
             threads = faiss.omp_get_max_threads()  # OpenMP's setting is per calling thread: restored below
             faiss.omp_set_num_threads(1)
             try:  # with dead rows: as many more hits as there are dead rows, so kk live ones remain
@@ -281,6 +318,7 @@ class ExactSearch:
                     row[dead_np] = -np.inf
                 return row
         elif len(queries) >= COARSE_MIN_BATCH and kk + COARSE_EXTRA < n and self._coarse_for(len(queries)):
+            kernel = "bf16_shortlist"
             top, rows = self._shortlisted(queries, kk, dead)
 
             def full_row(i: int) -> np.ndarray:
@@ -293,6 +331,7 @@ class ExactSearch:
 
             def full_row(i: int) -> np.ndarray:
                 return scores[i].numpy()
+        SEARCH_COUNTS.add(kernel, len(queries))
         # Both paths end in one rule for ties, so a query gets the same rows alone or in a batch.
         top, rows = _faiss_order(top, rows)
         if kk < n:  # rare: a tie group reaching the kk-th score may go on past it; that row's whole group decides
@@ -457,6 +496,7 @@ class ExactSearch:
         if bool(unsafe.any()):
             again = np.flatnonzero(unsafe.numpy())
             self.fp32_researches += len(again)
+            SEARCH_COUNTS.add_researched(len(again))
             logger.debug("%s: %d of %d queries searched again in fp32", what, len(again), len(queries))
             with torch.no_grad():
                 t, r = torch.topk(self._fp32_scores(queries[again], dead), kk, dim=1, largest=True, sorted=True)
@@ -520,6 +560,7 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
     flush = np.ones(8 << 20, np.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    calibrating = _calibrating.set(True)
 
     def timed(fn, batch: int) -> float:
         flush.sum()
@@ -608,6 +649,7 @@ def calibrate(search: ExactSearch, rounds: int = 3) -> SearchPlan:
                 search._int8 = None  # not served: its memory back
     finally:
         torch.set_num_threads(threads)
+        _calibrating.reset(calibrating)
     plan = SearchPlan(small, large, limit, small_kernel, alone, int8_batches,
                       {k: round(v, 2) for k, v in best.items()})
     logger.info("exact search plan for %d x %d: fp32 layouts %s / %s, bf16 shortlist %s, one query with a spare "

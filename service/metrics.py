@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kg_index.exact import SEARCH_COUNTS
 from service.metrics_share import MetricsShare
 from service.pipeline.decode import DECODE_COUNTS
 from service.pipeline.types import STAGES, OTStats
@@ -55,6 +56,7 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.job_items.labels(outcome)
         r.register(_DecodeCollector())
+        r.register(_SearchCollector())
 
     def track_model_invocations(self, read: Callable[[], int]) -> None:
         """Expose `el_model_invocations_total`: real encoder calls, read from the runtime at scrape time."""
@@ -117,3 +119,19 @@ class _DecodeCollector(Collector):
                                   value=counts.image_decodes)
         yield CounterMetricFamily("el_image_pixels_decoded", "Pixels produced by finished image decodes",
                                   value=counts.pixels)
+
+
+class _SearchCollector(Collector):
+    """`el_exact_search_*`: which kernel answered this process's exact (Flat) searches, and how many queries a
+    shortlist's rounding bound sent back to fp32 (kg_index/exact.py SEARCH_COUNTS), read at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        queries, researched = SEARCH_COUNTS.snapshot()
+        family = CounterMetricFamily("el_exact_search_queries", "Queries answered by exact search of a Flat index, "
+                                     "by kernel (kg_index/exact.py SearchPlan)", labels=["kernel"])
+        for kernel, n in queries.items():
+            family.add_metric([kernel], n)
+        yield family
+        yield CounterMetricFamily("el_exact_search_fp32_researches", "Queries a shortlist's rounding bound sent "
+                                  "back to the fp32 search (the answer stays exact; expected: almost none)",
+                                  value=researched)

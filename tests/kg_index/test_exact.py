@@ -269,7 +269,9 @@ def test_calibration_measures_each_kernel_once_per_size_class(monkeypatch: pytes
     monkeypatch.setattr(exact, "_plans", {})
     rng = np.random.default_rng(21)
     x = _unit(rng, exact.CALIBRATE_MIN_ROWS + 100, 32)
+    counts = exact.SEARCH_COUNTS.snapshot()
     ex = ExactSearch.for_index(_flat(x))
+    assert exact.SEARCH_COUNTS.snapshot() == counts  # the calibration's searches are not the service's
     plan = ex.plan
     assert plan.measured is not None
     assert {f"{layout}@{b}" for layout in ("queries", "vectors") for b in (8, 64)} <= plan.measured.keys()
@@ -438,3 +440,35 @@ def test_bf16_scan_leaves_a_small_index_to_faiss() -> None:
     ex.plan = exact.SearchPlan(small_alone="bf16")
     _check_like_faiss(ex, x, q, 10)
     assert ex.scan_shortlisted == 0
+
+
+def test_search_counts_tell_which_kernel_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process-wide counts behind `el_exact_search_queries_total{kernel}`: one query through FAISS's scan, a
+    batch through the fp32 GEMM or the bf16 shortlist, and a bound's fp32 re-search counted apart."""
+    from kg_index import exact
+    from service.metrics import Metrics
+
+    rng = np.random.default_rng(3)
+    x = _unit(rng, 2000, 64)
+    ex = ExactSearch.for_index(_flat(x))
+
+    def delta(before: tuple[dict[str, int], int]) -> tuple[dict[str, int], int]:
+        now = exact.SEARCH_COUNTS.snapshot()
+        return {k: v - before[0][k] for k, v in now[0].items() if v != before[0][k]}, now[1] - before[1]
+
+    monkeypatch.setattr(exact, "_coarse_mode", "off")
+    before = exact.SEARCH_COUNTS.snapshot()
+    ex.search(_unit(rng, 1, 64), 10)
+    ex.search(_unit(rng, 8, 64), 10)
+    assert delta(before) == ({"faiss_scan": 1, "fp32": 8}, 0)
+    monkeypatch.setattr(exact, "_coarse_mode", "on")
+    monkeypatch.setattr(exact, "COARSE_EXTRA", 1)  # too short for its bound on near-tied vectors: re-searched
+    base = _unit(rng, 1, 64)
+    tied = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)
+    tied /= np.linalg.norm(tied, axis=1, keepdims=True)
+    before = exact.SEARCH_COUNTS.snapshot()
+    ExactSearch.for_index(_flat(tied)).search(np.repeat(base, 16, axis=0), 20)
+    assert delta(before) == ({"bf16_shortlist": 16}, 16)
+    text = Metrics().render().decode()
+    assert 'el_exact_search_queries_total{kernel="bf16_shortlist"}' in text
+    assert "el_exact_search_fp32_researches_total" in text
