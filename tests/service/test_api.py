@@ -395,6 +395,8 @@ def test_metrics_move(client: httpx.Client, q42_jpeg: bytes) -> None:
     for part in ("rerank_gather", "rerank_sinkhorn", "rerank_pool", "rerank_strings", "rerank_kg"):
         assert delta("el_stage_latency_seconds_count", stage=part) == 2  # where the rerank time goes
     assert delta("el_sinkhorn_problems_total") >= 4  # at least one OT problem per mention
+    assert delta("el_exact_search_queries_total") == 4  # one search per mention, whichever kernel answered it
+    assert delta("el_exact_search_fp32_researches_total") == 0
     assert delta("el_sinkhorn_iterations_count") >= 2
     assert delta("el_mentions_linked_total", source="link") == 1
     assert delta("el_mentions_linked_total", source="batch") == 3
