@@ -173,3 +173,21 @@ def test_a_large_index_answers_through_the_block_pass_as_faiss_does(int8_on) -> 
     ex = ExactSearch.for_index(_flat(x))
     _check_like_faiss(ex, x, q, 32)
     assert ex.int8_shortlisted == 8
+
+
+def test_concurrent_searches_share_one_int8_copy(int8_on) -> None:
+    """Batches run in two threads at once in the server: searches from several threads through one prepacked int8
+    copy each get their own exact answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(17)
+    x = _unit(rng, 3000, 64)
+    ex = ExactSearch.for_index(_flat(x))
+    batches = [_unit(rng, 1 + i % 12, 64) for i in range(48)]
+    want = [_flat(x).search(q, 16) for q in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: ex.search(q, 16), batches))
+    for (ws, wr), (gs, gr) in zip(want, got):
+        np.testing.assert_allclose(gs, ws, atol=1e-5, rtol=0)
+        assert np.array_equal(np.sort(gr, 1), np.sort(wr, 1))
+    assert ex.int8_shortlisted > 0  # (a plain counter: concurrent += may drop a count, never add one)
