@@ -279,8 +279,7 @@ class ExactSearch:
         small = (self.plan.small if spare is not None else self.plan.small_alone) \
             if len(queries) <= SMALL_BATCH else None
         kernel: Kernel = "fp32"
-        if (small == "int8" or self._int8_for(len(queries))) and kk + INT8_EXTRA + n_dead < n \
-                and self._int8_possible():
+        if self._int8_for(len(queries), small) and kk + INT8_EXTRA + n_dead < n:
             kernel = "int8_shortlist"
             top, rows = self._int8_shortlisted(queries, kk, dead)
 
@@ -349,12 +348,13 @@ class ExactSearch:
     def _int8_possible(self) -> bool:
         return int8_enabled() and len(self) > INT8_EXTRA + TIE_MARGIN
 
-    def _int8_for(self, batch: int) -> bool:
-        """Whether a batch of this size takes the int8 shortlist (1-2 queries: also where their kernel is int8)."""
+    def _int8_for(self, batch: int, small: SmallKernel | None) -> bool:
+        """Whether a batch of this size takes the int8 shortlist: in the plan's int8_batches, or one or two queries
+        whose kernel (`small`, with or without a spare core) is int8; every batch in mode 'on'."""
         if not self._int8_possible():
             return False
         lo, hi = self.plan.int8_batches
-        return _int8_mode == "on" or lo <= batch <= hi
+        return _int8_mode == "on" or small == "int8" or lo <= batch <= hi
 
     def _int8_kernel(self) -> Int8Scores:
         if self._int8 is None:

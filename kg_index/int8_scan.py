@@ -38,8 +38,9 @@ _REL = 1e-3  # relative slack on the bound: the scale's own float rounding, the 
 
 
 _CHUNK = 65536  # rows per step of the statistics below: no full-size fp32 temporary for a large index
-# Rows per block of `Int8Scores.top`'s first pass (a block's best score stands for its block). Top 256 of 40,942
-# scores: 1.5-2.7x faster than torch.topk over all of them for 1-16 queries at 32; 16 and 64 gained less.
+# Rows per block of `Int8Scores.top`'s first pass (a block's best score stands for its block). The top 256 of 40,942
+# scores in blocks of 32 rows: 1.5-2.7x faster than one torch.topk over all of them for 1 to 16 queries; blocks of
+# 16 and of 64 rows gained less (*exploratory*).
 BLOCK = 32
 
 
@@ -86,7 +87,7 @@ def int8_usable() -> bool:
         if not ok:
             logger.info("int8 shortlist off: FBGEMM's int8 products saturate on this CPU (error %.3g)", float(err))
         return ok
-    except (RuntimeError, AttributeError) as exc:  # a torch build without the quantized ops
+    except (RuntimeError, AttributeError, TypeError) as exc:  # a torch build without (these) quantized ops
         logger.info("int8 shortlist off: %s", exc)
         return False
 
@@ -141,7 +142,7 @@ class Int8Scores:
 
 
 def int8_scores_error(vectors: np.ndarray, queries: np.ndarray) -> tuple[float, float]:
-    """(largest |approximate - exact| score, smallest bound) over queries x vectors: for tests and the bench."""
+    """(largest |approximate - exact| score, smallest bound) over queries x vectors (scripts/bench_retrieval_int8.py)."""
     v, q = torch.from_numpy(vectors), torch.from_numpy(queries)
     s = Int8Scores(v)
     err = (s.scores(q) - q @ v.T).abs().max()
