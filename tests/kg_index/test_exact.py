@@ -21,6 +21,24 @@ def _flat(x: np.ndarray) -> faiss.Index:
     return index
 
 
+def _with_duplicates(copies: int, others: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, queries): `copies` duplicates of one row among others, and `batch` queries equal to that row."""
+    rng = np.random.default_rng(copies)
+    base = _unit(rng, 5, 16)
+    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, others, 16)])
+    return x, np.repeat(base[[2]], batch, axis=0)
+
+
+def _near_tied(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, queries): 600 rows whose scores all lie within ~1e-3 of each other for `batch` queries, too close
+    for a short shortlist's rounding bound."""
+    rng = np.random.default_rng(5)
+    base = _unit(rng, 1, 64)
+    x = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, np.repeat(base, batch, axis=0) + 0.01 * rng.standard_normal((batch, 64)).astype(np.float32)
+
+
 @pytest.mark.parametrize(("n", "d", "b", "k"), [(2000, 384, 64, 32), (500, 96, 1, 10), (500, 96, 2, 10), (300, 40, 19, 300),
                                                     (7, 8, 3, 1)])
 def test_same_rows_and_scores_as_faiss_flat(n: int, d: int, b: int, k: int) -> None:
@@ -166,11 +184,7 @@ def test_bf16_shortlist_searches_again_in_fp32_where_its_bound_does_not_clear(co
     from kg_index import exact
 
     monkeypatch.setattr(exact, "COARSE_EXTRA", 1)
-    rng = np.random.default_rng(5)
-    base = _unit(rng, 1, 64)
-    x = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)  # every score within ~1e-3 of the others
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    q = np.repeat(base, 16, axis=0) + 0.01 * rng.standard_normal((16, 64)).astype(np.float32)
+    x, q = _near_tied(16)
     ex = ExactSearch.for_index(_flat(x))
     scores, rows = ex.search(q, 20)
     assert ex.fp32_researches > 0
@@ -181,10 +195,7 @@ def test_bf16_shortlist_searches_again_in_fp32_where_its_bound_does_not_clear(co
 
 @pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
 def test_bf16_shortlist_keeps_faiss_order_for_duplicates(coarse_on, copies: int, k: int) -> None:
-    rng = np.random.default_rng(copies)
-    base = _unit(rng, 5, 16)
-    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 300, 16)])
-    q = np.repeat(base[[2]], 16, axis=0)
+    x, q = _with_duplicates(copies, 300, 16)
     want_scores, want_rows = _flat(x).search(q, k)
     ex = ExactSearch.for_index(_flat(x))
     scores, rows = ex.search(q, k)
@@ -463,11 +474,9 @@ def test_search_counts_tell_which_kernel_answered(monkeypatch: pytest.MonkeyPatc
     assert delta(before) == ({"faiss_scan": 1, "fp32": 8}, 0)
     monkeypatch.setattr(exact, "_coarse_mode", "on")
     monkeypatch.setattr(exact, "COARSE_EXTRA", 1)  # too short for its bound on near-tied vectors: re-searched
-    base = _unit(rng, 1, 64)
-    tied = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)
-    tied /= np.linalg.norm(tied, axis=1, keepdims=True)
+    tied, q = _near_tied(16)
     before = exact.SEARCH_COUNTS.snapshot()
-    ExactSearch.for_index(_flat(tied)).search(np.repeat(base, 16, axis=0), 20)
+    ExactSearch.for_index(_flat(tied)).search(q, 20)
     assert delta(before) == ({"bf16_shortlist": 16}, 16)
     text = Metrics().render().decode()
     assert 'el_exact_search_queries_total{kernel="bf16_shortlist"}' in text

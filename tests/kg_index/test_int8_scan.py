@@ -10,7 +10,7 @@ import torch
 from kg_index import exact
 from kg_index.exact import SMALL_BATCH, ExactSearch
 from kg_index.int8_scan import Int8Scores, int8_usable
-from tests.kg_index.test_exact import _check_like_faiss, _flat, _unit
+from tests.kg_index.test_exact import _check_like_faiss, _flat, _near_tied, _unit, _with_duplicates
 
 pytestmark = pytest.mark.skipif(not int8_usable(), reason="FBGEMM's int8 products are not exact on this CPU")
 
@@ -62,11 +62,7 @@ def test_int8_shortlist_searches_again_in_fp32_where_its_bound_does_not_clear(in
     """A shortlist too short for its bound (near-tied vectors, INT8_EXTRA 1): the queries are searched again in
     fp32 and the answer stays exact."""
     monkeypatch.setattr(exact, "INT8_EXTRA", 1)
-    rng = np.random.default_rng(5)
-    base = _unit(rng, 1, 64)
-    x = base + 1e-3 * rng.standard_normal((600, 64)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    q = np.repeat(base, 16, axis=0) + 0.01 * rng.standard_normal((16, 64)).astype(np.float32)
+    x, q = _near_tied(16)
     ex = ExactSearch.for_index(_flat(x))
     scores, rows = ex.search(q, 20)
     assert ex.int8_shortlisted == 16 and ex.fp32_researches == 16
@@ -95,10 +91,7 @@ def test_int8_shortlist_never_returns_dead_rows(int8_on, batch: int) -> None:
 
 @pytest.mark.parametrize(("copies", "k"), [(4, 8), (4, 40), (40, 50)])
 def test_int8_shortlist_keeps_faiss_order_for_duplicates(int8_on, copies: int, k: int) -> None:
-    rng = np.random.default_rng(copies)
-    base = _unit(rng, 5, 16)
-    x = np.concatenate([base, np.repeat(base[[2]], copies, axis=0), base, _unit(rng, 600, 16)])
-    q = np.repeat(base[[2]], 8, axis=0)
+    x, q = _with_duplicates(copies, 600, 8)
     want_scores, want_rows = _flat(x).search(q, k)
     ex = ExactSearch.for_index(_flat(x))
     scores, rows = ex.search(q, k)
