@@ -80,10 +80,11 @@ LABEL org.opencontainers.image.title="otmel-service" \
       el.variant="${VARIANT}"
 # /var/lib/el holds the ONNX exports and the index (a volume in compose; created here so that a fresh
 # named volume starts out owned by the service user). /app/artifacts points there too, so any setting
-# that defaults to a path under artifacts/ lands on that writable, persistent volume.
+# that defaults to a path under artifacts/ lands on that writable, persistent volume (numba caches the compiled
+# Sinkhorn there too: /app is not writable by the service user).
 RUN groupadd --system --gid 10001 el \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/el --shell /usr/sbin/nologin el \
- && mkdir -p /var/lib/el/index /var/lib/el/onnx /data/mel \
+ && mkdir -p /var/lib/el/index /var/lib/el/onnx /var/lib/el/numba /data/mel \
  && chown -R el:el /var/lib/el
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
@@ -96,7 +97,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     EL_PORT=8000 \
     EL_DATA_DIR=/data/mel \
     EL_INDEX__DIR=/var/lib/el/index \
-    EL_ENCODER__ONNX_DIR=/var/lib/el/onnx
+    EL_ENCODER__ONNX_DIR=/var/lib/el/onnx \
+    NUMBA_CACHE_DIR=/var/lib/el/numba
 USER 10001:10001
 EXPOSE 8000
 # Readiness, not liveness: /readyz answers 503 until the model and index are loaded and warmed. The

@@ -1,7 +1,8 @@
-"""Batched entropic optimal transport (Sinkhorn-Knopp) in pure torch, in the log or the kernel (standard) domain:
-the one solver of the project, used by the served reranker (service/pipeline/rerank.py, early stopping) and by the
-OT-MEL teacher (models/otmel.py, a fixed number of iterations). It lives in models/ because models/ may not import
-service/.
+"""Batched entropic optimal transport (Sinkhorn-Knopp) in torch, in the log or the kernel (standard) domain, with
+the kernel domain of "auto" on the CPU compiled by numba where it is installed (models/sinkhorn_numba.py, same
+iteration and results, several times faster on small problems; ``backend``): the one solver of the project, used by
+the served reranker (service/pipeline/rerank.py, early stopping) and by the OT-MEL teacher (models/otmel.py, a fixed
+number of iterations). It lives in models/ because models/ may not import service/.
 
 Problem, solver and result are separate (ott-jax style): build an :class:`OTProblem`, call
 :func:`solve`, read the :class:`OTResult`. The result always carries ``converged``, the iteration
@@ -52,6 +53,10 @@ logger = logging.getLogger(__name__)
 _NEG = -1e30
 
 Domain = Literal["auto", "log", "kernel"]
+# Who runs the kernel domain of "auto" on the CPU: "numba" (models/sinkhorn_numba.py: compiled, problem by problem,
+# several times faster on the reranker's small problems), "torch" (batched tensor operations; also every GPU
+# solve and the forced "kernel" and "log" domains), or "auto": numba where it is installed.
+Backend = Literal["auto", "torch", "numba"]
 
 # Largest span / eps (span = max - min of a problem's real costs) that "auto" solves in the kernel domain, per
 # dtype (see kernel_safe): exp(-50) ~ 2e-22 and exp(-300) ~ 5e-131 stay far above the smallest normal numbers of
@@ -116,7 +121,7 @@ def uniform_marginals(mask: torch.Tensor, *, dtype: torch.dtype | None = None) -
 
 
 def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_size: int | None = 256,
-          early_stop: bool = True, domain: Domain = "auto", check_every: int = 1) -> OTResult:
+          early_stop: bool = True, domain: Domain = "auto", check_every: int = 1, backend: Backend = "auto") -> OTResult:
     """Solve each problem of the batch with Sinkhorn.
 
     ``chunk_size`` problems are processed at a time (None: the whole batch at once). Results do not depend on
@@ -125,6 +130,7 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
     ``domain``: "log", "kernel", or "auto" (per problem: the kernel domain where fp32/fp64 is safe, see
     :func:`kernel_safe`). ``check_every``: test convergence (and freeze) every this many iterations; an item then
     stops at the first multiple of it where its marginal error is within ``tol``, whatever its neighbours.
+    ``backend``: see :data:`Backend` (numba ignores ``chunk_size``: it holds one problem at a time anyway).
     """
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
@@ -136,6 +142,8 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
         raise ValueError(f"domain must be 'auto', 'log' or 'kernel', got {domain!r}")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
 
     cost = problem.cost
     out_dtype = cost.dtype
@@ -157,6 +165,8 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
         domain = "log"  # the plain kernel exp(-cost / eps) itself: the log domain keeps it without underflow
     if domain == "log":
         plan, marginal_error, iterations = _solve_chunks(_solve_chunk, (cost, a, b), eps, *loop)
+    elif domain == "auto" and _use_numba(backend, cost, a, b):
+        plan, marginal_error, iterations = _solve_numba(cost, a, b, eps, loop)
     else:
         pair = (a > 0)[:, :, None] & (b > 0)[:, None, :]
         kernel, lo = _kernel(cost, pair, eps)
@@ -191,6 +201,37 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
             marginal_error.max().item(),
         )
     return OTResult(plan=plan.to(out_dtype), converged=converged, iterations=iterations, marginal_error=marginal_error)
+
+
+def _use_numba(backend: Backend, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    if backend == "torch" or cost.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (cost.requires_grad or a.requires_grad or b.requires_grad):
+        return False  # numba's plan carries no gradient: training differentiates through the torch solver
+    from models import sinkhorn_numba
+
+    if backend == "numba" and not sinkhorn_numba.AVAILABLE:
+        raise RuntimeError("backend='numba' needs numba (pip install numba)")
+    return sinkhorn_numba.AVAILABLE
+
+
+def _solve_numba(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float,
+                 loop: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Domain "auto" on the CPU through numba: the kernel domain where the problem's dtype holds it, the problems it
+    cannot hold (kernel_safe's rule) in the torch log domain."""
+    from models import sinkhorn_numba
+
+    max_iter, tol, early_stop, check_every, _ = loop
+    plan, marginal_error, its, safe = sinkhorn_numba.solve_kernel(
+        cost, a, b, eps, max_iter=max_iter, tol=tol, early_stop=early_stop, check_every=check_every,
+        span=KERNEL_SPAN.get(cost.dtype, KERNEL_SPAN[torch.float32]))
+    iterations = int(its.max()) if its.numel() else 0
+    if not bool(safe.all()):
+        rows = torch.nonzero(~safe).flatten()
+        log_plan, log_err, log_its = _solve_chunks(_solve_chunk, (cost[rows], a[rows], b[rows]), eps, *loop)
+        plan[rows], marginal_error[rows] = log_plan, log_err
+        iterations = max(iterations, log_its)
+    return plan, marginal_error, iterations
 
 
 def kernel_safe(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:

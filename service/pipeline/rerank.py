@@ -66,7 +66,8 @@ def _from_settings(cls: type, rerank: RerankSettings) -> RerankConfig:
 # copied from RerankSettings by name (`RerankConfig.from_settings(settings.rerank)`), no defaults.
 RerankConfig = make_dataclass(
     "RerankConfig",
-    [("eps", float), ("max_iter", int), ("tol", float), ("sinkhorn_domain", str), ("retrieval_weight", float),
+    [("eps", float), ("max_iter", int), ("tol", float), ("sinkhorn_domain", str), ("sinkhorn_backend", str),
+     ("retrieval_weight", float),
      *((t.weight, float) for t in TERMS), ("device", str)],
     frozen=True,
     namespace={"from_settings": classmethod(_from_settings), "__module__": __name__},
@@ -84,7 +85,7 @@ def pick_device(setting: str) -> torch.device:
 def _solve(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: RerankConfig) -> tuple[torch.Tensor, OTStats]:
     """The serving solve: early stopping at cfg.tol, in cfg.sinkhorn_domain -> (plan, stats)."""
     res = solve(OTProblem(cost=cost, a=a, b=b, eps=cfg.eps), max_iter=cfg.max_iter, tol=cfg.tol, chunk_size=CHUNK,
-                domain=cfg.sinkhorn_domain, check_every=CHECK_EVERY)
+                domain=cfg.sinkhorn_domain, check_every=CHECK_EVERY, backend=cfg.sinkhorn_backend)
     err = float(res.marginal_error.max()) if res.marginal_error.numel() else 0.0
     return res.plan, OTStats(cost.shape[0], res.iterations, int(res.converged.sum()), err)
 
@@ -230,7 +231,8 @@ def _last_content(seg: np.ndarray) -> np.ndarray:
 def blank_visual_memo(index: KGIndex, cfg: RerankConfig, device: torch.device) -> BlankVisualMemo:
     """The remembered visual terms of mentions without an image against this index's image rows, under the solver
     setting the values depend on."""
-    return memo_for(index.image_local, (cfg.eps, cfg.max_iter, cfg.tol, cfg.sinkhorn_domain, str(device)))
+    return memo_for(index.image_local, (cfg.eps, cfg.max_iter, cfg.tol, cfg.sinkhorn_domain, cfg.sinkhorn_backend,
+                                        str(device)))
 
 
 def student_rerank(index: KGIndex, feats: Features, rows: np.ndarray, cfg: RerankConfig,

@@ -602,7 +602,8 @@ def test_kernel_safe_and_auto_choice() -> None:
         auto, log = solve(q, max_iter=500), solve(q, max_iter=500, domain="log")
         torch.testing.assert_close(auto.plan, log.plan, atol=1e-5, rtol=0)
     q = OTProblem(p.cost, p.a, p.b, 0.05)
-    torch.testing.assert_close(solve(q).plan, solve(q, domain="kernel").plan, atol=0, rtol=0)
+    torch.testing.assert_close(solve(q, backend="torch").plan, solve(q, domain="kernel").plan, atol=0, rtol=0)
+    torch.testing.assert_close(solve(q).plan, solve(q, domain="kernel").plan, atol=1e-7, rtol=0)  # numba: rounding
 
 
 def test_kernel_domain_gradients() -> None:
@@ -621,3 +622,79 @@ def test_domain_and_check_every_validation() -> None:
         solve(problem, domain="exp")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         solve(problem, check_every=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: the compiled kernel domain (numba) gives the torch solver's results, problem by problem
+# --------------------------------------------------------------------------------------------------
+
+needs_numba = pytest.mark.skipif(not __import__("models.sinkhorn_numba").sinkhorn_numba.AVAILABLE,
+                                 reason="numba is not installed")
+
+
+def _mixed_batch(eps: float) -> OTProblem:
+    """Reranker-like problems with scattered padding holding junk, one without mass, one without columns, one with
+    an infinite real cost and one too wide for the kernel (both: log domain under auto), in one batch."""
+    p = _cosine_problem(12, 15, 39, eps, seed=91)
+    cost, a, b = p.cost.clone(), p.a.clone(), p.b.clone()
+    cost[0][a[0] == 0] = float("nan")  # junk on padding rows: ignored
+    a[3] = 0.0  # no mass at all: zero plan
+    b[4] = 0.0  # rows without columns
+    cost[5, 0, 0] = float("inf")  # an infinite real cost: log domain
+    cost[6] = 30.0 * cost[6]  # span / eps far beyond 50: log domain
+    return OTProblem(cost, a, b, eps)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("max_iter", "tol", "check_every"), [(50, 1e-4, 3), (300, 1e-6, 1), (7, 1e-6, 2)])
+def test_numba_backend_gives_the_torch_backends_results(dtype: torch.dtype, max_iter: int, tol: float,
+                                                        check_every: int) -> None:
+    p = _mixed_batch(0.05)
+    p = OTProblem(p.cost.to(dtype), p.a.to(dtype), p.b.to(dtype), p.eps)
+    kw = {"max_iter": max_iter, "tol": tol, "check_every": check_every}
+    ref, out = solve(p, backend="torch", **kw), solve(p, backend="numba", **kw)
+    assert out.plan.dtype == dtype and out.marginal_error.dtype == dtype
+    torch.testing.assert_close(out.plan, ref.plan, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+    torch.testing.assert_close(out.marginal_error, ref.marginal_error, atol=1e-6, rtol=0)
+    assert torch.equal(out.converged, ref.converged) and out.iterations == ref.iterations
+    assert torch.isfinite(out.plan).all() and torch.all(out.plan[3] == 0) and torch.all(out.plan[4] == 0)
+
+
+@needs_numba
+@pytest.mark.parametrize("iters", [1, 3, 10])
+def test_numba_backend_fixed_iterations_give_the_plain_iterations_plan(iters: int) -> None:
+    """OT-MEL's fixed count (the teacher's assignment) through the compiled solver."""
+    problem = _random_problem(4, 9, 6, eps=0.05, seed=41, dtype=torch.float64)
+    out = solve(problem, max_iter=iters, early_stop=False, backend="numba")
+    torch.testing.assert_close(out.plan, _plain_log_sinkhorn(problem, iters), atol=1e-10, rtol=1e-8)
+    assert out.iterations == iters
+
+
+@needs_numba
+def test_numba_backend_result_is_the_problems_alone() -> None:
+    """Each problem runs alone in the compiled loop: bitwise the same in any batch, at any position."""
+    p = _mixed_batch(0.05)
+    together = solve(p, backend="numba", max_iter=50, tol=1e-4, check_every=3)
+    order = torch.randperm(12, generator=_gen(5))
+    shuffled = solve(OTProblem(p.cost[order], p.a[order], p.b[order], p.eps), backend="numba", max_iter=50, tol=1e-4,
+                     check_every=3)
+    assert torch.equal(shuffled.plan, together.plan[order])
+    for i in (0, 1, 2, 7):  # kernel-domain members (5 and 6 go to the log domain, batched in torch)
+        alone = solve(OTProblem(p.cost[i:i + 1], p.a[i:i + 1], p.b[i:i + 1], p.eps), backend="numba", max_iter=50,
+                      tol=1e-4, check_every=3)
+        assert torch.equal(alone.plan[0], together.plan[i])
+
+
+@needs_numba
+def test_backend_choice() -> None:
+    p = _random_problem(3, 5, 6, eps=0.05, seed=3)
+    with pytest.raises(ValueError):
+        solve(p, backend="cuda")  # type: ignore[arg-type]
+    cost = p.cost.clone().requires_grad_(True)  # a gradient is wanted: the torch solver, whatever the backend says
+    out = solve(OTProblem(cost, p.a, p.b, p.eps), backend="numba")
+    assert out.plan.requires_grad
+    with torch.no_grad():
+        assert not solve(OTProblem(cost, p.a, p.b, p.eps), backend="numba").plan.requires_grad
+    half = solve(OTProblem(p.cost.half(), p.a.half(), p.b.half(), p.eps), backend="numba")
+    assert half.plan.dtype == torch.float16
