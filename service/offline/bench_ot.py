@@ -88,9 +88,15 @@ def ot_rows(captured: list[tuple[OTProblem, dict[str, Any]]], *, mentions: int, 
     iters = max(r.iterations for r in results)
     kw0 = groups[0][1] if groups else {}
     what = f"{n_problems} problems from {mentions} mentions (shapes {shapes[:4]}{'...' if len(shapes) > 4 else ''})"
-    rows = [_row("ot_ours", f"models/sinkhorn.py solve, {kw0.get('domain', 'log')} domain, early stop (max_iter {kw0.get('max_iter')}, tol "
-                 f"{kw0.get('tol')}): {what}", n_problems, mentions, wall, cpu,
-                 {"max_marginal_error": target, "iterations": iters, "eps": groups[0][0].eps if groups else None})]
+    backend = kw0.get("backend", "torch")
+    if backend == "auto":
+        from models.sinkhorn_numba import AVAILABLE
+
+        backend = "numba" if AVAILABLE and kw0.get("domain") == "auto" else "torch"
+    rows = [_row("ot_ours", f"models/sinkhorn.py solve, {kw0.get('domain', 'log')} domain, {backend} backend, early "
+                 f"stop (max_iter {kw0.get('max_iter')}, tol {kw0.get('tol')}): {what}", n_problems, mentions, wall,
+                 cpu, {"max_marginal_error": target, "iterations": iters, "backend": backend,
+                       "eps": groups[0][0].eps if groups else None})]
     for method in POT_METHODS:
         reached, err, n_it, w, c = False, float("inf"), 0, 0.0, 0.0
         for n_it in POT_ITERS:
