@@ -77,6 +77,34 @@ def _exponents(cost, a, b, inv_eps, out, lo_out, finite_out):  # pragma: no cove
                 o[:] = -inf
 
 
+def _mat_vec(k, v, out):  # pragma: no cover - compiled
+    """out = K v (rows of k [N, M] against v [M]); the sums vectorise under reassociation."""
+    for i in range(k.shape[0]):
+        row = k[i]
+        acc = out.dtype.type(0.0)
+        for j in range(k.shape[1]):
+            acc += row[j] * v[j]
+        out[i] = acc
+
+
+def _vec_mat(u, k, out):  # pragma: no cover - compiled
+    """out = K^T u, accumulated row by row (contiguous rows of k [N, M])."""
+    out[:] = 0.0
+    for i in range(k.shape[0]):
+        ui = u[i]
+        row = k[i]
+        for j in range(k.shape[1]):
+            out[j] += ui * row[j]
+
+
+def _marginal_error(x, kx, target):  # pragma: no cover - compiled
+    """max |x * (K x') - target|: a side's marginal error from its scaling and the product it divides by."""
+    worst = target.dtype.type(0.0)
+    for i in range(target.shape[0]):
+        worst = max(worst, abs(x[i] * kx[i] - target[i]))
+    return worst
+
+
 def _iterate(k, a, b, lo, inv_eps, max_iter, tol, check_every, early_stop, limit, finite,
              err_out, its_out, safe_out):  # pragma: no cover - compiled
     """Sinkhorn on kernels k [C, N, M] (exp of _exponents' output; overwritten with the plans u K v), problem by
@@ -121,50 +149,22 @@ def _iterate(k, a, b, lo, inv_eps, max_iter, tol, check_every, early_stop, limit
             s = np.exp(-lo[c] * inv_eps)
             for i in range(n):
                 u[i] *= s
-        for i in range(n):
-            row = kc[i]
-            acc = zero
-            for j in range(m):
-                acc += row[j] * v[j]
-            kv[i] = acc
-        ktu[:] = zero
-        for i in range(n):
-            ui = u[i]
-            row = kc[i]
-            for j in range(m):
-                ktu[j] += ui * row[j]
+        _mat_vec(kc, v, kv)
+        _vec_mat(u, kc, ktu)
         its = 0
         if has_r and has_c:  # a problem without mass on both sides never starts (zero plan)
             while its < max_iter:
-                ktu[:] = zero
                 for i in range(n):
-                    ui = ac[i] / (kv[i] + pad_r[i])
-                    u[i] = ui
-                    row = kc[i]
-                    for j in range(m):
-                        ktu[j] += ui * row[j]
+                    u[i] = ac[i] / (kv[i] + pad_r[i])
+                _vec_mat(u, kc, ktu)
                 for j in range(m):
                     v[j] = bc[j] / (ktu[j] + pad_c[j])
-                for i in range(n):
-                    row = kc[i]
-                    acc = zero
-                    for j in range(m):
-                        acc += row[j] * v[j]
-                    kv[i] = acc
+                _mat_vec(kc, v, kv)
                 its += 1
-                if early_stop and its % check_every == 0 and its < max_iter:
-                    # Columns match b after the v-update; the row sums are u * (K v).
-                    worst = zero
-                    for i in range(n):
-                        worst = max(worst, abs(u[i] * kv[i] - ac[i]))
-                    if worst <= tol:
-                        break
-        worst = zero
-        for i in range(n):
-            worst = max(worst, abs(u[i] * kv[i] - ac[i]))
-        for j in range(m):
-            worst = max(worst, abs(v[j] * ktu[j] - bc[j]))
-        err_out[c] = worst
+                # Columns match b after the v-update; the row sums are u * (K v).
+                if early_stop and its % check_every == 0 and its < max_iter and _marginal_error(u, kv, ac) <= tol:
+                    break
+        err_out[c] = max(_marginal_error(u, kv, ac), _marginal_error(v, ktu, bc))
         its_out[c] = its
         for i in range(n):
             ui = u[i]
@@ -181,7 +181,10 @@ def _compiled(fn):
         return njit(cache=False, nogil=True, fastmath=_FASTMATH)(fn)
 
 
-if AVAILABLE:
+if AVAILABLE:  # helpers first: the compiled callers resolve them by name when they compile
+    _mat_vec = _compiled(_mat_vec)
+    _vec_mat = _compiled(_vec_mat)
+    _marginal_error = _compiled(_marginal_error)
     _exponents = _compiled(_exponents)
     _iterate = _compiled(_iterate)
 
