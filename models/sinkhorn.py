@@ -165,7 +165,7 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
         domain = "log"  # the plain kernel exp(-cost / eps) itself: the log domain keeps it without underflow
     if domain == "log":
         plan, marginal_error, iterations = _solve_chunks(_solve_chunk, (cost, a, b), eps, *loop)
-    elif domain == "auto" and _use_numba(backend, cost, a, b):
+    elif uses_numba(backend, domain, cost, a, b):
         plan, marginal_error, iterations = _solve_numba(cost, a, b, eps, loop)
     else:
         pair = (a > 0)[:, :, None] & (b > 0)[:, None, :]
@@ -203,8 +203,9 @@ def solve(problem: OTProblem, *, max_iter: int = 50, tol: float = 1e-4, chunk_si
     return OTResult(plan=plan.to(out_dtype), converged=converged, iterations=iterations, marginal_error=marginal_error)
 
 
-def _use_numba(backend: Backend, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    if backend == "torch" or cost.device.type != "cpu":
+def uses_numba(backend: Backend, domain: Domain, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether solve() runs these problems' kernel domain compiled by numba (models/sinkhorn_numba.py)."""
+    if backend == "torch" or domain != "auto" or cost.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (cost.requires_grad or a.requires_grad or b.requires_grad):
         return False  # numba's plan carries no gradient: training differentiates through the torch solver

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from models.sinkhorn import OTProblem, solve
+from models.sinkhorn import OTProblem, solve, uses_numba
 from service.offline.bench import Row
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,9 @@ def ot_rows(captured: list[tuple[OTProblem, dict[str, Any]]], *, mentions: int, 
     iters = max(r.iterations for r in results)
     kw0 = groups[0][1] if groups else {}
     what = f"{n_problems} problems from {mentions} mentions (shapes {shapes[:4]}{'...' if len(shapes) > 4 else ''})"
-    backend = kw0.get("backend", "torch")
-    if backend == "auto":
-        from models.sinkhorn_numba import AVAILABLE
-
-        backend = "numba" if AVAILABLE and kw0.get("domain") == "auto" else "torch"
+    p0 = groups[0][0] if groups else None
+    backend = "numba" if p0 is not None and uses_numba(kw0.get("backend", "auto"), kw0.get("domain", "auto"), p0.cost,
+                                                       p0.a, p0.b) else "torch"
     rows = [_row("ot_ours", f"models/sinkhorn.py solve, {kw0.get('domain', 'log')} domain, {backend} backend, early "
                  f"stop (max_iter {kw0.get('max_iter')}, tol {kw0.get('tol')}): {what}", n_problems, mentions, wall,
                  cpu, {"max_marginal_error": target, "iterations": iters, "backend": backend,

@@ -84,6 +84,9 @@ def test_bench_runs_every_part_on_a_few_mentions(linker, mel_dir: Path, tmp_path
         assert r["n"] == 24 and r["mentions_per_s"] > 0 and "int8" in r["what"]
         assert abs(r["h1"] - rows["served_b8"]["h1"]) <= 0.1  # 24 mentions: at most 2 answers apart
     assert rows["ot_ours"]["n"] > 0 and rows["ot_ours"]["extra"]["max_marginal_error"] <= 1e-3
+    from models.sinkhorn_numba import AVAILABLE
+
+    assert rows["ot_ours"]["extra"]["backend"] == ("numba" if AVAILABLE else "torch")  # the served solver was timed
     assert rows["ot_pot_sinkhorn"]["ratios"]["ot_ours"]["time"] > 0
     if bench_http.wrk_path() is None:
         assert any("wrk" in s for s in rep["skipped"])
