@@ -20,7 +20,8 @@ def start_server(store: Path, extra_env: dict[str, str] | None = None) -> tuple[
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"EL_HOST": "127.0.0.1", "EL_PORT": str(port), "EL_JOBS__DIR": str(store),
+    # One server process unless the caller's environment or extra_env says otherwise: these scripts measure one.
+    env = {"EL_WORKERS": "1"} | os.environ | {"EL_HOST": "127.0.0.1", "EL_PORT": str(port), "EL_JOBS__DIR": str(store),
                         "EL_JOBS__POLL_INTERVAL_S": "0.1", "EL_LOG_LEVEL": "WARNING",
                         "EL_SHUTDOWN__DRAIN_DELAY_S": "0"} | (extra_env or {})
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL)

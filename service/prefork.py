@@ -51,6 +51,58 @@ POLL_S = 0.2  # how often the supervisor looks at its workers
 RESTARTS_PER_MINUTE = 3  # more deaths than this of one worker within a minute: stop everything
 
 
+AUTO_MAX_WORKERS = 4  # EL_WORKERS=auto never starts more (each costs its own encoders and index in memory)
+AUTO_BYTES_PER_WORKER = 2 << 30  # ... nor more than one per this much available memory (41k index: ~1.5 GB each)
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, cut to the container's CPU quota (cgroup v2 cpu.max or v1
+    cpu.cfs_quota_us), whole CPUs only (a 1.5-CPU quota counts 1)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota_file, period_file in ((cgroup / "cpu.max", None),
+                                    (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota_file.read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else period_file.read_text().strip())
+            if quota not in ("max", "-1"):
+                n = min(n, int(quota) // int(period))
+        except (OSError, ValueError, IndexError):
+            continue
+        break
+    return max(1, n)
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable in bytes (None where the kernel does not say)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def worker_count(settings: Settings) -> int:
+    """EL_WORKERS as a number: itself, or for `auto` one process per usable CPU, at most AUTO_MAX_WORKERS and one
+    per AUTO_BYTES_PER_WORKER of available memory, and 1 when the encoders run on CUDA (one process holds the
+    GPU; several were never measured there). Why more than one on a CPU: in one process the event loop and the
+    pipeline's Python parts share one interpreter lock, which holds a server to about 1.7 of 2 cores."""
+    if settings.workers != "auto":
+        return settings.workers
+    from models.runtime import picks_cuda
+
+    if picks_cuda(settings.encoder.device):
+        n, why = 1, "the encoders run on CUDA"
+    else:
+        cpus, mem = usable_cpus(), available_memory()
+        by_memory = max(1, mem // AUTO_BYTES_PER_WORKER) if mem is not None else AUTO_MAX_WORKERS
+        n = min(cpus, AUTO_MAX_WORKERS, by_memory)
+        why = f"{cpus} usable CPUs" + (f", {mem / (1 << 30):.1f} GiB available" if mem is not None else "")
+    logger.info("EL_WORKERS=auto: %d server process%s (%s)", n, "" if n == 1 else "es", why)
+    return n
+
+
 def per_worker(settings: Settings, workers: int) -> Settings:
     """The settings of one of `workers` processes: the defaults meant for a process that has the machine to itself
     give way where not set explicitly. One batch at a time (EL_BATCHING__MAX_CONCURRENT), one ONNX Runtime thread

@@ -127,12 +127,12 @@ def server_config(settings: Settings, app: object) -> uvicorn.Config:
 
 
 def serve(settings: Settings, app_factory: Callable[..., FastAPI]) -> int:
-    """Run the app until SIGTERM/SIGINT; returns the process exit status. With EL_WORKERS > 1, that many
-    processes of it (service/prefork.py)."""
-    if settings.workers > 1:
-        from service.prefork import serve_workers
+    """Run the app until SIGTERM/SIGINT; returns the process exit status. With EL_WORKERS > 1 (or auto, on a
+    machine with more than one CPU to use), that many processes of it (service/prefork.py)."""
+    from service.prefork import serve_workers, worker_count
 
-        return serve_workers(settings, app_factory, settings.workers)
+    if (workers := worker_count(settings)) > 1:
+        return serve_workers(settings, app_factory, workers)
     app = app_factory(settings)
     server = GracefulServer(server_config(settings, app), app.state.el)
     try:

@@ -347,11 +347,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to serve on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to serve on.")
-    workers: int = Field(1, ge=1, le=64, description="Server processes on the one port (service/prefork.py): 2 on 2 "
-                                                     "cores gave 1.14x the requests/s at concurrency 32 here; entity "
-                                                     "changes work through any of them (one shared change log); "
-                                                     "/metrics labels each series by worker (README: Worker "
-                                                     "processes).")
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto", description="Server processes on the one port (service/prefork.py). auto: one per usable CPU (its "
+                            "affinity and cgroup quota), at most 4 and at most one per 2 GiB of available memory, 1 "
+                            "when the encoders run on CUDA: in one process the interpreter lock holds a server to "
+                            "about 1.7 cores, and 2 processes on 2 cores answer about 1.2x the requests/s at "
+                            "concurrency 32; each holds its own encoders and index (memory: 1.8 GB for one process, "
+                            "3.2 GB for two, with the 41k index). Entity changes work through any of them (one shared change log); /metrics "
+                            "labels each series by worker (README: Worker processes).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     data_dir: Path = Field(Path("data/mel"), description="Folder of the MEL benchmark release files.")
     features_dir: Path = Field(Path("artifacts/features"), description="Cache of frozen backbone features "

@@ -119,6 +119,9 @@ def launch(settings, overrides: dict[str, object] | None = None) -> Server:
         # The session's index folders are shared by every server: no entity changes (a change log) in them unless a
         # test asks, over a copy of its own (tests/service/test_live_updates.py).
         "EL_UPDATES__ENABLED": "false",
+        # One process, whatever the machine (EL_WORKERS=auto would start one per CPU): the tests check one server
+        # process's behaviour; tests/service/test_prefork.py starts several on purpose.
+        "EL_WORKERS": "1",
         "PYTHONUNBUFFERED": "1",
     })
     env.update({k: str(v) for k, v in (overrides or {}).items()})

@@ -89,8 +89,9 @@ class Server:
         self.port = _free_port()
         self.work = Path(tempfile.mkdtemp(prefix="el-bench-http-"))
         env = {k: v for k, v in os.environ.items() if k != "EL_RERANK__SKIP_MARGIN"}  # always OT, as served_b1
+        # One process unless asked (EL_WORKERS): the scripts that compare two servers measure one process each.
         env = {**env, "EL_HOST": "127.0.0.1", "EL_PORT": str(self.port), "EL_JOBS__DIR": str(self.work / "jobs"),
-               "EL_LOG_LEVEL": "WARNING", **(env_overrides or {})}
+               "EL_LOG_LEVEL": "WARNING", "EL_WORKERS": "1", **(env_overrides or {})}
         self.log = (self.work / "server.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -186,8 +187,7 @@ def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies
     (`paired_share`). `h1` is the in-process served rows' H@1; expected_top1 their top-1 ids, of which the first
     check_n are compared with what the server answers. `workers` > 1: the server runs that many processes
     (EL_WORKERS; rows `served_http_w<N>_c<C>`)."""
-    if workers > 1:
-        env = {**env, "EL_WORKERS": str(workers)}
+    env = {**env, "EL_WORKERS": str(workers)}  # always named: the default (auto) depends on the machine
     name = "served_http" if workers == 1 else f"served_http_w{workers}"
     server = Server(env)
     try:

@@ -130,6 +130,7 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
     rows: list[Row] = []
     skipped: list[str] = []
     http_share = None
+    default_workers: int | None = None  # the server processes `el serve` runs here (EL_WORKERS; auto by default)
     http_shares: list[dict] = []  # one per server size (--http-workers)
 
     if not opts.skip_plain:
@@ -191,13 +192,16 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
 
             paired = bench_http.Paired(in_process, f"Linker in process, text, batch {opts.batch}, first "
                                        f"{len(paired_queries)} mentions", opts.paired_rounds, opts.paired_seconds)
+        from service.prefork import worker_count
+
+        default_workers = worker_count(linker.settings)
         for workers in opts.http_workers:
             http, share = bench_http.http_rows(mentions, env, concurrencies=opts.http_concurrency,
                                                seconds=opts.http_seconds, top_k=opts.top_k, h1=b1.h1,
                                                expected_top1=top1_b1, paired=paired, workers=workers)
             rows += http
             if share is not None:
-                if http_share is None or workers == 1:  # the default server's share leads
+                if http_share is None or workers == default_workers:  # the default server's share leads
                     http_share = share
                 http_shares.append(share)
 
@@ -234,6 +238,7 @@ def run_bench(linker: Linker, data_dir: Path, opts: BenchOptions) -> dict:
                          "latency: per call (a call of batch B answers B mentions); HTTP: per request under wrk",
                          "CPU: the bench process's (all threads); HTTP rows: the server's (with its workers)",
                          ("http_share: the HTTP rate at the highest concurrency over the in-process batched rate, "
-                          "the two measured in alternating rounds (median of the rounds' shares), for the default "
-                          "single-process server; http_shares: one per server size (--http-workers)")],
-                  skipped=skipped, http_share=http_share, http_shares=http_shares)
+                          "the two measured in alternating rounds (median of the rounds' shares), for the server "
+                          "`el serve` runs here by default (default_workers processes; EL_WORKERS=auto) where it was "
+                          "measured; http_shares: one per server size (--http-workers)")],
+                  skipped=skipped, http_share=http_share, http_shares=http_shares, default_workers=default_workers)

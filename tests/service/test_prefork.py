@@ -277,3 +277,17 @@ def test_workers_stop_when_their_supervisor_is_killed(settings) -> None:
         server.proc.kill()
         server.proc.wait(timeout=10)
         assert _wait(lambda: not any(_alive(p) for p in workers), 30.0)
+
+
+def test_auto_runs_one_process_per_usable_cpu(settings) -> None:
+    """EL_WORKERS=auto (the setting's default; the other tests pin 1): as many worker processes as `worker_count`
+    says for this machine, each ready and answering; one CPU means the single-process server, no supervisor."""
+    from service.prefork import worker_count
+    from service.settings import Settings
+
+    want = worker_count(Settings(workers="auto", encoder={"device": settings.encoder.device}))
+    with running_server(settings, EL_WORKERS="auto", EL_LOG_LEVEL="INFO") as server:
+        assert _wait(lambda: server.log().count("ready: index") == want, 120.0), server.log()
+        assert f"EL_WORKERS=auto: {want} server process" in server.log()
+        assert len(_workers(server)) == (want if want > 1 else 0), server.log()
+        assert _link_fresh_connection(server.base_url).status_code == 200
