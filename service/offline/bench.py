@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,9 @@ import numpy as np
 PLAIN = "plain_biencoder"  # the baselines every row is compared with
 TEACHER = "teacher_exhaustive"
 PLAIN_B1 = "plain_biencoder_b1"  # its single-request row: the baseline of single-request latency
-SINGLE_ROWS = ("served_b1", "served_http_c1")  # the served rows that answer one mention per call
+# The served rows that answer one mention per call: in process, and over HTTP at concurrency 1 (one server process,
+# or served_http_w<N>_c1 for N).
+SINGLE_ROWS = re.compile(r"served_b1|served_http(_w\d+)?_c1")
 
 
 def cpu_model() -> str:
@@ -146,7 +149,7 @@ def single_request(rows: list[Row]) -> dict[str, Any]:
     if base is None or not base.p50_ms:
         return {}
     return {"baseline": PLAIN_B1, "baseline_p50_ms": base.p50_ms,
-            "p50_ratio": {n: _ratio(by_name[n].p50_ms, base.p50_ms) for n in SINGLE_ROWS if n in by_name}}
+            "p50_ratio": {r.name: _ratio(r.p50_ms, base.p50_ms) for r in rows if SINGLE_ROWS.fullmatch(r.name)}}
 
 
 def report(rows: list[Row], **meta: Any) -> dict:

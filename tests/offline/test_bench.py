@@ -33,10 +33,12 @@ def test_ratios_are_computed_from_the_rows() -> None:
 def test_single_request_latency_is_against_the_plain_single_row() -> None:
     rows = [_row(PLAIN, 100.0, 0.02, 0.6), Row(PLAIN_B1, "test", 5, 40.0, 20.0, 25.0, 30.0, 0.03, h1=0.6),
             Row("served_b1", "test", 5, 80.0, 12.5, 14.0, 15.0, 0.01, h1=0.9),
-            Row("served_http_c1", "test", 5, 60.0, 16.0, 18.0, 19.0, 0.01, h1=0.9)]
+            Row("served_http_c1", "test", 5, 60.0, 16.0, 18.0, 19.0, 0.01, h1=0.9),
+            Row("served_http_w2_c1", "test", 5, 60.0, 15.0, 18.0, 19.0, 0.01, h1=0.9),  # 2 server processes
+            Row("served_http_w2_c8", "test", 5, 90.0, 30.0, 38.0, 39.0, 0.01, h1=0.9)]  # not a single request
     rep = report(rows, n_mentions=5)
     assert rep["single_request"] == {"baseline": PLAIN_B1, "baseline_p50_ms": 20.0,
-                                     "p50_ratio": {"served_b1": 0.625, "served_http_c1": 0.8}}
+                                     "p50_ratio": {"served_b1": 0.625, "served_http_c1": 0.8, "served_http_w2_c1": 0.75}}
     assert "served_http_c1 p50 = 0.80 x plain_biencoder_b1's" in format_rows(rep)
     assert report(rows[:1], n_mentions=5)["single_request"] == {}  # no single-request baseline: no ratios
 
