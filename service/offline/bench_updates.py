@@ -51,7 +51,7 @@ class Options:
     rounds: int = 1  # text-only and image phases, each between idle ones
     alone_calls: int = 8  # change calls timed without link load before each loaded phase
     update_clients: int = 1  # concurrent change streams (one call at a time each)
-    workers: int = 1  # server processes (EL_WORKERS): with 2, two streams are encoded at once
+    workers: int | None = None  # server processes (EL_WORKERS; None: what `el serve` runs here, auto by default)
     out: Path = Path("reports/updates.json")
 
 
@@ -207,6 +207,9 @@ def summary(ms: list[float]) -> dict:
 
 
 def run(settings: Settings, opts: Options) -> dict:
+    from service.prefork import worker_count
+
+    workers = opts.workers or worker_count(settings)  # the default: the server `el serve` runs here
     mentions = read_mentions(settings.data_dir, "wikimel", "test")
     bodies = [{"mention": m.mention, "context": m.context} for m in mentions[: opts.requests]]
     kb = read_mel_kb(settings.data_dir)
@@ -240,7 +243,7 @@ def run(settings: Settings, opts: Options) -> dict:
         work = Path(tmp)
         index_dir = work / "index"
         private_copy(settings.index.dir, index_dir)
-        proc, url = start_server(index_dir, work, {"EL_UPDATES__COMPACT_AFTER": "0", "EL_WORKERS": str(opts.workers)})
+        proc, url = start_server(index_dir, work, {"EL_UPDATES__COMPACT_AFTER": "0", "EL_WORKERS": str(workers)})
         try:
             link_load(url, bodies[:10], 1)  # warm the connection path
             idle.append(link_load(url, bodies, opts.clients))
@@ -262,7 +265,7 @@ def run(settings: Settings, opts: Options) -> dict:
         "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": str(settings.index.dir), "clients": opts.clients, "requests_per_phase": opts.requests,
         "entities_per_call": opts.batch, "rounds": opts.rounds, "update_clients": opts.update_clients,
-        "server_workers": opts.workers,
+        "server_workers": workers,
         "update_encoder": "int8" if settings.updates.int8_encoder else "fp32",  # EL_UPDATES__INT8_ENCODER
         "update_nice": settings.updates.nice,  # EL_UPDATES__NICE
         "update_encoder_threads": settings.updates.encoder_threads,  # EL_UPDATES__ENCODER_THREADS
