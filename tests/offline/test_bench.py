@@ -43,6 +43,20 @@ def test_single_request_latency_is_against_the_plain_single_row() -> None:
     assert report(rows[:1], n_mentions=5)["single_request"] == {}  # no single-request baseline: no ratios
 
 
+def test_teacher_without_its_kb_encoding() -> None:
+    """The teacher's row counts encoding the KB once; `teacher_scoring_only` compares the batched served rows
+    with the teacher's rate without it (served_b1 and HTTP rows are not batched in process: left out)."""
+    teacher = Row(TEACHER, "test", 200, 10.0, None, None, None, 0.1, h1=0.8, h1_subset=0.8,
+                  extra={"kb_encode_s": 8.0, "scoring_ms_per_mention": 20.0, "mentions_per_s_without_kb_encoding": 50.0})
+    rows = [teacher, _row("served_b1", 100.0, 0.01, 0.9), _row("served_b64", 500.0, 0.003, 0.9),
+            _row("served_b64_adaptive", 700.0, 0.002, 0.9), _row("served_http_c32", 400.0, 0.004, 0.9)]
+    rep = report(rows, n_mentions=200)
+    assert rep["teacher_scoring_only"] == {"teacher_mentions_per_s": 50.0, "kb_encode_s": 8.0,
+                                           "ratio": {"served_b64": 10.0, "served_b64_adaptive": 14.0}}
+    assert "served_b64 = 10.0 x the teacher" in format_rows(rep)
+    assert report(rows[1:], n_mentions=200)["teacher_scoring_only"] == {}  # no teacher row: nothing
+
+
 def test_report_writes_json_and_chart(tmp_path: Path) -> None:
     rep = report([_row(PLAIN, 100.0, 0.02, 0.6), _row("served_b64", 80.0, 0.03, 0.9)], n_mentions=10, machine={})
     chart = write_bench(rep, tmp_path / "bench.json")
