@@ -53,6 +53,29 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
+def workers_ready(url: str) -> int:
+    """How many of a server's processes report el_ready 1 in /metrics (each series labelled by worker when there
+    are several). /readyz answers 200 once one is ready, and a worker still loading takes no connection: a
+    measurement waits for all of them."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return 0
+    return sum(1 for fam in text_string_to_metric_families(text) if fam.name == "el_ready"
+               for sample in fam.samples if sample.value == 1.0)
+
+
+def wait_workers_ready(url: str, workers: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while workers_ready(url) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{workers_ready(url)} of {workers} server processes ready after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -192,6 +215,7 @@ def http_rows(mentions: Sequence[Mention], env: dict[str, str], *, concurrencies
     server = Server(env)
     try:
         server.wait_ready()
+        wait_workers_ready(server.url, workers)
         extra: dict = {}
         if expected_top1:
             got = top1_over_http(server.url, mentions[:check_n], top_k)

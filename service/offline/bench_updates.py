@@ -207,6 +207,7 @@ def summary(ms: list[float]) -> dict:
 
 
 def run(settings: Settings, opts: Options) -> dict:
+    from service.offline.bench_http import wait_workers_ready
     from service.prefork import worker_count
 
     workers = opts.workers or worker_count(settings)  # the default: the server `el serve` runs here
@@ -244,6 +245,7 @@ def run(settings: Settings, opts: Options) -> dict:
         index_dir = work / "index"
         private_copy(settings.index.dir, index_dir)
         proc, url = start_server(index_dir, work, {"EL_UPDATES__COMPACT_AFTER": "0", "EL_WORKERS": str(workers)})
+        wait_workers_ready(url, workers)  # /readyz answers once one of them is
         try:
             link_load(url, bodies[:10], 1)  # warm the connection path
             idle.append(link_load(url, bodies, opts.clients))

@@ -282,6 +282,7 @@ def test_workers_stop_when_their_supervisor_is_killed(settings) -> None:
 def test_auto_runs_one_process_per_usable_cpu(settings) -> None:
     """EL_WORKERS=auto (the setting's default; the other tests pin 1): as many worker processes as `worker_count`
     says for this machine, each ready and answering; one CPU means the single-process server, no supervisor."""
+    from service.offline.bench_http import workers_ready
     from service.prefork import worker_count
     from service.settings import Settings
 
@@ -291,3 +292,5 @@ def test_auto_runs_one_process_per_usable_cpu(settings) -> None:
         assert f"EL_WORKERS=auto: {want} server process" in server.log()
         assert len(_workers(server)) == (want if want > 1 else 0), server.log()
         assert _link_fresh_connection(server.base_url).status_code == 200
+        # What the benches wait for before measuring: every process's el_ready, through /metrics.
+        assert _wait(lambda: workers_ready(server.base_url) == want, 10.0), server.log()
