@@ -162,8 +162,13 @@ def teacher_scoring_only(rows: list[Row]) -> dict[str, Any]:
     if not rate:
         return {}
     return {"teacher_mentions_per_s": rate, "kb_encode_s": teacher.extra.get("kb_encode_s"),
-            "ratio": {r.name: _ratio(r.mentions_per_s, rate) for r in rows
-                      if r.name.startswith("served_b") and not r.name.startswith("served_b1")}}
+            "ratio": {r.name: _ratio(r.mentions_per_s, rate) for r in rows if _batched(r.name)}}
+
+
+def _batched(name: str) -> bool:
+    """A served row in process with batches of more than one mention (served_b64, served_b16_adaptive, ...)."""
+    m = re.fullmatch(r"served_b(\d+)(_.+)?", name)
+    return m is not None and int(m.group(1)) > 1
 
 
 def report(rows: list[Row], **meta: Any) -> dict:

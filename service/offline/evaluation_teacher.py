@@ -21,6 +21,7 @@ from models.checkpoint import STUDENT_WEIGHTS, TEACHER_WEIGHTS, load_model
 from models.exhaustive import encode_kb, exhaustive_ranks
 from models.feature_cache import build_cache
 from models.otmel import OTMELModel
+from models.runtime import EncoderRuntime
 from models.train import item_tensors
 from service.pipeline.linker import Linker
 
@@ -73,7 +74,7 @@ def teacher_exhaustive(linker: Linker, data_dir: Path, dataset: str, split: str,
     return ranks, ms, info, teacher
 
 
-def _time_mention_backbone(runtime, mentions: list[Mention], batch: int = 64) -> float:
+def _time_mention_backbone(runtime: EncoderRuntime, mentions: list[Mention], batch: int = 64) -> float:
     """Seconds to encode the mentions' backbone features (text, and images where they have one) in batches, as
     the cache did before the teacher's clock started: the served pipeline's time includes its encoder, so a
     comparison per mention adds this to the teacher's."""

@@ -49,10 +49,12 @@ def test_teacher_without_its_kb_encoding() -> None:
     teacher = Row(TEACHER, "test", 200, 10.0, None, None, None, 0.1, h1=0.8, h1_subset=0.8,
                   extra={"kb_encode_s": 8.0, "scoring_ms_per_mention": 20.0, "mentions_per_s_without_kb_encoding": 50.0})
     rows = [teacher, _row("served_b1", 100.0, 0.01, 0.9), _row("served_b64", 500.0, 0.003, 0.9),
-            _row("served_b64_adaptive", 700.0, 0.002, 0.9), _row("served_http_c32", 400.0, 0.004, 0.9)]
+            _row("served_b64_adaptive", 700.0, 0.002, 0.9), _row("served_http_c32", 400.0, 0.004, 0.9),
+            _row("served_b16", 400.0, 0.004, 0.9)]  # batches of 16: not mistaken for batch 1
     rep = report(rows, n_mentions=200)
     assert rep["teacher_scoring_only"] == {"teacher_mentions_per_s": 50.0, "kb_encode_s": 8.0,
-                                           "ratio": {"served_b64": 10.0, "served_b64_adaptive": 14.0}}
+                                           "ratio": {"served_b64": 10.0, "served_b64_adaptive": 14.0,
+                                                     "served_b16": 8.0}}
     assert "served_b64 = 10.0 x the teacher" in format_rows(rep)
     assert report(rows[1:], n_mentions=200)["teacher_scoring_only"] == {}  # no teacher row: nothing
 
