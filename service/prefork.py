@@ -1,4 +1,5 @@
-"""`el serve` with EL_WORKERS > 1: that many server processes answering on one listening socket.
+"""`el serve` with EL_WORKERS > 1: that many server processes answering on one listening socket. The default,
+EL_WORKERS=auto, is one per usable CPU within limits (`worker_count`), so a 2-core machine runs two.
 
 Why: in one process the event loop (HTTP parsing, validation, answers) and the pipeline's Python parts share one
 interpreter lock, and under load the loop waits for it while requests queue in the socket; batches then stay
