@@ -117,12 +117,26 @@ def per_worker(settings: Settings, workers: int) -> Settings:
                                        "encoder": encoder.model_copy(update=e)})
 
 
-def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: int) -> int:
-    """Run `workers` server processes on EL_HOST:EL_PORT until SIGTERM/SIGINT; returns the exit status."""
+def _export(settings: Settings) -> None:
     from service.encoders import export_encoders
 
+    export_encoders(settings)
+
+
+def _export_once(settings: Settings) -> None:
+    """Export the encoders (where not done yet) in a process of its own: done here, the ONNX sessions it loads to
+    check them and their libraries would stay in the supervisor for its whole life (about 350 MB, measured)."""
+    p = multiprocessing.get_context("spawn").Process(target=_export, args=(settings,), name="el-export")
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise RuntimeError(f"exporting the encoders failed (exit status {p.exitcode}; its error is above)")
+
+
+def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: int) -> int:
+    """Run `workers` server processes on EL_HOST:EL_PORT until SIGTERM/SIGINT; returns the exit status."""
     settings = per_worker(settings, workers)
-    export_encoders(settings)  # once, here: workers starting together must not export the same files at once
+    _export_once(settings)  # before the workers: starting together, they must not export the same files at once
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
     shared = Path(tempfile.mkdtemp(prefix="el-workers-"))  # the workers' metrics and reload requests (peers.py)

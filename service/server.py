@@ -23,14 +23,16 @@ import time
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
 
 from service.errors import ELError
-from service.reloading import reload_index
 from service.settings import Settings
-from service.state import AppState
+
+if TYPE_CHECKING:  # the state's modules load torch and FAISS: not in a supervisor of worker processes
+    from service.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class GracefulServer(uvicorn.Server):
     async def _reload(self) -> None:
         logger.info("SIGHUP: reloading the index from %s", self.state.settings.index.dir)
         try:
+            from service.reloading import reload_index
+
             out = await reload_index(self.state)
         except ELError as exc:
             logger.error("SIGHUP reload failed: %s", exc.message)
