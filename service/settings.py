@@ -352,8 +352,8 @@ class Settings(BaseSettings):
                             "affinity and cgroup quota), at most 4 and at most one per 2 GiB of available memory, 1 "
                             "when the encoders run on CUDA: in one process the interpreter lock holds a server to "
                             "about 1.7 cores, and 2 processes on 2 cores answer about 1.2x the requests/s at "
-                            "concurrency 32; each holds its own encoders and index (memory: 1.8 GB for one process, "
-                            "3.2 GB for two, with the 41k index). Entity changes work through any of them (one shared change log); /metrics "
+                            "concurrency 32; each holds its own encoders and index (memory: 1.7 GB for one process, "
+                            "2.9 GB for two, with the 41k index). Entity changes work through any of them (one shared change log); /metrics "
                             "labels each series by worker (README: Worker processes).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     data_dir: Path = Field(Path("data/mel"), description="Folder of the MEL benchmark release files.")
