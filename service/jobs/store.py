@@ -376,10 +376,16 @@ class JobStore:
                     continue
                 c.execute("UPDATE chunks SET state = 'running', attempts = ?, lease_owner = ?, lease_expires_at = ? "
                           "WHERE job_id = ? AND no = ?", (attempts + 1, owner, now + lease_s, job_id, no))
-                c.execute("UPDATE jobs SET state = 'running', attempts = CASE WHEN attempts < ? THEN ? ELSE attempts END, "
-                          "lease_owner = ?, lease_expires_at = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
-                          (attempts + 1, attempts + 1, owner, now + lease_s, now, job_id))
+                if c.execute("UPDATE jobs SET state = 'running', attempts = CASE WHEN attempts < ? THEN ? ELSE attempts "
+                             "END, lease_owner = ?, lease_expires_at = ?, started_at = COALESCE(started_at, ?) "
+                             "WHERE id = ? AND state IN ('queued', 'running')",
+                             (attempts + 1, attempts + 1, owner, now + lease_s, now, job_id)).rowcount != 1:
+                    # Cancelled (or deleted) since the SELECT: PostgreSQL locks only the chunk row there, so a cancel
+                    # can commit in between, and setting the job running again would bring it back to life (its
+                    # next chunks would commit). Nothing is leased: the next claim looks again.
+                    raise _Discard
                 return ChunkLease(job_id, no, first, last, attempts + 1, owner)
+        return None  # _Discard: the job stopped while its chunk was being leased
 
     def heartbeat(self, lease: ChunkLease, *, lease_s: float) -> bool:
         """Extend the lease; False when the chunk is no longer ours (job cancelled or deleted, lease taken over)."""

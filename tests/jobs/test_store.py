@@ -286,6 +286,35 @@ def test_cancel_stops_further_commits_and_is_a_no_op_once_finished(store: JobSto
     assert store.cancel(other.id).state == "succeeded"
 
 
+def test_a_cancel_between_choosing_a_chunk_and_leasing_it_stays_cancelled(store: JobStore, db: JobDB,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL locks only the chunk row while a worker leases it, so a cancel can commit in between: the job must
+    stay cancelled and the worker lease nothing (setting the job running again brought it back to life, and its
+    next chunks committed after the cancel had been answered)."""
+    if db.url is None:
+        pytest.skip("SQLite serialises writers: a cancel cannot commit inside a claim")
+    from service.jobs import store_pg
+
+    job, _ = create(store, 3, chunk_size=1)
+    real = store_pg._PgTx.execute
+    seen: list = []
+
+    def execute(self, sql: str, args=()):
+        if sql.startswith("UPDATE chunks SET state = 'running'") and not seen:  # chosen, not yet leased
+            seen.append("chosen")
+            t = threading.Thread(target=lambda: seen.append(store.cancel(job.id)))  # its own connection
+            t.start()
+            t.join(30)
+        return real(self, sql, args)
+
+    monkeypatch.setattr(store_pg._PgTx, "execute", execute)
+    assert store.claim("w", lease_s=10, max_attempts=3) is None
+    monkeypatch.undo()
+    assert seen[0] == "chosen" and seen[1].state == "cancelled"
+    assert store.get(job.id).state == "cancelled"
+    assert store.claim("w", lease_s=10, max_attempts=3) is None  # and nothing of it is handed out later
+
+
 def test_delete_of_a_running_job_removes_every_row_and_stops_its_worker(store: JobStore, db: JobDB) -> None:
     job, _ = create(store, 3, key="k", chunk_size=1)
     assert finish(store, claim(store))
