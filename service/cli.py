@@ -165,7 +165,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     linker = Linker.from_settings(settings)
     linker.warm_up()
     opts = BenchOptions(n=args.n, image_n=args.image_n, batch=args.batch, teacher_n=args.teacher_n,
-                        single_n=args.single_n,
+                        teacher_exhaustive_n=args.teacher_exhaustive_n, single_n=args.single_n,
                         http_seconds=args.http_seconds, http_concurrency=tuple(args.concurrency),
                         http_workers=tuple(max(1, w) for w in args.http_workers),
                         paired_rounds=args.paired_rounds, paired_seconds=args.paired_seconds,
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-n", type=int, default=256, help="mentions with a local image for the text + image rows")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--teacher-n", type=int, default=200, help="mentions the exhaustive teacher scores")
+    p.add_argument("--teacher-exhaustive-n", type=int, default=3,
+                   help="of those, mentions timed with every cross term solved (the protocol as it is; ~1.5 s each)")
     p.add_argument("--single-n", type=int, default=300,
                    help="mentions of the plain bi-encoder's single-request row (its p50 is the single-request baseline)")
     p.add_argument("--http-seconds", type=float, default=10.0, help="wrk duration per concurrency")

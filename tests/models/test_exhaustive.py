@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.exhaustive import brute_force_ranks, encode_kb, exhaustive_ranks
+from models.exhaustive import bounded_top1, brute_force_ranks, encode_kb, exhaustive_ranks, full_scores
 from models.feature_cache import CachedItems
 from models.otmel import HeadConfig
 from models.student import OTMELStudent, StudentConfig
 from models.teacher import OTMELTeacher, TeacherConfig
+from models.train import item_tensors
 
 HEAD = HeadConfig(text_dim=16, image_dim=12, image_patches=4, hidden=8, mlp=16)
 
@@ -48,6 +49,29 @@ def test_exhaustive_ranks_equal_brute_force(make, seed: int) -> None:
     kb_enc = encode_kb(model, kb, batch=32, progress=False)
     ranks, stats = exhaustive_ranks(model, kb_enc, mentions, gold, batch=5, progress=False)
     assert ranks == brute_force_ranks(model, kb_enc, mentions, gold)
+    assert stats.pairs_total == 12 * 80 and 12 <= stats.pairs_solved <= stats.pairs_total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_scores_and_bounded_top1_agree_with_scoring_every_pair(seed: int) -> None:
+    """The protocol as it is (every cross term) gives the model's own overall scores, and the label-free search
+    for the top entity finds the same top as scoring every pair, in fewer cross terms."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = OTMELTeacher(TeacherConfig(head=HEAD)).eval()
+    with torch.no_grad():
+        for head in (model.mention, model.entity):
+            head.blank_global.normal_()
+            head.blank_patches.normal_()
+    kb = _items(80, images=[3, 40, 41], rng=rng)
+    mentions = _items(12, images=[0, 5], rng=rng)
+    kb_enc = encode_kb(model, kb, batch=32, progress=False)
+    with torch.no_grad():
+        overall = model.scores(model.encode_mentions(*item_tensors(mentions, np.arange(12))), kb_enc.enc).overall
+    full = full_scores(model, kb_enc, mentions, np.arange(12), chunk=32)
+    assert torch.allclose(full, overall, atol=1e-5)
+    tops, stats = bounded_top1(model, kb_enc, mentions, batch=5, first=2, chunk=8)
+    assert tops == overall.argmax(1).tolist()
     assert stats.pairs_total == 12 * 80 and 12 <= stats.pairs_solved <= stats.pairs_total
 
 
