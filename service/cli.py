@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     bu.add_argument("--clients", type=int, default=2, help="concurrent /v1/link client threads")
     bu.add_argument("--batch", type=int, default=32, help="entities per POST /v1/entities:batch")
     bu.add_argument("--rounds", type=int, default=1, help="text-only and image phases, each between idle ones")
-    bu.add_argument("--update-clients", type=int, default=1, help="concurrent entity-change streams")
+    bu.add_argument("--update-clients", type=int, default=None,
+                    help="concurrent entity-change streams (default: one per server process)")
     bu.add_argument("--workers", type=int, default=None, help="server processes (default: what `el serve` runs "
                     "here, EL_WORKERS; auto: one per usable CPU)")
     bu.add_argument("--out", default="reports/updates.json")

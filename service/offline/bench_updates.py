@@ -3,7 +3,7 @@
 Starts `python -m service serve` over a private copy of the configured index (hard links to its files: nothing
 writes into an existing index file, the change log and compaction make new ones), then alternates idle phases
 (client threads sending text-only WikiMEL test mentions to /v1/link, each waiting for its answer) with phases of
-the same link load while one client streams POST /v1/entities:batch calls of new entities (real KB names and
+the same link load while clients stream POST /v1/entities:batch calls of new entities (one stream per server process by default; real KB names and
 descriptions under new ids): text-only, then each with a real photo (the WikiMEL release's images, base64). Before
 each loaded phase, a few change calls run with no link load (the update path's own rate on the machine at that
 moment). Reports the entities acknowledged per second in each phase, the link p50/p99 of every phase, and the ratio
@@ -50,7 +50,7 @@ class Options:
     batch: int = 32  # entities per POST /v1/entities:batch
     rounds: int = 1  # text-only and image phases, each between idle ones
     alone_calls: int = 8  # change calls timed without link load before each loaded phase
-    update_clients: int = 1  # concurrent change streams (one call at a time each)
+    update_clients: int | None = None  # concurrent change streams, one call at a time each (None: one per process)
     workers: int | None = None  # server processes (EL_WORKERS; None: what `el serve` runs here, auto by default)
     out: Path = Path("reports/updates.json")
 
@@ -211,6 +211,9 @@ def run(settings: Settings, opts: Options) -> dict:
     from service.prefork import worker_count
 
     workers = opts.workers or worker_count(settings)  # the default: the server `el serve` runs here
+    # A client with many changes sends them as one stream per server process by default: each process has one
+    # update worker, and a stream's calls go one at a time to the process its connection reached.
+    streams = opts.update_clients or workers
     mentions = read_mentions(settings.data_dir, "wikimel", "test")
     bodies = [{"mention": m.mention, "context": m.context} for m in mentions[: opts.requests]]
     kb = read_mel_kb(settings.data_dir)
@@ -254,7 +257,7 @@ def run(settings: Settings, opts: Options) -> dict:
                     alone[kind].append(updates_alone(url, islice(batches(f"alone-{kind}-{r}-", kind == "image"), opts.alone_calls),
                                                      proc.pid))
                     during, rate = with_updates(url, batches(f"bench-{kind}-{r}-", kind == "image"),
-                                                lambda: link_load(url, bodies, opts.clients), opts.update_clients)
+                                                lambda: link_load(url, bodies, opts.clients), streams)
                     loaded[kind].append(during)
                     rates[kind].append(rate)
                     idle.append(link_load(url, bodies, opts.clients))
@@ -266,7 +269,7 @@ def run(settings: Settings, opts: Options) -> dict:
     report: dict = {
         "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": str(settings.index.dir), "clients": opts.clients, "requests_per_phase": opts.requests,
-        "entities_per_call": opts.batch, "rounds": opts.rounds, "update_clients": opts.update_clients,
+        "entities_per_call": opts.batch, "rounds": opts.rounds, "update_clients": streams,
         "server_workers": workers,
         "update_encoder": "int8" if settings.updates.int8_encoder else "fp32",  # EL_UPDATES__INT8_ENCODER
         "update_nice": settings.updates.nice,  # EL_UPDATES__NICE
