@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from service.accept_balance import create_board, forget
 from service.peers import Peers, reload_requests
 from service.settings import Settings
 
@@ -140,6 +141,7 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
     shared = Path(tempfile.mkdtemp(prefix="el-workers-"))  # the workers' metrics and reload requests (peers.py)
+    board = create_board(shared, workers)  # how many connections each holds (accept_balance.py)
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     deaths: dict[int, list[float]] = {i: [] for i in range(workers)}
@@ -182,6 +184,7 @@ def serve_workers(settings: Settings, app_factory: Callable[..., Any], workers: 
                     forward.append(signal.SIGTERM)
                     break
                 logger.error("worker %d (pid %s) exited with status %s; starting it again", i, p.pid, p.exitcode)
+                forget(board, i)
                 start(i)
             stop.wait(POLL_S)
         _send(procs, forward)
@@ -219,6 +222,7 @@ def _send(procs: dict[int, multiprocessing.process.BaseProcess], forward: list[i
 def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: socket.socket, worker: int,
                  supervisor: int, shared: Path) -> None:
     """One worker: the single-process server on the inherited socket."""
+    from service.accept_balance import BOARD_NAME, ConnectionBoard
     from service.logging_setup import configure_logging
     from service.middleware import AnswerHeader
     from service.server import GracefulServer, server_config
@@ -231,7 +235,8 @@ def _worker_main(settings: Settings, app_factory: Callable[..., Any], sock: sock
     # Loaded before the socket is served: a worker started again takes no connection (to answer 503 "loading")
     # while the others are ready.
     app = app_factory(settings, serve_when_loaded=True, peers=Peers(shared, str(worker)))
-    server = GracefulServer(server_config(settings, AnswerHeader(app, "x-el-worker", str(worker))), app.state.el)
+    server = GracefulServer(server_config(settings, AnswerHeader(app, "x-el-worker", str(worker))), app.state.el,
+                            board=ConnectionBoard(shared / BOARD_NAME, worker))
     threading.Thread(target=_watch_supervisor, args=(supervisor,), daemon=True, name="el-supervisor-watch").start()
     try:
         server.run(sockets=[sock])

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -32,15 +33,20 @@ from service.errors import ELError
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the state's modules load torch and FAISS: not in a supervisor of worker processes
+    from service.accept_balance import BalancedListener, ConnectionBoard
     from service.state import AppState
 
 logger = logging.getLogger(__name__)
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, board: ConnectionBoard | None = None) -> None:
+        """board: one of several worker processes on a shared socket, which accepts through a BalancedListener
+        (service/accept_balance.py) instead of the event loop's server."""
         super().__init__(config)
         self.state = state
+        self.board = board
+        self.listener: BalancedListener | None = None
         self.grace_s = state.settings.shutdown.grace_s
         self.drain_delay_s = state.settings.shutdown.drain_delay_s
         self._term_at: float | None = None  # monotonic time of the first SIGTERM
@@ -77,6 +83,29 @@ class GracefulServer(uvicorn.Server):
 
     def _on_sighup(self, sig: int, frame: FrameType | None) -> None:
         self._reload_wanted = True
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.board is None or not sockets:
+            await super().startup(sockets=sockets)
+            return
+        from service.accept_balance import BalancedListener
+
+        await super().startup(sockets=[])  # the lifespan and the server's state; no event-loop server
+        if self.should_exit:
+            return
+        config = self.config
+
+        def protocol() -> asyncio.Protocol:  # as uvicorn's own startup makes them
+            return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
+                                              app_state=self.lifespan.state)
+
+        self.listener = BalancedListener(sockets[0], protocol, self.board)
+        self.listener.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.listener is not None:
+            self.listener.stop()  # stop accepting first, as uvicorn closes its servers first
+        await super().shutdown(sockets=sockets)
 
     async def on_tick(self, counter: int) -> bool:
         if self.state.draining and not self._drain_noted:

@@ -294,3 +294,23 @@ def test_auto_runs_one_process_per_usable_cpu(settings) -> None:
         assert _link_fresh_connection(server.base_url).status_code == 200
         # What the benches wait for before measuring: every process's el_ready, through /metrics.
         assert _wait(lambda: workers_ready(server.base_url) == want, 10.0), server.log()
+
+
+def test_keep_alive_connections_spread_over_the_workers(settings) -> None:
+    """A client's few keep-alive connections, opened together, reach every worker (service/accept_balance.py): on
+    the one shared socket alone, two landed in one process about a third of the time."""
+    with running_server(settings, EL_WORKERS=2, EL_LOG_LEVEL="INFO") as server:
+        assert _wait(lambda: server.log().count("ready: index") == 2, 120.0), server.log()
+        for n in (2, 4, 2, 4, 2, 2):
+            clients = [httpx.Client(base_url=server.base_url, timeout=60.0) for _ in range(n)]
+            try:
+                with ThreadPoolExecutor(n) as pool:
+                    first = list(pool.map(lambda c: c.post("/v1/link", json=BODY), clients))
+                workers = [r.headers["x-el-worker"] for r in first]
+                assert sorted(workers) == sorted(["0", "1"] * (n // 2)), workers
+                again = [c.post("/v1/link", json=BODY).headers["x-el-worker"] for c in clients]
+                assert again == workers  # each connection stays with its worker
+            finally:
+                for c in clients:
+                    c.close()
+            time.sleep(0.5)  # the workers count a closed connection out when they see it closed
