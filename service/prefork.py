@@ -19,7 +19,9 @@ SIGHUP), on the socket this process opened. What differs:
   reloads only the configured EL_INDEX__DIR (another folder for one worker alone is refused: 409); admission
   limits and the micro-batcher are per process; every answer names its worker (`X-EL-Worker`);
 - jobs: every worker runs a job runner on the one job store (leases share the chunks, as `el worker` does);
-- a worker loads its index before it takes connections, so one started again leaves them to the others meanwhile.
+- a worker loads its index before it takes connections, so one started again leaves them to the others meanwhile;
+- the workers take turns by the connections they hold (service/accept_balance.py), so a client's few keep-alive
+  connections reach every worker.
 
 This process only supervises: it forwards SIGTERM, SIGINT and SIGHUP to the workers (which run in their own
 process group, so a terminal's Ctrl-C reaches them once, through here), starts a worker again when one dies, and
