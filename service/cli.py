@@ -196,11 +196,13 @@ def _fit_skip_margin(settings: Settings, args: argparse.Namespace) -> int:
 def _fit_calibration(settings: Settings, args: argparse.Namespace) -> int:
     from service.offline.calibration import run_fit
     from service.pipeline.linker import Linker
+    from service.pipeline.mention_prior import prior_path
 
-    cal = run_fit(Linker.from_settings(settings), settings.data_dir, args.datasets, args.split, limit=args.limit,
-                  files=[Path(f) for f in args.mentions])
+    cal, prior = run_fit(Linker.from_settings(settings), settings.data_dir, args.datasets, args.split,
+                         limit=args.limit, files=[Path(f) for f in args.mentions])
     out = Path(args.out)
     cal.save(out)
+    prior.save(prior_path(out))
     print(json.dumps(cal.report, indent=1))
     print(f"nil threshold on P(answerable): {cal.nil_threshold}")
     print(f"wrote {out}" + ("" if args.out == DEFAULT_CALIBRATION else f"; serve it with EL_CALIBRATION__PATH={out}"))

@@ -8,7 +8,7 @@ One pass through the served pipeline per split collects every reranked candidate
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,12 @@ from service.pipeline.calibration import (
     SCORE_FIELDS,
     Calibration,
     LogisticModel,
-    entity_facts,
     expand,
     features,
+    mention_facts,
 )
 from service.pipeline.linker import Linker
+from service.pipeline.mention_prior import MentionPrior
 from service.pipeline.types import LinkQuery
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Scored:
     scores: np.ndarray  # [M, K, len(SCORE_FIELDS)] float32, NaN where a mention has fewer candidates
     gold: np.ndarray  # [M] int: the gold's position among the candidates, -1 when not among them
     no_answer: np.ndarray  # [M] bool: the gold is not in the KB (removed by the NIL protocol)
-    facts: np.ndarray  # [M, len(ENTITY_FEATURES)] what the KG says of each mention's top candidate (entity_facts)
+    facts: np.ndarray  # [M, len(FACT_FEATURES)] the KG on each top candidate and the mention prior (mention_facts)
     confidence: np.ndarray | None = None  # [M] the served confidence (NaN: null), as the pipeline answered
     said_nil: np.ndarray | None = None  # [M] bool: the served nil verdict
 
@@ -116,8 +117,11 @@ def collect(linker: Linker, mentions: list[Mention], name: str, *, removed: froz
             if r.entities:
                 tops[i + j] = lk.index.entities[lk.index.row_of[r.entities[0].id]]
     no_answer = np.array([m.answer in removed for m in mentions], bool)
-    return Scored(name, np.array([m.mention for m in mentions], dtype=str), scores, gold, no_answer,
-                  entity_facts(tops), confidence, said_nil)
+    row_of = lk.index.row_of
+    facts = mention_facts([m.mention for m in mentions], tops, lk.verdict.prior,
+                          lambda e: e in row_of and e not in removed, lk.index.version, len(lk.index))
+    return Scored(name, np.array([m.mention for m in mentions], dtype=str), scores, gold, no_answer, facts,
+                  confidence, said_nil)
 
 
 def read_labelled_mentions(path: Path) -> list[Mention]:
@@ -355,11 +359,15 @@ def plot_reliability(rows: list[dict], title: str, path: Path) -> None:
 
 
 def run_fit(linker: Linker, data_dir: Path, datasets: list[str], split: str = "dev", *,
-            limit: int | None = None, files: list[Path] | None = None) -> Calibration:
+            limit: int | None = None, files: list[Path] | None = None) -> tuple[Calibration, MentionPrior]:
     """`el fit-calibration`: link each split (whole KB, then the NIL protocol) and fit on all of them; with
     `files` (JSONL of labelled mentions, `read_labelled_mentions`), each file is a split instead. The answerable
     model sees each split under every seed of FIT_SEEDS (the protocol's own first)."""
     extra = tuple(s for s in FIT_SEEDS if s != NIL_SEED)
+    # The prior comes from the benchmarks' train splits; fitted on one's own labelled files, there is none.
+    prior = MentionPrior({}, ["none: fitted on labelled files"]) if files else build_prior(data_dir, datasets)
+    linker = linker.with_excluded(frozenset())  # a copy, to collect the features with the new prior
+    linker.verdict = replace(linker.verdict, prior=prior)
     if files:
         pairs = [collect_pair(linker, data_dir, Path(f).stem, "labelled", limit=limit,
                               mentions=read_labelled_mentions(Path(f)), extra_seeds=extra) for f in files]
@@ -373,5 +381,26 @@ def run_fit(linker: Linker, data_dir: Path, datasets: list[str], split: str = "d
                              **{t: getattr(r, t) for t in ("ot_weight", "name_weight", "context_name_weight",
                                                           "name_tokens_weight", "before_birth_weight",
                                                           "after_death_weight", "description_overlap_weight")}},
-                  "skip_margin": linker.skip_margin}
-    return fit_calibration(pairs, linker.model_version, fitted_for)
+                  "skip_margin": linker.skip_margin,
+                  "mention_prior": {"sources": prior.sources, "forms": len(prior.table)}}
+    return fit_calibration(pairs, linker.model_version, fitted_for), prior
+
+
+def build_prior(data_dir: Path, datasets: list[str]) -> MentionPrior:
+    """The mention prior from the train splits of the benchmarks (never their dev or test mentions)."""
+    from kg_index.readers import read_mentions
+
+    pairs, sources = [], []
+    for ds in datasets:
+        held = set()  # a sample a release lists in train and in dev or test (WikiDiverse: 8) stays out
+        for split in ("dev", "test"):
+            try:
+                held |= {m.id for m in read_mentions(data_dir, ds, split)}
+            except (FileNotFoundError, ValueError):  # a release without that split
+                pass
+        train = [m for m in read_mentions(data_dir, ds, "train") if m.id not in held]
+        pairs += [(m.mention, m.answer) for m in train]
+        sources.append(f"{ds} train ({len(train)} mentions)")
+    prior = MentionPrior.from_mentions(pairs, sources)
+    logger.info("mention prior: %d surface forms from %s", len(prior.table), ", ".join(sources))
+    return prior

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kg_index.attributes import lifespan
+from service.pipeline.mention_prior import PRIOR_FEATURES, MentionPrior
 from service.pipeline.terms import TERMS
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ SHAPE_FEATURES = ("mention_lower", "mention_digit", "mention_chars", "mention_ti
 # undated entry gets few of the rerank's KG terms, so the same scores mean less; namesakes left in the KG are
 # often such entries.
 ENTITY_FEATURES = ("top_described", "top_description_len", "top_dated")
-FEATURES = SCORE_FEATURES + SHAPE_FEATURES + ENTITY_FEATURES  # new ones go last: a shipped model names what it reads
+# What annotated training mentions say of the mention's surface form (service/pipeline/mention_prior.py), read from
+# the same `facts` array after the entity's columns (zeros where there is no prior).
+FACT_FEATURES = ENTITY_FEATURES + PRIOR_FEATURES
+FEATURES = SCORE_FEATURES + SHAPE_FEATURES + FACT_FEATURES  # new ones go last: a shipped model names what it reads
 DESCRIPTION_CAP = 500  # characters (99 % of the MEL KB's descriptions are shorter than 280)
 
 
@@ -69,10 +73,21 @@ def entity_facts(entities: Sequence[EntityMeta | None]) -> np.ndarray:
     return np.array(rows, np.float64).reshape(len(rows), len(ENTITY_FEATURES))
 
 
+def mention_facts(mentions: list[str], tops: Sequence[EntityMeta | None], prior: MentionPrior | None,
+                  present: Callable[[str], bool], version: str, kb_size: int) -> np.ndarray:
+    """[B, len(FACT_FEATURES)]: `entity_facts` of the top candidates, then the prior's features (zeros without a
+    prior, or where it does not apply to this KB). `present`: whether an entity id is in the KB now; `version` and
+    `kb_size`: the index's."""
+    facts = entity_facts(tops)
+    if prior is None or not prior.applies(version, present, kb_size):
+        return np.concatenate([facts, np.zeros((len(mentions), len(PRIOR_FEATURES)))], 1)
+    return np.concatenate([facts, prior.features(mentions, [e.id if e else None for e in tops], present)], 1)
+
+
 def features(mentions: list[str], cands: np.ndarray, facts: np.ndarray) -> np.ndarray:
     """[B, len(FEATURES)] from the mentions, their candidates' scores [B, K, len(SCORE_FIELDS)] in served order
-    (final score descending; NaN rows where a mention has fewer than K) and their top candidate's `entity_facts`
-    [B, len(ENTITY_FEATURES)]. Serving and fitting both call this."""
+    (final score descending; NaN rows where a mention has fewer than K) and their `mention_facts` [B,
+    len(FACT_FEATURES)] (or `entity_facts` alone). Serving and fitting both call this."""
     b = cands.shape[0]
     if cands.shape[1] < 2:  # margins need a second candidate: pad one
         cands = np.concatenate([cands, np.full((b, 2 - cands.shape[1], cands.shape[2]), np.nan, cands.dtype)], 1)
@@ -102,7 +117,9 @@ def features(mentions: list[str], cands: np.ndarray, facts: np.ndarray) -> np.nd
             "log_n_name_tokens": np.log1p(n_tokens),
         }
     out.update(_shape(mentions))
-    out.update({f: facts[:, i] for i, f in enumerate(ENTITY_FEATURES)})
+    if facts.shape[1] < len(FACT_FEATURES):  # entity facts alone: no prior
+        facts = np.concatenate([facts, np.zeros((b, len(FACT_FEATURES) - facts.shape[1]))], 1)
+    out.update({f: facts[:, i] for i, f in enumerate(FACT_FEATURES)})
     return np.stack([out[f] for f in FEATURES], 1)
 
 
@@ -197,6 +214,7 @@ class Verdict:
     rule: str = "calibrated"
     threshold: float | None = None  # overrides calibration.nil_threshold
     score_threshold: float = 0.0
+    prior: MentionPrior | None = None  # read by the answerable model (mention_facts)
 
     def judge(self, mentions: list[str], cands: np.ndarray, facts: np.ndarray) -> tuple[list[float | None], list[bool]]:
         """cands: the score tables; facts: the top candidates' `entity_facts`."""

@@ -30,6 +30,7 @@ from service.pipeline.encode import check_deadline, encode_queries
 from service.pipeline.explain import PlanRecorder, explanations
 from service.pipeline.halves import Occupancy, in_halves
 from service.pipeline.kg_terms import KGTerms, LayeredKGTerms
+from service.pipeline.mention_prior import PRIOR_FEATURES, MentionPrior, prior_path
 from service.pipeline.rerank import (
     CrossScorer,
     RerankConfig,
@@ -391,7 +392,7 @@ class Linker:
             timings.update(sub)
 
         results = build_results(snap.index, queries, rows, terms, final,
-                                verdict=self.verdict, model_version=self.model_version)
+                                verdict=self.verdict, model_version=self.model_version, excluded=self.excluded)
         if want.any():
             scorer = "student" if snap.cross is student_rerank else "zero-shot"
             found = explanations(snap.index, self.runtime, scorer, queries, rows, results,
@@ -452,7 +453,13 @@ def load_verdict(settings: Settings, model_version: str) -> Verdict:
     if c.nil_rule == "score_threshold":
         logger.warning("nil by EL_NIL_THRESHOLD (top score < %g) is deprecated: unset it to use the calibrated rule "
                        "(EL_CALIBRATION__NIL_RULE=calibrated)", settings.nil_threshold)
-    return Verdict(calibration, c.nil_rule, c.nil_min_answerable, settings.nil_threshold)
+    prior = None
+    if calibration is not None and set(PRIOR_FEATURES) & set(calibration.answerable.features):
+        if (p := prior_path(path)).is_file():
+            prior = MentionPrior.load(p)
+        else:
+            logger.warning("the NIL rule of %s reads a mention prior, and %s is missing: it is read as empty", path, p)
+    return Verdict(calibration, c.nil_rule, c.nil_min_answerable, settings.nil_threshold, prior)
 
 
 def _rows_of(index: KGIndex, ids: frozenset[str]) -> np.ndarray:

@@ -37,21 +37,49 @@ def test_fit_calibration_on_labelled_mentions_of_ones_own_kg(linker, test_mentio
     from service.offline.nil_protocol import FIT_SEEDS
     from service.pipeline.calibration import Calibration
     from service.pipeline.linker import load_verdict
+    from service.pipeline.mention_prior import prior_path
 
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"mention": m.mention, "context": m.context, "answer": m.answer}) + "\n"
                             for m in test_mentions[:40]))
-    cal = run_fit(linker, linker.settings.data_dir, [], files=[path])
+    cal, prior = run_fit(linker, linker.settings.data_dir, [], files=[path])
     assert cal.fitted_for["splits"] == ["mine labelled"] and cal.model_version == linker.model_version
     assert cal.fitted_for["nil_protocol"]["fit_seeds"] == list(FIT_SEEDS)  # the answerable fit saw every draw
     assert 0.0 < cal.nil_threshold < 1.0 or cal.nil_threshold == 0.0
     assert set(cal.report) == {"in_sample", "cross_fitted", "platt_top_score_only_ece"}
+    assert prior.table == {}  # the mention prior comes from the benchmarks' train splits: none for one's own KG
     cal.save(tmp_path / "cal.json")
+    prior.save(prior_path(tmp_path / "cal.json"))
     settings = linker.settings.model_copy(update={"calibration": linker.settings.calibration.model_copy(
         update={"path": tmp_path / "cal.json"})})
     verdict = load_verdict(settings, linker.model_version)
-    assert verdict.calibration == Calibration.load(tmp_path / "cal.json")
+    assert verdict.calibration == Calibration.load(tmp_path / "cal.json") and verdict.prior is not None
     served = linker.with_excluded(frozenset())
     served.verdict = verdict
     r = served.link(LinkQuery(test_mentions[0].mention, test_mentions[0].context, top_k=3))
     assert r.confidence is not None and 0.0 <= r.confidence <= 1.0
+
+
+def test_the_shipped_prior_tells_the_nil_rule_when_a_mentions_usual_entity_is_gone(linker, test_mentions) -> None:
+    """The mention prior shipped beside the calibration (models/weights/calibration.prior.json, from the benchmarks'
+    train splits) applies to this index of the benchmark's ids; with the usual entity of their surface form masked
+    out of the KB, the served `nil` fires far more often, and never for the same mentions with it in."""
+    from dataclasses import replace
+
+    from service.pipeline.mention_prior import surface_form
+
+    prior = linker.verdict.prior
+    assert prior is not None and prior.sources and len(prior.table) > 10_000
+    usual = [m for m in test_mentions if m.answer in linker.index.row_of
+             and (seen := prior.table.get(surface_form(m.mention))) and seen[0][0] == m.answer][:40]
+    assert len(usual) >= 10
+    queries = [LinkQuery(m.mention, m.context, top_k=3) for m in usual]
+    kept = linker.link_batch(queries).results
+    gone = linker.with_excluded({m.answer for m in usual}).link_batch(queries).results
+    assert prior.applies(linker.index.version, linker.index.row_of.__contains__, len(linker.index))
+    without = linker.with_excluded({m.answer for m in usual})
+    without.verdict = replace(linker.verdict, prior=None)  # the same rule, reading no prior
+    blind = without.link_batch(queries).results
+    said_nil_kept, said_nil_gone, said_nil_blind = (sum(r.nil for r in rs) / len(rs) for rs in (kept, gone, blind))
+    assert said_nil_kept <= 0.1 and said_nil_gone >= 0.5, (said_nil_kept, said_nil_gone)
+    assert said_nil_gone > said_nil_blind, (said_nil_gone, said_nil_blind)
