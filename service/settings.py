@@ -129,6 +129,10 @@ class CalibrationSettings(BaseModel):
         "EL_NIL_THRESHOLD (the rule before calibration; setting EL_NIL_THRESHOLD alone selects it).")
     nil_min_answerable: float | None = Field(
         None, ge=0.0, le=1.0, description="Override of the fitted threshold on P(answerable) (higher: more nil).")
+    mention_prior: bool = Field(
+        True, description="Let the NIL rule read the mention prior shipped beside the calibration (what the "
+        "benchmarks' training mentions say a name usually means); it applies only to a KG that holds at least half "
+        "of the entities those names usually mean. False: never.")
 
 
 class LimitSettings(BaseModel):

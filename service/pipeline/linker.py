@@ -454,7 +454,7 @@ def load_verdict(settings: Settings, model_version: str) -> Verdict:
         logger.warning("nil by EL_NIL_THRESHOLD (top score < %g) is deprecated: unset it to use the calibrated rule "
                        "(EL_CALIBRATION__NIL_RULE=calibrated)", settings.nil_threshold)
     prior = None
-    if calibration is not None and set(PRIOR_FEATURES) & set(calibration.answerable.features):
+    if c.mention_prior and calibration is not None and set(PRIOR_FEATURES) & set(calibration.answerable.features):
         if (p := prior_path(path)).is_file():
             prior = MentionPrior.load(p)
         else:

@@ -4,6 +4,7 @@ restart on the same job store, on each backend (reliability.md F2, F3)."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 
 import pytest
@@ -39,6 +40,12 @@ def test_sigkill_mid_job_then_restart_completes_with_one_result_per_item(
     with first.client() as c:
         job_id = submit(c, items, key="kill-me").json()["job_id"]
         wait_job(c, job_id, lambda j: j["progress"]["done"] >= 6, what="progress before the kill")
+    # Killed while a chunk is leased (each takes 150 ms or more), not in the few ms between one chunk's commit and the
+    # next one's lease, where no chunk would run twice.
+    deadline = time.monotonic() + 10.0
+    while not db_rows(store, "SELECT count(*) FROM chunks WHERE job_id = ? AND state = 'running'", job_id)[0][0]:
+        assert time.monotonic() < deadline, "no chunk of the job was ever seen running"
+        time.sleep(0.002)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     state, done, lease_owner = db_rows(store, "SELECT state, done, lease_owner FROM jobs WHERE id = ?", job_id)[0]

@@ -176,9 +176,11 @@ def test_link_confidence_and_nil_follow_the_shipped_rule(client: httpx.Client, s
 
     from kg_index.load import load_index
     from models.checkpoint import WEIGHTS_DIR
-    from service.pipeline.calibration import SCORE_FIELDS, Calibration, entity_facts
+    from service.pipeline.calibration import SCORE_FIELDS, Calibration, mention_facts
+    from service.pipeline.mention_prior import MentionPrior, prior_path
 
     cal = Calibration.load(WEIGHTS_DIR / "calibration.json")
+    prior = MentionPrior.load(prior_path(WEIGHTS_DIR / "calibration.json"))
     k = settings.rerank.candidates
     items = [{"id": str(i), "mention": m.mention, "context": m.context, "top_k": k} for i, m in enumerate(test_mentions[:24])]
     r = client.post("/v1/link/batch", json={"items": items})
@@ -188,8 +190,11 @@ def test_link_confidence_and_nil_follow_the_shipped_rule(client: httpx.Client, s
     for i, res in enumerate(results):
         for c, e in enumerate(res["entities"]):
             table[i, c] = [e[f] for f in SCORE_FIELDS]
-    entities = {e.id: e for e in load_index(settings.index.dir).entities}
-    facts = entity_facts([entities[res["entities"][0]["id"]] if res["entities"] else None for res in results])
+    index = load_index(settings.index.dir)
+    entities = {e.id: e for e in index.entities}
+    facts = mention_facts([res["mention"] for res in results],
+                          [entities[res["entities"][0]["id"]] if res["entities"] else None for res in results],
+                          prior, index.row_of.__contains__, index.version, len(index))
     confidence, answerable = cal.assess([res["mention"] for res in results], table, facts)
     assert [res["confidence"] for res in results] == pytest.approx(confidence.tolist(), abs=1e-4)
     assert all(0.0 <= res["confidence"] <= 1.0 for res in results)
