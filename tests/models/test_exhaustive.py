@@ -32,19 +32,24 @@ def _items(n: int, images: list[int], rng: np.random.Generator, gold: list[str] 
         image_patches=rng.standard_normal((len(images), 4, 12)).astype(np.float16))
 
 
+def _setup(make, rng: np.random.Generator) -> tuple:
+    """A fresh model with non-zero blank images (so that entities without one differ from the blank-blank pair), an
+    80-entity KB with 3 images and 12 mentions with 2."""
+    model = make().eval()
+    with torch.no_grad():
+        for head in (model.mention, model.entity):
+            head.blank_global.normal_()
+            head.blank_patches.normal_()
+    return model, _items(80, images=[3, 40, 41], rng=rng), _items(12, images=[0, 5], rng=rng)
+
+
 @pytest.mark.parametrize("make", [lambda: OTMELTeacher(TeacherConfig(head=HEAD)),
                                   lambda: OTMELStudent(StudentConfig(head=HEAD))], ids=["teacher", "student"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_exhaustive_ranks_equal_brute_force(make, seed: int) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = make().eval()
-    with torch.no_grad():
-        for head in (model.mention, model.entity):
-            head.blank_global.normal_()
-            head.blank_patches.normal_()
-    kb = _items(80, images=[3, 40, 41], rng=rng)
-    mentions = _items(12, images=[0, 5], rng=rng)
+    model, kb, mentions = _setup(make, rng)
     gold = rng.integers(0, 80, 12)
     kb_enc = encode_kb(model, kb, batch=32, progress=False)
     ranks, stats = exhaustive_ranks(model, kb_enc, mentions, gold, batch=5, progress=False)
@@ -58,13 +63,7 @@ def test_full_scores_and_bounded_top1_agree_with_scoring_every_pair(seed: int) -
     for the top entity finds the same top as scoring every pair, in fewer cross terms."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = OTMELTeacher(TeacherConfig(head=HEAD)).eval()
-    with torch.no_grad():
-        for head in (model.mention, model.entity):
-            head.blank_global.normal_()
-            head.blank_patches.normal_()
-    kb = _items(80, images=[3, 40, 41], rng=rng)
-    mentions = _items(12, images=[0, 5], rng=rng)
+    model, kb, mentions = _setup(lambda: OTMELTeacher(TeacherConfig(head=HEAD)), rng)
     kb_enc = encode_kb(model, kb, batch=32, progress=False)
     with torch.no_grad():
         overall = model.scores(model.encode_mentions(*item_tensors(mentions, np.arange(12))), kb_enc.enc).overall
