@@ -6,9 +6,9 @@ client's requests queue behind each other in one process while the other idles (
 ms against 7.5 in `el bench-updates`' idle phases), and a change stream per process does not reach both. So each
 worker accepts in Python instead of in the event loop's C accept loop: it publishes how many connections it holds on
 a board every worker reads (a small shared file: one 64-bit slot per worker, -1 while a worker is not listening), and
-a worker that holds more than another listening one lets a new connection wait `DEFER_S` for the other to take it;
-if it is still there after that (the other is busy, stuck or gone), it takes it. One connection per wake-up, so
-that every accept looks at the board again.
+a worker that holds more than another listening one lets a new connection wait, looking again every `RECHECK_S`,
+for the other to take it; if it is still there after `DEFER_S` (the other is busy, stuck or gone), it takes it.
+One connection per wake-up, so that every accept looks at the board again.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -26,7 +27,11 @@ logger = logging.getLogger(__name__)
 
 BOARD_NAME = "connections.board"
 NOT_LISTENING = -1
-DEFER_S = 0.005  # how long a fuller worker leaves a new connection to the others
+# How long a fuller worker leaves a new connection to the others: the emptier one's event loop may wait for its
+# interpreter lock behind a batch's Python for several ms (5 ms let 3 of 4 connections into one process on a loaded
+# CI machine), and a connection comes once for many requests.
+DEFER_S = 0.02
+RECHECK_S = 0.001  # how often a deferring worker looks whether the connection is still waiting
 _SLOT = struct.Struct("q")
 
 
@@ -84,7 +89,7 @@ class BalancedListener:
         self.board = board
         self.held = 0  # connections accepted and not yet lost
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._take_until = 0.0  # after a deferral: take what is still waiting, whatever the board says
+        self._waiting_since: float | None = None  # when this worker first left the waiting connection to others
         self._resume: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()  # accepted connections on their way to uvicorn
         self.deferred = 0  # connections left to the others at first (a count for tests and logs)
@@ -115,30 +120,40 @@ class BalancedListener:
         if loop is None:
             return
         fewest = self.board.fewest_elsewhere()
-        if fewest is not None and self.held > fewest and loop.time() > self._take_until:
-            self.deferred += 1
-            loop.remove_reader(self.sock.fileno())
-            self._resume = loop.call_later(DEFER_S, self._again)
-            return
+        if fewest is not None and self.held > fewest:
+            now = loop.time()
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since < DEFER_S:  # look again shortly: taken by then, or still left to us?
+                self.deferred += 1
+                self._pause(RECHECK_S)
+                return
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):  # another worker took it
+            self._waiting_since = None
             return
         except OSError as exc:  # out of file descriptors, say: the connection waits; try again shortly
             logger.warning("accepting a connection failed: %s", exc)
-            loop.remove_reader(self.sock.fileno())
-            self._resume = loop.call_later(0.1, self._again)
+            self._pause(0.1)
             return
+        self._waiting_since = None
         self._count(+1)
         task = loop.create_task(self._serve(loop, conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _pause(self, seconds: float) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self.sock.fileno())
+        self._resume = self._loop.call_later(seconds, self._again)
+
     def _again(self) -> None:
         self._resume = None
-        if self._loop is not None:
-            self._take_until = self._loop.time() + DEFER_S
-            self._loop.add_reader(self.sock.fileno(), self._ready)
+        if self._loop is None:
+            return
+        if not select.select([self.sock], [], [], 0)[0]:  # the waiting connection went to another worker
+            self._waiting_since = None
+        self._loop.add_reader(self.sock.fileno(), self._ready)
 
     def _protocol(self) -> asyncio.Protocol:
         """uvicorn's protocol, counted out when its connection is lost."""

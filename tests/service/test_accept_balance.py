@@ -88,7 +88,7 @@ def test_connections_alternate_between_workers_and_are_counted_out(tmp_path: Pat
 @pytest.mark.parametrize("loop_factory", _loops())
 def test_a_worker_that_does_not_accept_delays_a_connection_only_briefly(tmp_path: Path, loop_factory) -> None:
     """The board says another worker holds fewer connections, but it never accepts (busy, stuck, or killed before
-    the supervisor saw it): the fuller one takes the connection after DEFER_S."""
+    the supervisor saw it): the fuller one takes the connection after DEFER_S (20 ms)."""
     board_path = create_board(tmp_path, 2)
     ConnectionBoard(board_path, 1).publish(0)  # a worker that claims to listen and holds nothing
     server = socket.create_server(("127.0.0.1", 0), backlog=64)
