@@ -92,7 +92,7 @@ class BalancedListener:
         self._waiting_since: float | None = None  # when this worker first left the waiting connection to others
         self._resume: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()  # accepted connections on their way to uvicorn
-        self.deferred = 0  # connections left to the others at first (a count for tests and logs)
+        self.deferred = 0  # times a waiting connection was left to the others (a count for tests and logs)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -151,7 +151,9 @@ class BalancedListener:
         self._resume = None
         if self._loop is None:
             return
-        if not select.select([self.sock], [], [], 0)[0]:  # the waiting connection went to another worker
+        waiting = select.poll()  # poll, not select: no limit on the descriptor's number
+        waiting.register(self.sock, select.POLLIN)
+        if not waiting.poll(0):  # the waiting connection went to another worker
             self._waiting_since = None
         self._loop.add_reader(self.sock.fileno(), self._ready)
 
