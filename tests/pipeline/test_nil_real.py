@@ -105,7 +105,7 @@ def test_a_narrow_kb_gets_no_prior(linker, test_mentions) -> None:
 
 
 def test_the_prior_can_be_turned_off(linker) -> None:
-    """EL_CALIBRATION__MENTION_PRIOR=false: the NIL rule reads no prior (its three features are 0, as for a name the
+    """EL_CALIBRATION__MENTION_PRIOR=false: the NIL rule reads no prior (its features are 0, as for a name the
     prior never saw)."""
     from service.pipeline.linker import load_verdict
 
