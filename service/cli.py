@@ -109,7 +109,8 @@ def _bench_updates(settings: Settings, args: argparse.Namespace) -> int:
                                    update_clients=args.update_clients, workers=args.workers, out=Path(args.out)))
     keys = ("update_encoder", "text_entities_per_s", "image_entities_per_s", "text_entities_per_s_alone", "image_entities_per_s_alone",
             "text_entities_per_server_cpu_s", "image_entities_per_server_cpu_s", "p99_ratio_text_updates_to_idle",
-            "p99_ratio_image_updates_to_idle", "idle", "during_text_updates", "during_image_updates")
+            "p99_ratio_image_updates_to_idle", "idle", "during_text_updates", "during_image_updates", "cpus",
+            "idle_cores", "cores_for_goal_rates")
     print(json.dumps({k: report[k] for k in keys}))
     return 0
 

@@ -197,6 +197,17 @@ def updates_alone(url: str, batches: Iterable[Batch], pid: int) -> dict:
             "server_cpu_ms_per_entity": round(1000 * cpu / n, 2), "entities_per_cpu_s": round(n / cpu, 1)}
 
 
+def idle_phase(url: str, bodies: list[dict], clients: int, pid: int) -> tuple[list[float], dict]:
+    """One phase of link load alone, with the cores it kept busy: the server's (all its processes) and this
+    process's (the link clients), CPU seconds per second of the phase. What is left of the machine is what entity
+    changes can take without slowing links."""
+    t0, server0, clients0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
+    latencies = link_load(url, bodies, clients)
+    wall = time.perf_counter() - t0
+    return latencies, {"server_cores": round((cpu_seconds(pid) - server0) / wall, 3),
+                       "client_cores": round((time.process_time() - clients0) / wall, 3)}
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
@@ -239,7 +250,7 @@ def run(settings: Settings, opts: Options) -> dict:
 
         ensure_int8_entity_encoder(settings.encoder.onnx_dir)
     machine = machine_info()  # the load average before the run
-    idle: list[list[float]] = []
+    idle_cpu: list[tuple[list[float], dict]] = []  # each idle phase's latencies and the cores it kept busy
     loaded: dict[str, list[list[float]]] = {"text": [], "image": []}
     rates: dict[str, list[dict]] = {"text": [], "image": []}
     alone: dict[str, list[dict]] = {"text": [], "image": []}
@@ -251,7 +262,7 @@ def run(settings: Settings, opts: Options) -> dict:
         wait_workers_ready(url, workers)  # /readyz answers once one of them is
         try:
             link_load(url, bodies[:10], 1)  # warm the connection path
-            idle.append(link_load(url, bodies, opts.clients))
+            idle_cpu.append(idle_phase(url, bodies, opts.clients, proc.pid))
             for r in range(opts.rounds):
                 for kind in ("text", "image"):
                     alone[kind].append(updates_alone(url, islice(batches(f"alone-{kind}-{r}-", kind == "image"), opts.alone_calls),
@@ -260,12 +271,14 @@ def run(settings: Settings, opts: Options) -> dict:
                                                 lambda: link_load(url, bodies, opts.clients), streams)
                     loaded[kind].append(during)
                     rates[kind].append(rate)
-                    idle.append(link_load(url, bodies, opts.clients))
+                    idle_cpu.append(idle_phase(url, bodies, opts.clients, proc.pid))
             check = httpx.get(f"{url}/v1/entities/bench-image-0-0", timeout=10).json()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+    idle = [lat for lat, _ in idle_cpu]
     idle_all = [ms for p in idle for ms in p]
+    cores = {k: round(statistics.fmean(c[k] for _, c in idle_cpu), 3) for k in ("server_cores", "client_cores")}
     report: dict = {
         "machine": machine | {"load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "index": str(settings.index.dir), "clients": opts.clients, "requests_per_phase": opts.requests,
@@ -274,7 +287,10 @@ def run(settings: Settings, opts: Options) -> dict:
         "update_encoder": "int8" if settings.updates.int8_encoder else "fp32",  # EL_UPDATES__INT8_ENCODER
         "update_nice": settings.updates.nice,  # EL_UPDATES__NICE
         "update_encoder_threads": settings.updates.encoder_threads,  # EL_UPDATES__ENCODER_THREADS
-        "idle_phases": [summary(p) for p in idle], "idle": summary(idle_all), "check_entity": check,
+        "idle_phases": [summary(p) | c for p, c in idle_cpu], "idle": summary(idle_all), "check_entity": check,
+        # the CPU budget: the cores the link load alone keeps busy (mean over the idle phases), the machine's, and
+        # (below) the cores the issue's update rates take at the server CPU per entity measured alone
+        "idle_cores": cores, "cpus": len(os.sched_getaffinity(0)),
     }
     for kind in ("text", "image"):
         during = [ms for p in loaded[kind] for ms in p]
@@ -286,6 +302,9 @@ def run(settings: Settings, opts: Options) -> dict:
         report[f"{kind}_entities_per_server_cpu_s"] = round(statistics.fmean(r["entities_per_cpu_s"] for r in alone[kind]), 1)
         report[f"p99_ratio_{kind}_updates_to_idle"] = round(pct(during, 0.99) / pct(idle_all, 0.99), 3)
         report[f"p50_ratio_{kind}_updates_to_idle"] = round(pct(during, 0.50) / pct(idle_all, 0.50), 3)
+    report["cores_for_goal_rates"] = {  # text-only at 200/s, photos at 50/s (issue 19's goals)
+        "text_200_per_s": round(200 / report["text_entities_per_server_cpu_s"], 2),
+        "image_50_per_s": round(50 / report["image_entities_per_server_cpu_s"], 2)}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
